@@ -1,0 +1,155 @@
+"""The `paf-ray` command (also `python -m paf_ray`).
+
+Arguments are declared here; each command's work lives in the module named in its
+``set_defaults(handler=...)``, imported only when that command runs (so `--help` is fast).
+Every handler takes the parsed ``argparse.Namespace`` and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.stages.0.epochs=2 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="paf-ray", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    # --- data -------------------------------------------------------------------
+    data = sub.add_parser("data", help="dataset tools: synth, index, check")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+
+    p = dsub.add_parser("synth", help="write a synthetic dataset in the official BDD100K layout")
+    p.add_argument("--out", required=True, help="dataset root to create")
+    p.add_argument("--images", type=int, default=120, help="number of frames in all")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", default="640x360", help="WxH of the frames (default 640x360)")
+    p.add_argument("--val-fraction", type=float, default=0.25)
+    p.set_defaults(handler="paf_ray.data.commands:synth_command")
+
+    p = dsub.add_parser("index", help="build the dataset index (one JSON line per image)")
+    p.add_argument("root", help="dataset root (path or URI, e.g. file:///data/bdd100k, s3://bucket/bdd100k)")
+    p.add_argument("--out", required=True, help="index file to write (.jsonl)")
+    p.add_argument("--split", action="append", choices=["train", "val"], help="splits (default both)")
+    p.add_argument("--keep-overlap", action="store_true", help="keep 10k/100k frames that cross splits")
+    p.set_defaults(handler="paf_ray.data.commands:index_command")
+
+    p = dsub.add_parser("check", help="check a dataset root; exits non-zero on errors")
+    p.add_argument("root")
+    p.add_argument("--split", action="append", choices=["train", "val"])
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(handler="paf_ray.data.commands:check_command")
+
+    # --- model ------------------------------------------------------------------
+    p = sub.add_parser("inspect", help="parameter counts per module and trainable counts for a stage")
+    p.add_argument("config")
+    p.add_argument("--stage", choices=["adapt", "finetune"], default=None, help="default: the first stage")
+    p.add_argument("--json", action="store_true")
+    _add_set(p)
+    p.set_defaults(handler="paf_ray.models.inspect:inspect_command")
+
+    # --- training ---------------------------------------------------------------
+    p = sub.add_parser("run", help="train: run the config's stages on Ray Train")
+    p.add_argument("config")
+    p.add_argument("--out", default=None, help="storage path for runs (made absolute); default ./runs")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run of the same name")
+    _add_set(p)
+    p.set_defaults(handler="paf_ray.train.run:run_command")
+
+    p = sub.add_parser("demo", help="the end-to-end demo on synthetic BDD100K (pretrain, adapt, finetune, eval)")
+    p.add_argument("--out", default="demo_out", help="output folder (default ./demo_out)")
+    p.add_argument("--config", default=None, help="demo config (default jobs/demo.yaml)")
+    _add_set(p)
+    p.set_defaults(handler="paf_ray.train.demo:demo_command")
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on the val split")
+    p.add_argument("checkpoint")
+    p.add_argument("--json", action="store_true")
+    _add_set(p)
+    p.set_defaults(handler="paf_ray.train.run:eval_command")
+
+    # --- scoring ----------------------------------------------------------------
+    score = sub.add_parser("score", help="score predictions in the official BDD100K formats")
+    ssub = score.add_subparsers(dest="task", required=True, metavar="TASK")
+    p = ssub.add_parser("det", help="box AP (Scalabel/BDD100K JSON)")
+    p.add_argument("gt")
+    p.add_argument("pred")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler="paf_ray.eval.commands:score_command")
+    for task, what in (("sem", "semantic segmentation mIoU"), ("drv", "drivable-area mIoU")):
+        p = ssub.add_parser(task, help=f"{what} (PNG masks matched by stem)")
+        p.add_argument("gt", help="folder of ground-truth PNG masks")
+        p.add_argument("pred", help="folder of predicted PNG masks")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(handler="paf_ray.eval.commands:score_command")
+
+    # --- tuning -----------------------------------------------------------------
+    p = sub.add_parser("tune", help="Ray Tune + Optuna search over adapters, prompts and backbones")
+    p.add_argument("config")
+    p.add_argument("--out", default=None)
+    p.add_argument("--resume", action="store_true")
+    _add_set(p)
+    p.set_defaults(handler="paf_ray.tune.search:tune_command")
+
+    # --- jobs -------------------------------------------------------------------
+    p = sub.add_parser("submit", help="submit a job file to a Ray cluster (Ray Jobs SDK)")
+    p.add_argument("config")
+    p.add_argument("--address", default=None, help="dashboard address, e.g. http://127.0.0.1:8265")
+    p.add_argument("--wait", action="store_true", help="stream the logs; exit non-zero if the job fails")
+    p.add_argument("--submission-id", default=None)
+    _add_set(p)
+    p.set_defaults(handler="paf_ray.jobs:submit_command")
+
+    # --- inference --------------------------------------------------------------
+    p = sub.add_parser("predict", help="predict on images: overlays, det.json, sem/drv PNG masks")
+    p.add_argument("checkpoint")
+    p.add_argument("inputs", nargs="+", help="image files, folders or globs")
+    p.add_argument("--out", required=True)
+    p.add_argument("--score-thr", type=float, default=0.3)
+    p.add_argument("--distributed", action="store_true", help="batch inference with Ray Data")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.set_defaults(handler="paf_ray.predict:predict_command")
+
+    p = sub.add_parser("export", help="export the deployable model (adapters merged)")
+    p.add_argument("checkpoint")
+    p.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript")
+    p.add_argument("--out", required=True)
+    p.set_defaults(handler="paf_ray.export:export_command")
+
+    # --- benchmarks -------------------------------------------------------------
+    p = sub.add_parser("bench", help="side-by-side benchmarks (bench.json, bench.md)")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--out", default="bench_out")
+    p.set_defaults(handler="paf_ray.bench:bench_command")
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module_name, func_name = args.handler.split(":")
+    handler = getattr(importlib.import_module(module_name), func_name)
+    from paf_ray.config import ConfigError
+
+    try:
+        return int(handler(args) or 0)
+    except ConfigError as e:
+        print(f"paf-ray: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

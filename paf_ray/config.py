@@ -1,0 +1,436 @@
+"""Typed configuration: YAML in, validated dataclasses out, ``--set a.b=value`` overrides.
+
+One schema serves every command. An unknown key, a wrong type or a missing required
+value raises :class:`ConfigError` naming the key and the file. Job files in ``jobs/``
+are configs too (their first line may be a shebang comment; YAML ignores it).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, of the wrong type, or missing."""
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class SynthConfig:
+    """The synthetic BDD100K generated when ``data.root`` is not given."""
+
+    images: int = 120  # frames in all (split into train/val, 100k/10k sets)
+    size: tuple[int, int] = (640, 360)  # (width, height) of the generated frames
+    seed: int = 0
+    val_fraction: float = 0.25
+
+
+@dataclass
+class DataConfig:
+    root: Optional[str] = None  # dataset root in the official layout (path or URI); None = synthetic
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    train_split: str = "train"
+    val_split: str = "val"
+    drop_overlap: bool = True  # drop 10k-train frames whose stem is in 100k-val (and vice versa)
+    input_size: tuple[int, int] = (640, 384)  # (width, height) the network sees
+    scale_range: tuple[float, float] = (0.75, 1.25)  # random scale before the crop (train only)
+    hflip: float = 0.5
+    color_jitter: float = 0.2  # strength of brightness/contrast/saturation jitter (train only)
+    batch_size: int = 4  # per training worker
+    cpus: float = 1.0  # CPU budget for Ray Data decode/transform
+    max_train_samples: Optional[int] = None
+    max_val_samples: Optional[int] = None
+    on_bad_sample: Literal["error", "skip"] = "error"
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass
+class BackboneConfig:
+    name: Literal["resnet18", "resnet34", "resnet50", "clip_rn50", "tiny"] = "resnet50"
+    weights: Optional[str] = None  # local checkpoint file; None = random init
+    format: Literal[
+        "auto",
+        "torchvision",
+        "moco",
+        "mocov3",
+        "simclr",
+        "simclr2",
+        "densecl",
+        "detco",
+        "swav",
+        "byol",
+        "mmselfsup",
+        "clip",
+    ] = "auto"
+    trust_checkpoint: bool = False  # allow plain pickles (detectron2 .pkl)
+    normalization: Literal["auto", "imagenet", "swav", "clip", "none"] = "auto"
+    tiny_width: int = 16  # channels of the first stage of the `tiny` backbone
+
+
+@dataclass
+class AdapterConfig:
+    kind: Literal["none", "bypass", "lora"] = "bypass"
+    reduction: int = 8  # bypass: bottleneck = channels // reduction
+    rank: int = 8  # lora: rank of the weight deltas
+    stages: list[int] = field(default_factory=lambda: [1, 2, 3, 4])  # 1..4 = strides 4..32
+    init_scale: float = 1.0  # bypass: the learnable output scale starts here (up-proj is zero-init)
+    lora_alpha: float = 8.0  # lora: the delta is scaled by alpha / rank
+
+
+@dataclass
+class DetConfig:
+    kind: Literal["faster_rcnn", "fcos"] = "faster_rcnn"
+    rpn_pre_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_train: int = 1000
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_test: int = 1000
+    box_batch_size_per_image: int = 512
+    box_detections_per_img: int = 100
+    box_score_thresh: float = 0.05
+    representation_size: int = 1024  # box head MLP width
+
+
+@dataclass
+class LossConfig:
+    weighting: Literal["fixed", "uncertainty"] = "fixed"
+    weights: dict[str, float] = field(default_factory=lambda: {"det": 1.0, "sem": 1.0, "drv": 1.0})
+
+
+@dataclass
+class LVAdapterConfig:
+    enabled: bool = False
+    clip_model: str = "RN50"  # any open_clip model name
+    clip_weights: Optional[str] = None  # local file (.safetensors / state dict); None = random init
+    n_ctx: int = 8
+    ctx_init: str = "a photo of a"  # "" = random init
+    task_specific: bool = True  # one context per task, or one shared by all tasks
+    levels: list[int] = field(default_factory=lambda: [4])  # backbone stages (4 = stride 32)
+    tau: float = 0.07
+    learn_tau: bool = False
+    align_weight: float = 0.5
+    heads: int = 4  # cross-attention heads
+    train_prompts_in_finetune: bool = True
+
+
+@dataclass
+class ModelConfig:
+    tasks: list[str] = field(default_factory=lambda: ["det", "sem", "drv"])
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    fpn_channels: int = 256
+    seg_channels: int = 128  # width of the semantic-FPN style segmentation heads
+    det: DetConfig = field(default_factory=DetConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    lv_adapter: LVAdapterConfig = field(default_factory=LVAdapterConfig)
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class StageConfig:
+    """One training stage. ``kind`` selects the stage policy in ``models/stages.py``."""
+
+    kind: Literal["adapt", "finetune"]
+    epochs: int = 1
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-4
+    backbone_lr_mult: float = 1.0  # finetune: backbone lr = lr * this
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # sgd
+    schedule: Literal["cosine", "poly", "constant"] = "cosine"
+    warmup_steps: int = 0
+    grad_clip: Optional[float] = 10.0
+    accum_steps: int = 1
+    max_steps_per_epoch: Optional[int] = None
+    merge_adapters: bool = True  # lora: fold deltas into the weights when this stage ends (adapt)
+
+
+@dataclass
+class TrainConfig:
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig(kind="adapt"), StageConfig(kind="finetune")])
+    init_checkpoint: Optional[str] = None  # a paf_ray checkpoint dir/file to start the first stage from
+    amp: Literal["auto", "bf16", "off"] = "auto"  # auto = bf16 on GPU, off on CPU
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    log_every: int = 10
+    eval_every_epochs: int = 1
+    checkpoint_every_steps: Optional[int] = None
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    seed: int = 0
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None  # None = start a local Ray
+    num_workers: int = 1  # training workers (one per GPU); 0 = Train local mode (in-process)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    storage_path: Optional[str] = None  # absolute path or URI; default ./runs made absolute
+    keep_checkpoints: int = 2
+    max_failures: int = 0
+    object_store_mb: int = 512
+
+
+# --------------------------------------------------------------------------- tune
+
+
+@dataclass
+class TuneSchedulerConfig:
+    grace_period: int = 1
+    reduction_factor: int = 2
+    max_t: Optional[int] = None  # default: the total epoch budget
+
+
+@dataclass
+class TuneConfig:
+    num_samples: int = 8
+    max_concurrent_trials: int = 1
+    metric: str = "score"
+    mode: Literal["max", "min"] = "max"
+    seed: int = 0
+    total_epochs: Optional[int] = None  # epoch budget split between adapt and finetune by `adapt_fraction`
+    scheduler: TuneSchedulerConfig = field(default_factory=TuneSchedulerConfig)
+    storage_url: Optional[str] = None  # Optuna study storage; default sqlite in the output dir
+    trial_cpus: float = 0.01  # resources of the trial driver (workers come from `ray`)
+    search_space: dict[str, Any] = field(default_factory=dict)  # dotted key -> spec; see docs/tune.md
+    backbones: list[dict[str, Any]] = field(default_factory=list)  # choices for `backbone`
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+@dataclass
+class JobConfig:
+    """How `paf-ray submit` sends this file to a cluster (Ray Jobs)."""
+
+    runtime_env: dict[str, Any] = field(default_factory=dict)
+    entrypoint_num_cpus: Optional[float] = None
+    entrypoint_num_gpus: Optional[float] = None
+
+
+@dataclass
+class Config:
+    name: str = "paf"
+    command: Literal["run", "tune", "demo"] = "run"  # what the job file runs when executed
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    job: JobConfig = field(default_factory=JobConfig)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is not None:
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (lists -> tuples...)."""
+
+    def fail(msg: str = "") -> ConfigError:
+        got = type(value).__name__
+        return ConfigError(f"{source}: {key}: expected {_type_name(tp)}, got {got} {value!r}{msg}")
+
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key, source)
+            except ConfigError as e:
+                errors.append(e)
+        raise fail()
+    if origin is Literal:
+        if value not in args:
+            raise fail()
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise fail()
+        return _build(tp, value, key, source)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise fail()
+        return [_convert(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise fail(f" (a list of {len(args)})")
+        return tuple(_convert(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise fail()
+        return {
+            _convert(k, args[0], f"{key}.{k}", source): _convert(v, args[1], f"{key}.{k}", source)
+            for k, v in value.items()
+        }
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise fail()
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail()
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail()
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise fail()
+        return value
+    raise ConfigError(f"{source}: {key}: unsupported annotation {tp!r}")
+
+
+def _build(cls: type, data: dict, prefix: str, source: str):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in fields:
+            where = f"{prefix}.{k}" if prefix else str(k)
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{source}: unknown key '{where}' (known here: {known})")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], key, source)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{source}: missing required key '{key}'")
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'a.b.c=value' -> (['a', 'b', 'c'], YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE (e.g. train.stages.0.epochs=2)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML: {e}") from None
+    return key.strip().split("."), value
+
+
+def apply_override(data: dict, path: list[str], value: Any, source: str = "--set") -> None:
+    node: Any = data
+    for i, part in enumerate(path[:-1]):
+        where = ".".join(path[: i + 1])
+        if isinstance(node, list):
+            try:
+                node = node[int(part)]
+            except (ValueError, IndexError):
+                raise ConfigError(f"{source}: {where}: no list item {part!r}") from None
+        else:
+            if part not in node or node[part] is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"{source}: {where} is a {type(node).__name__}, not a section")
+    last = path[-1]
+    if isinstance(node, list):
+        try:
+            node[int(last)] = value
+        except (ValueError, IndexError):
+            raise ConfigError(f"{source}: {'.'.join(path)}: no list item {last!r}") from None
+    else:
+        node[last] = value
+
+
+def to_dict(cfg: Any) -> dict:
+    """Dataclass -> plain dict (tuples as lists), suitable for YAML/JSON."""
+
+    def plain(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(cfg)
+
+
+def from_dict(data: dict | None, source: str = "<config>", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    data = copy.deepcopy(data or {})
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+    # Overrides apply to the file merged onto the defaults, so `--set train.stages.0.lr=...`
+    # works when the file does not spell the stage list out.
+    if overrides:
+        data = _merge(to_dict(Config()), data)
+        for text in overrides:
+            path, value = parse_override(text)
+            apply_override(data, path, value, f"--set {text}")
+        source = f"{source} (with --set overrides)"
+    return _build(Config, data, "", source)
+
+
+def _merge(defaults: dict, data: dict) -> dict:
+    out = copy.deepcopy(defaults)
+    for k, v in data.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("search_space", "runtime_env", "weights"):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (or the defaults when `path` is None) and apply ``--set`` overrides."""
+    if path is None:
+        return from_dict({}, "<defaults>", overrides)
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return from_dict(data, path, overrides)
+
+
+def dump_config(cfg: Config, path: str | os.PathLike | None = None) -> str:
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    if path is not None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    return text
