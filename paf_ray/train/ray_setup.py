@@ -1,0 +1,34 @@
+"""Starting or joining Ray, and the Ray Data settings every driver and trial applies."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+
+def configure_data_context(data_cpus: float) -> None:
+    """Bound Ray Data to its CPU budget so training workers always get theirs (2-core boxes hang otherwise)."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.resource_limits = ray.data.ExecutionResources(cpu=data_cpus)
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, object_store_mb: int = 512) -> None:
+    """Join `address` (or RAY_ADDRESS), else start a local Ray; idempotent."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        ray.init(address=address, log_to_driver=True)
+        return
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        object_store_memory=object_store_mb * 2**20,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        configure_logging=True,
+        logging_level="warning",
+    )
