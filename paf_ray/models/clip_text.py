@@ -1,0 +1,217 @@
+"""The frozen open_clip text tower and the CoOp-style prompt learner of the LV-Adapter.
+
+``ClipTextEncoder`` keeps only the text parts of an open_clip CLIP model (token and
+positional embeddings, transformer, final LayerNorm, projection, causal mask); it is
+frozen and always in eval mode. ``PromptLearner`` holds the learnable context vectors
+and turns them, placed before each class name, into one text embedding per class.
+See ``shared/notes/checkpoints.md`` §4 for the open_clip facts used here.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+# A CLIP small enough for CPU tests and demos (same tokenizer and vocabulary as RN50).
+# `clip_model: paf-tiny-clip` works in every process that imports paf_ray, unlike a
+# config registered with open_clip.add_model_config in one process only.
+TINY_CLIP = "paf-tiny-clip"
+TINY_CLIP_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+PLACEHOLDER = "X"  # stands in for each context vector while tokenizing "X X X X <class>."
+
+
+def load_clip(clip_model: str, clip_weights: Optional[str] = None) -> nn.Module:
+    """An open_clip CLIP model: random init, or weights from a local file (never the network)."""
+    import open_clip
+
+    if clip_weights:
+        if not os.path.isfile(clip_weights):
+            raise FileNotFoundError(
+                f"model.lv_adapter.clip_weights: {clip_weights!r} is not a file "
+                "(CLIP weights must be a local .safetensors or state-dict file)"
+            )
+    if clip_model == TINY_CLIP:
+        model = open_clip.CLIP(**TINY_CLIP_CONFIG)
+        if clip_weights:
+            open_clip.load_checkpoint(model, clip_weights, strict=True, weights_only=True)
+        return model
+    try:
+        if clip_weights:
+            return open_clip.create_model(clip_model, pretrained=clip_weights, require_pretrained=True)
+        return open_clip.create_model(clip_model, pretrained=None)
+    except RuntimeError as e:
+        if "not found" in str(e).lower():
+            raise ValueError(
+                f"model.lv_adapter.clip_model: unknown open_clip model {clip_model!r} "
+                f"(an open_clip name such as 'RN50', 'local-dir:<folder>', or {TINY_CLIP!r}): {e}"
+            ) from e
+        raise
+
+
+def get_tokenizer(clip_model: str):
+    import open_clip
+
+    if clip_model == TINY_CLIP:
+        return open_clip.SimpleTokenizer()
+    return open_clip.get_tokenizer(clip_model)
+
+
+class ClipTextEncoder(nn.Module):
+    """The text tower of an open_clip CLIP model, frozen, encoding token *embeddings*.
+
+    Feeding embeddings instead of token ids is what lets learned context vectors replace
+    placeholder tokens. Sequences may be shorter than the tower's 77 positions: with the
+    causal mask the output at the end-of-text token does not depend on later positions.
+    """
+
+    def __init__(self, clip_model: str = "RN50", clip_weights: Optional[str] = None):
+        super().__init__()
+        model = load_clip(clip_model, clip_weights)
+        # CustomTextCLIP keeps its text tower under `.text`; CLIP puts the parts on itself.
+        tower = getattr(model, "text", model)
+        if not hasattr(tower, "token_embedding") or not hasattr(tower, "transformer"):
+            raise ValueError(
+                f"model.lv_adapter.clip_model: {clip_model!r} has no open_clip TextTransformer text tower "
+                "(Hugging Face text towers are not supported)"
+            )
+        if getattr(tower, "cls_emb", None) is not None or getattr(tower, "use_pad_mask", False):
+            raise ValueError(f"model.lv_adapter.clip_model: {clip_model!r}: text towers with a CLS token are not supported")
+        self.clip_model = clip_model
+        self.token_embedding = tower.token_embedding
+        self.positional_embedding = tower.positional_embedding
+        self.transformer = tower.transformer
+        self.ln_final = tower.ln_final
+        self.text_projection = tower.text_projection
+        self.register_buffer("attn_mask", tower.attn_mask, persistent=False)
+        self.pool_type = getattr(tower, "text_pool_type", getattr(tower, "pool_type", "argmax"))
+        self.eos_id = getattr(tower, "text_eos_id", getattr(tower, "eos_id", None))
+        if self.pool_type not in ("argmax", "eos"):
+            raise ValueError(
+                f"model.lv_adapter.clip_model: {clip_model!r}: text pool type {self.pool_type!r} is not supported "
+                "(argmax or eos)"
+            )
+        self.width = self.token_embedding.embedding_dim
+        if self.text_projection is None:
+            self.embed_dim = self.width
+        elif isinstance(self.text_projection, nn.Linear):
+            self.embed_dim = self.text_projection.out_features
+        else:
+            self.embed_dim = self.text_projection.shape[1]
+        self.context_length = self.positional_embedding.shape[0]
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # frozen: always eval, whatever the parent does
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return get_tokenizer(self.clip_model)(list(texts))
+
+    def end_positions(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Index of the token whose output is the sentence embedding (EOT)."""
+        if self.pool_type == "eos":
+            return (tokens == self.eos_id).int().argmax(dim=-1)
+        return tokens.argmax(dim=-1)
+
+    def forward(self, embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """embeddings [N, L, width] (token embeddings, possibly with learned slots), tokens [N, L] -> [N, embed_dim]."""
+        length = embeddings.shape[1]
+        if length > self.context_length:
+            raise ValueError(f"prompt of {length} tokens is longer than the text tower's {self.context_length}")
+        x = embeddings + self.positional_embedding[:length].to(embeddings.dtype)
+        mask = None if self.attn_mask is None else self.attn_mask[:length, :length]
+        x = self.transformer(x, attn_mask=mask)
+        x = self.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), self.end_positions(tokens)]
+        if self.text_projection is None:
+            return x
+        if isinstance(self.text_projection, nn.Linear):
+            return self.text_projection(x)
+        return x @ self.text_projection
+
+
+class PromptLearner(nn.Module):
+    """Learnable context vectors before each class name, one set per task (or one shared).
+
+    Each class is tokenized as "X X ... X <name>." with ``n_ctx`` placeholders; at run time
+    the placeholders' embeddings are replaced by the context vectors. The token ids stay
+    buffers (rebuilt from the tokenizer), the start/name/end embeddings are looked up from
+    the frozen token embedding on every call, so loading a state dict never leaves them stale.
+    """
+
+    def __init__(
+        self,
+        text_encoder: ClipTextEncoder,
+        class_names: dict[str, tuple[str, ...]],
+        n_ctx: int = 8,
+        ctx_init: str = "a photo of a",
+        task_specific: bool = True,
+    ):
+        super().__init__()
+        if n_ctx < 1:
+            raise ValueError(f"model.lv_adapter.n_ctx: must be >= 1, got {n_ctx}")
+        self.n_ctx = n_ctx
+        self.tasks = list(class_names)
+        self.task_specific = task_specific
+        tokenizer = get_tokenizer(text_encoder.clip_model)
+        prefix = " ".join([PLACEHOLDER] * n_ctx)
+        placeholder_id = int(tokenizer([PLACEHOLDER])[0, 1])
+        tokens = {}
+        for task, names in class_names.items():
+            tok = tokenizer([f"{prefix} {name}." for name in names])
+            if not bool((tok[:, 1 : 1 + n_ctx] == placeholder_id).all()):
+                raise ValueError(f"model.lv_adapter.n_ctx: {n_ctx} context slots do not fit the text tower's context length")
+            tokens[task] = tok
+        # Cut every prompt after the longest end-of-text position (not 77): same result, less work.
+        length = int(max(int(text_encoder.end_positions(t).max()) for t in tokens.values())) + 1
+        for task, tok in tokens.items():
+            self.register_buffer(f"tokens_{task}", tok[:, :length].contiguous(), persistent=False)
+
+        init = self._initial_context(text_encoder, tokenizer, ctx_init)
+        keys = self.tasks if task_specific else ["shared"]
+        self.ctx = nn.ParameterDict({k: nn.Parameter(init.clone()) for k in keys})
+
+    def _initial_context(self, text_encoder: ClipTextEncoder, tokenizer, ctx_init: str) -> torch.Tensor:
+        width = text_encoder.width
+        ctx = torch.empty(self.n_ctx, width)
+        nn.init.normal_(ctx, std=0.02)
+        phrase = ctx_init.strip()
+        if phrase:
+            tok = tokenizer([phrase])[0]
+            end = int(text_encoder.end_positions(tok[None])[0])
+            ids = tok[1:end]
+            with torch.no_grad():
+                words = text_encoder.token_embedding(ids).float()
+            # Keep the phrase's last tokens, right before the class name; random slots in front.
+            words = words[-self.n_ctx :]
+            ctx[self.n_ctx - len(words) :] = words
+        return ctx
+
+    def tokens(self, task: str) -> torch.Tensor:
+        return getattr(self, f"tokens_{task}")
+
+    def context(self, task: str) -> nn.Parameter:
+        return self.ctx[task if self.task_specific else "shared"]
+
+    def forward(self, text_encoder: ClipTextEncoder) -> dict[str, torch.Tensor]:
+        """-> {task: [K_task, embed_dim]} class embeddings (not normalised)."""
+        prompts, all_tokens = [], []
+        for task in self.tasks:
+            tok = self.tokens(task)
+            with torch.no_grad():
+                words = text_encoder.token_embedding(tok)
+            ctx = self.context(task).to(words.dtype)
+            k = tok.shape[0]
+            prompts.append(torch.cat([words[:, :1], ctx.unsqueeze(0).expand(k, -1, -1), words[:, 1 + self.n_ctx :]], 1))
+            all_tokens.append(tok)
+        out = text_encoder(torch.cat(prompts), torch.cat(all_tokens))
+        return dict(zip(self.tasks, out.split([t.shape[0] for t in all_tokens])))
+

@@ -1,0 +1,127 @@
+"""The checkpoint layout, in one place.
+
+A checkpoint is a directory:
+
+    model.pt        the model state dict (DDP wrapper removed)
+    train_state.pt  optimizer, scheduler, epoch, step, stage index (absent in exported/final-only dirs)
+    config.yaml     the resolved config the model was built from
+    meta.json       stage, epoch, step, adapters_merged, metrics
+
+Everything loads with ``torch.load(..., weights_only=True)``. A run directory
+(``<storage>/<name>``, holding ``summary.json``) is accepted wherever a checkpoint is,
+and resolves to the run's final checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+import yaml
+
+from paf_ray.config import Config, StageConfig, dump_config, from_dict
+
+MODEL_FILE = "model.pt"
+TRAIN_STATE_FILE = "train_state.pt"
+CONFIG_FILE = "config.yaml"
+META_FILE = "meta.json"
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def save_checkpoint(
+    directory: str,
+    model: torch.nn.Module,
+    cfg: Config,
+    meta: dict[str, Any],
+    train_state: dict[str, Any] | None = None,
+) -> str:
+    os.makedirs(directory, exist_ok=True)
+    net = unwrap(model)
+    meta = dict(meta)
+    meta.setdefault("adapters_merged", bool(getattr(net, "adapters_merged", False)))
+    torch.save(net.state_dict(), os.path.join(directory, MODEL_FILE))
+    if train_state is not None:
+        torch.save(train_state, os.path.join(directory, TRAIN_STATE_FILE))
+    dump_config(cfg, os.path.join(directory, CONFIG_FILE))
+    with open(os.path.join(directory, META_FILE), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2, default=float)
+    return directory
+
+
+def resolve_checkpoint_dir(path: str) -> str:
+    """A checkpoint dir, a run dir (summary.json -> its checkpoint) or a model.pt file -> checkpoint dir."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isfile(path) and os.path.basename(path) == MODEL_FILE:
+        path = os.path.dirname(path)
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, MODEL_FILE)):
+        summary = os.path.join(path, "summary.json")
+        if os.path.exists(summary):
+            with open(summary, encoding="utf-8") as f:
+                ckpt = json.load(f).get("checkpoint")
+            if ckpt:
+                return resolve_checkpoint_dir(ckpt)
+    if not os.path.exists(os.path.join(path, MODEL_FILE)):
+        raise FileNotFoundError(
+            f"{path}: not a paf_ray checkpoint (expected {MODEL_FILE}, {CONFIG_FILE}, {META_FILE} "
+            "or a run folder with summary.json)"
+        )
+    return path
+
+
+def read_meta(directory: str) -> dict[str, Any]:
+    with open(os.path.join(directory, META_FILE), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def read_config(directory: str) -> Config:
+    path = os.path.join(directory, CONFIG_FILE)
+    with open(path, encoding="utf-8") as f:
+        return from_dict(yaml.safe_load(f), path)
+
+
+def read_train_state(directory: str, device: str | torch.device = "cpu") -> dict[str, Any] | None:
+    path = os.path.join(directory, TRAIN_STATE_FILE)
+    if not os.path.exists(path):
+        return None
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def load_model_state(model: torch.nn.Module, directory: str, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint's weights into `model` (merging LoRA first if the checkpoint was merged)."""
+    from paf_ray.models.stages import finish_stage
+
+    meta = read_meta(directory)
+    net = unwrap(model)
+    if meta.get("adapters_merged") and not getattr(net, "adapters_merged", False):
+        finish_stage(net, "adapt", StageConfig(kind="adapt", merge_adapters=True))
+    state = torch.load(os.path.join(directory, MODEL_FILE), map_location=device, weights_only=True)
+    result = net.load_state_dict(state, strict=False)
+    problems = [k for k in result.missing_keys] + [k for k in result.unexpected_keys]
+    if problems:
+        raise RuntimeError(
+            f"{directory}/{MODEL_FILE}: does not match the model built from the config: "
+            f"missing {result.missing_keys[:10]}, unexpected {result.unexpected_keys[:10]}"
+        )
+    return meta
+
+
+def load_model(path: str, device: str | torch.device = "cpu", overrides: list[str] | tuple[str, ...] = ()):
+    """Rebuild the model of a checkpoint for inference: (model in eval mode, cfg, meta)."""
+    from paf_ray.models import build_model
+
+    directory = resolve_checkpoint_dir(path)
+    cfg = read_config(directory)
+    if overrides:
+        from paf_ray.config import to_dict
+
+        cfg = from_dict(to_dict(cfg), os.path.join(directory, CONFIG_FILE), overrides)
+    model = build_model(cfg.model, input_size=cfg.data.input_size)
+    meta = load_model_state(model, directory, device)
+    model.to(device).eval()
+    meta["path"] = directory
+    return model, cfg, meta

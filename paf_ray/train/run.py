@@ -1,0 +1,378 @@
+"""`paf-ray run` and `paf-ray eval`: the stages of a config on Ray Train, one TorchTrainer per stage.
+
+The trainer only wires resources: datasets, scaling, storage, checkpoint retention and
+failure handling. The work is `paf_ray.train.loop.train_loop`. A run leaves, in
+``<storage>/<name>/``: one Ray Train run folder per stage (its checkpoints), and
+``metrics.jsonl``, ``tb/`` (TensorBoard), ``summary.json`` and ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import replace
+from typing import Any, Sequence
+
+from paf_ray.config import Config, dump_config, load_config, to_dict
+from paf_ray.data import storage
+
+STAGE_DONE_FILE = "paf_stage_done.json"
+SUMMARY_FILE = "summary.json"
+
+
+class RunExistsError(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def resolve_storage(cfg: Config, out: str | None) -> str:
+    """Absolute local path or URI under which `<name>/` is written (Ray needs absolute)."""
+    path = out or cfg.ray.storage_path or "runs"
+    return storage.normalize_root(os.path.expanduser(path))
+
+
+def local_log_dir(run_dir: str) -> str:
+    """Where rank 0 writes metrics.jsonl/TensorBoard: the run folder, or a local mirror for URIs."""
+    if not storage.is_uri(run_dir):
+        return run_dir
+    safe = run_dir.replace("://", "_").replace("/", "_")
+    return os.path.join(os.path.expanduser("~"), ".cache", "paf_ray", "logs", safe)
+
+
+def write_text(path: str, text: str) -> None:
+    fs, inner = storage.resolve(path)
+    fs.create_dir(os.path.dirname(inner), recursive=True)
+    with fs.open_output_stream(inner) as f:
+        f.write(text.encode("utf-8"))
+
+
+def read_json(path: str) -> dict | None:
+    if not storage.exists(path):
+        return None
+    return json.loads(storage.read_bytes(path).decode("utf-8"))
+
+
+def stage_run_name(index: int, kind: str) -> str:
+    return f"stage{index}-{kind}"
+
+
+# --------------------------------------------------------------------------- data
+
+
+def prepare_data(cfg: Config) -> tuple[Config, list[dict], list[dict]]:
+    """Resolve the dataset root (generating the synthetic default once) and read both splits.
+
+    Returns the config with `data.root` set to the resolved root, so checkpoints carry
+    where their data came from.
+    """
+    from paf_ray.data.pipeline import load_records, resolve_root
+
+    cache = os.environ.get("PAF_RAY_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "paf_ray"))
+    root = resolve_root(cfg.data, cache)
+    cfg = replace(cfg, data=replace(cfg.data, root=root))
+    train = load_records(cfg.data, root, cfg.data.train_split)
+    val = load_records(cfg.data, root, cfg.data.val_split)
+    if not train:
+        raise ValueError(f"{root}: no {cfg.data.train_split} samples for tasks {cfg.model.tasks}")
+    if not val:
+        raise ValueError(f"{root}: no {cfg.data.val_split} samples for tasks {cfg.model.tasks}")
+    return cfg, train, val
+
+
+def training_world_size(cfg: Config) -> int:
+    return max(1, cfg.ray.num_workers)
+
+
+def make_datasets(cfg: Config, train: list[dict], val: list[dict]) -> dict:
+    """{"train": split across workers by Ray, "val_<rank>": one exact share per worker}."""
+    from paf_ray.data.pipeline import build_dataset
+
+    world = training_world_size(cfg)
+    datasets = {"train": build_dataset(train, cfg.data, train=True)}
+    for rank in range(world):
+        datasets[f"val_{rank}"] = build_dataset(val[rank::world], cfg.data, train=False)
+    return datasets
+
+
+def steps_per_epoch(n_train: int, cfg: Config) -> int:
+    world = training_world_size(cfg)
+    per_worker = n_train // world if world > 1 else n_train  # streaming_split(equal=True) floors
+    return max(1, math.ceil(per_worker / cfg.data.batch_size))
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def run_stage(
+    cfg: Config,
+    index: int,
+    run_dir: str,
+    datasets: dict,
+    n_train: int,
+    init_checkpoint: Any,
+    step_offset: int,
+    callbacks: Sequence[Any] = (),
+):
+    """Fit one stage with a TorchTrainer; returns the ray.train.Result."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from paf_ray.train.loop import train_loop
+    from paf_ray.train.ray_setup import configure_data_context
+
+    stage = cfg.train.stages[index]
+    configure_data_context(cfg.data.cpus)  # copied into the trainer when it is built
+    resources = {"CPU": cfg.ray.cpus_per_worker}
+    if cfg.ray.use_gpu:
+        resources["GPU"] = cfg.ray.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "cfg": to_dict(cfg),
+            "stage_index": index,
+            "stage_name": stage_run_name(index, stage.kind),
+            "init_checkpoint": init_checkpoint,
+            "steps_per_epoch": steps_per_epoch(n_train, cfg),
+            "step_offset": step_offset,
+            "log_dir": local_log_dir(run_dir),
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=stage_run_name(index, stage.kind),
+            storage_path=run_dir,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.ray.keep_checkpoints,
+                checkpoint_score_attribute="score",
+                checkpoint_score_order="max",
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures, controller_failure_limit=3),
+            callbacks=list(callbacks),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    return trainer.fit()
+
+
+def run_pipeline(
+    cfg: Config,
+    out: str | None = None,
+    resume: bool = False,
+    callbacks: Sequence[Any] = (),
+    evaluate_initial: bool = False,
+) -> dict:
+    """Run every stage of `cfg` in order, handing each stage's final checkpoint to the next.
+
+    Returns the summary (also written to `<storage>/<name>/summary.json`).
+    """
+    import ray.train
+
+    from paf_ray.train.ray_setup import configure_data_context, init_ray
+
+    storage_root = resolve_storage(cfg, out)
+    run_dir = storage.join(storage_root, cfg.name)
+    if not resume and storage.exists(run_dir) and storage.list_files(run_dir) + _subdirs(run_dir):
+        raise RunExistsError(
+            f"{run_dir} already exists: pass --resume to continue that run, or choose another name "
+            f"(--set name=...) or --out"
+        )
+    init_ray(cfg.ray.address, object_store_mb=cfg.ray.object_store_mb)
+    configure_data_context(cfg.data.cpus)
+    t0 = time.perf_counter()
+    cfg, train_records, val_records = prepare_data(cfg)
+    print(f"[paf-ray] data: {cfg.data.root} ({len(train_records)} train / {len(val_records)} val samples)", flush=True)
+    if not storage.is_uri(run_dir):
+        os.makedirs(run_dir, exist_ok=True)
+    write_text(storage.join(run_dir, "config.yaml"), dump_config(cfg))
+
+    summary: dict[str, Any] = {"name": cfg.name, "run_dir": run_dir, "stages": [], "config": to_dict(cfg)}
+    if evaluate_initial:
+        summary["metrics_before"] = evaluate_initial_model(cfg, run_dir, val_records)
+
+    init_checkpoint = None
+    if cfg.train.init_checkpoint:
+        from paf_ray.train.checkpoint import resolve_checkpoint_dir
+
+        init_checkpoint = ray.train.Checkpoint.from_directory(resolve_checkpoint_dir(cfg.train.init_checkpoint))
+    step_offset = 0
+    datasets = None
+    n_steps = steps_per_epoch(len(train_records), cfg)
+    for index, stage in enumerate(cfg.train.stages):
+        name = stage_run_name(index, stage.kind)
+        done_path = storage.join(run_dir, name, STAGE_DONE_FILE)
+        done = read_json(done_path) if resume else None
+        stage_steps = stage.epochs * (min(n_steps, stage.max_steps_per_epoch or n_steps))
+        if done is not None:
+            print(f"[paf-ray] {name}: already done, checkpoint {done['checkpoint']}", flush=True)
+            init_checkpoint = ray.train.Checkpoint(done["checkpoint"])
+            summary["stages"].append(done)
+            step_offset += stage_steps
+            continue
+        if datasets is None:
+            datasets = make_datasets(cfg, train_records, val_records)
+        print(f"[paf-ray] {name}: {stage.epochs} epoch(s) x {n_steps} steps, lr {stage.lr}", flush=True)
+        t_stage = time.perf_counter()
+        result = run_stage(cfg, index, run_dir, datasets, len(train_records), init_checkpoint, step_offset, callbacks)
+        if result.error is not None:
+            raise result.error
+        if result.checkpoint is None:
+            raise RuntimeError(f"{name}: the stage finished without a checkpoint")
+        # result.checkpoint.path drops the URI scheme on object storage: rebuild it from the run folder.
+        checkpoint_path = storage.join(run_dir, name, os.path.basename(result.checkpoint.path.rstrip("/")))
+        record = {
+            "stage": name,
+            "kind": stage.kind,
+            "checkpoint": checkpoint_path,
+            "metrics": _final_eval_metrics(result.metrics),
+            "wall_s": round(time.perf_counter() - t_stage, 1),
+        }
+        write_text(done_path, json.dumps(record, indent=2, default=float))
+        summary["stages"].append(record)
+        init_checkpoint = result.checkpoint
+        step_offset += stage_steps
+
+    summary["checkpoint"] = summary["stages"][-1]["checkpoint"]
+    summary["metrics"] = summary["stages"][-1]["metrics"]
+    summary["metrics_per_stage"] = {s["stage"]: s["metrics"] for s in summary["stages"]}
+    summary["stage_wall_s"] = {s["stage"]: s["wall_s"] for s in summary["stages"]}
+    summary["skipped_samples"] = _skipped_counts(local_log_dir(run_dir))
+    summary["wall_s"] = round(time.perf_counter() - t0, 1)
+    finish_run_folder(run_dir, summary)
+    return summary
+
+
+def _subdirs(path: str) -> list[str]:
+    if storage.is_uri(path):
+        return []
+    return [d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d))]
+
+
+def _final_eval_metrics(metrics: dict | None) -> dict:
+    keep = ("det/", "sem/", "drv/", "score")
+    return {k: v for k, v in (metrics or {}).items() if k.startswith(keep)}
+
+
+def _skipped_counts(log_dir: str) -> dict:
+    """Skipped bad samples per stage, from rank 0's metrics.jsonl (last row per stage/epoch)."""
+    rows = read_metrics_rows(log_dir)
+    per_epoch: dict[tuple, int] = {}
+    for row in rows:
+        if "data/skipped" in row:
+            per_epoch[(row["stage"], row["epoch"])] = int(row["data/skipped"])
+    out: dict[str, int] = {}
+    for (stage, _), n in per_epoch.items():
+        out[stage] = out.get(stage, 0) + n
+    out["total"] = sum(v for k, v in out.items())
+    return out
+
+
+def read_metrics_rows(log_dir: str) -> list[dict]:
+    path = os.path.join(log_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def finish_run_folder(run_dir: str, summary: dict) -> None:
+    """summary.json and curves.png (and, for URI storage, the logs) into the run folder."""
+    from paf_ray.train.report import plot_curves
+
+    log_dir = local_log_dir(run_dir)
+    os.makedirs(log_dir, exist_ok=True)
+    plot_curves(read_metrics_rows(log_dir), os.path.join(log_dir, "curves.png"))
+    text = json.dumps(summary, indent=2, default=float)
+    if storage.is_uri(run_dir):
+        import pyarrow.fs as pafs
+
+        fs, inner = storage.resolve(run_dir)
+        pafs.copy_files(log_dir, inner, destination_filesystem=fs)
+    write_text(storage.join(run_dir, SUMMARY_FILE), text)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate_records(model, cfg: Config, val_records: list[dict]) -> dict:
+    """Evaluate a model in this process over `val_records` through the Ray Data val pipeline."""
+    import torch
+
+    from paf_ray.data.pipeline import build_dataset, iter_train_batches
+    from paf_ray.train.loop import evaluate, gather_metrics
+
+    ds = build_dataset(val_records, cfg.data, train=False)
+    state = evaluate(model, iter_train_batches(ds, cfg.data.batch_size), cfg, torch.device("cpu"), amp=False)
+    return gather_metrics(state, list(cfg.model.tasks))
+
+
+def evaluate_initial_model(cfg: Config, run_dir: str, val_records: list[dict]) -> dict:
+    """Metrics of the model the first stage starts from (pretrained backbone, fresh heads)."""
+    import torch
+
+    from paf_ray.models import build_model
+    from paf_ray.train.checkpoint import load_model_state, resolve_checkpoint_dir
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, input_size=cfg.data.input_size)
+    if cfg.train.init_checkpoint:
+        load_model_state(model, resolve_checkpoint_dir(cfg.train.init_checkpoint))
+    metrics = evaluate_records(model.eval(), cfg, val_records)
+    print(f"[paf-ray] before training: {format_metrics_line(metrics)}", flush=True)
+    return metrics
+
+
+def format_metrics_line(metrics: dict) -> str:
+    keys = ("det/AP", "det/AP50", "sem/mIoU", "drv/mIoU", "drv/mIoU3", "score")
+    return ", ".join(f"{k} {metrics[k]:.2f}" for k in keys if isinstance(metrics.get(k), (int, float)))
+
+
+def metrics_table(columns: dict[str, dict]) -> str:
+    """A markdown table: one row per headline metric, one column per named metrics dict."""
+    keys = ["det/AP", "det/AP50", "det/AP75", "det/AR100", "sem/mIoU", "drv/mIoU", "drv/mIoU3", "score"]
+    names = list(columns)
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for k in keys:
+        if not any(isinstance(c.get(k), (int, float)) for c in columns.values()):
+            continue
+        cells = [f"{c[k]:.2f}" if isinstance(c.get(k), (int, float)) else "-" for c in columns.values()]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def run_command(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    try:
+        summary = run_pipeline(cfg, out=args.out, resume=args.resume)
+    except RunExistsError as e:
+        print(f"paf-ray run: {e}")
+        return 2
+    print(metrics_table({s["stage"]: s["metrics"] for s in summary["stages"]}))
+    print(f"[paf-ray] summary: {storage.join(summary['run_dir'], SUMMARY_FILE)}")
+    print(f"[paf-ray] final checkpoint: {summary['checkpoint']}")
+    return 0
+
+
+def eval_command(args) -> int:
+    from paf_ray.train.checkpoint import load_model
+    from paf_ray.train.ray_setup import configure_data_context, init_ray
+
+    model, cfg, meta = load_model(args.checkpoint, overrides=args.overrides)
+    init_ray(cfg.ray.address, object_store_mb=cfg.ray.object_store_mb)
+    configure_data_context(cfg.data.cpus)
+    cfg, _, val_records = prepare_data(cfg)
+    metrics = evaluate_records(model, cfg, val_records)
+    if args.json:
+        print(json.dumps(metrics, indent=2, default=float))
+    else:
+        print(f"checkpoint {meta['path']} (stage {meta.get('stage')}, epoch {meta.get('epoch')})")
+        print(metrics_table({"val": metrics}))
+    return 0
