@@ -120,12 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-thr", type=float, default=0.3)
     p.add_argument("--distributed", action="store_true", help="batch inference with Ray Data")
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--workers", type=int, default=1, help="--distributed: most model actors in the pool")
     p.set_defaults(handler="paf_ray.predict:predict_command")
 
     p = sub.add_parser("export", help="export the deployable model (adapters merged)")
     p.add_argument("checkpoint")
     p.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript")
     p.add_argument("--out", required=True)
+    p.add_argument("--frame-size", default="1280x720", help="WxH of the frames the exported model takes")
+    p.add_argument("--sample", default=None, help="image for the PyTorch-vs-export check (default: a synthetic frame)")
+    p.add_argument("--json", action="store_true", help="also print the check report as JSON")
     p.set_defaults(handler="paf_ray.export:export_command")
 
     # --- benchmarks -------------------------------------------------------------

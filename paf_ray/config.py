@@ -100,6 +100,11 @@ class DetConfig:
     box_detections_per_img: int = 100
     box_score_thresh: float = 0.05
     representation_size: int = 1024  # box head MLP width
+    rpn_batch_size_per_image: int = 256  # anchors sampled per image for the RPN loss
+    box_nms_thresh: float = 0.5
+    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # faster_rcnn: one per P2..P6
+    ignore_iof_thresh: float = 0.5  # anchors/proposals this much inside an ignore box are neither pos nor neg
+    fcos_num_convs: int = 4  # fcos: conv layers in each tower
 
 
 @dataclass
@@ -189,7 +194,8 @@ class RayConfig:
 
 @dataclass
 class TuneSchedulerConfig:
-    grace_period: int = 1
+    kind: Literal["asha", "fifo"] = "asha"  # asha: early stopping on `tune.metric`; fifo: every trial runs out
+    grace_period: int = 1  # epochs (Tune iterations) before a trial can be stopped
     reduction_factor: int = 2
     max_t: Optional[int] = None  # default: the total epoch budget
 
@@ -201,6 +207,10 @@ class TuneConfig:
     metric: str = "score"
     mode: Literal["max", "min"] = "max"
     seed: int = 0
+    sampler: Literal["tpe", "random"] = "tpe"  # Optuna sampler, seeded with `seed`
+    startup_trials: int = 10  # tpe: random trials before TPE takes over (Optuna's n_startup_trials)
+    study_name: Optional[str] = None  # Optuna study name; default: the config's `name`
+    max_failures: int = 0  # restarts of a failed trial (it resumes its Train runs)
     total_epochs: Optional[int] = None  # epoch budget split between adapt and finetune by `adapt_fraction`
     scheduler: TuneSchedulerConfig = field(default_factory=TuneSchedulerConfig)
     storage_url: Optional[str] = None  # Optuna study storage; default sqlite in the output dir

@@ -134,8 +134,9 @@ class LVAdapter(nn.Module):
     # ------------------------------------------------------------------ loss
 
     def alignment_loss(self, score_maps: dict[str, torch.Tensor], batch: dict) -> torch.Tensor:
-        """align_weight x (pixel-text CE for sem/drv + image-level multi-label BCE for det),
-        each over the samples that have the task; an exact, grad-connected zero when none has any."""
+        """Pixel-text CE for sem/drv + image-level multi-label BCE for det, each over the samples
+        that have the task; an exact, grad-connected zero when none has any. Unweighted: the
+        model's ``total_loss`` multiplies it by ``align_weight``."""
         # Touch every score map so the graph (and DDP) sees all LV-Adapter parameters.
         total = sum(s.float().sum() for s in score_maps.values()) * 0.0
         for task in ("sem", "drv"):
@@ -161,7 +162,7 @@ class LVAdapter(nn.Module):
                         target[i, labels] = 1.0
                 image_logits = s.float().flatten(2).amax(dim=-1)  # [B, K]: best-matching pixel per class
                 total = total + F.binary_cross_entropy_with_logits(image_logits[has], target[has])
-        return self.align_weight * total
+        return total
 
 
 def _has(batch: dict, task: str, like: torch.Tensor) -> torch.Tensor:
@@ -174,3 +175,92 @@ def _has(batch: dict, task: str, like: torch.Tensor) -> torch.Tensor:
 def is_prompt_parameter(name: str) -> bool:
     """True for the prompt context vectors, given a name relative to the model or the adapter."""
     return name.startswith(PROMPT_PARAM_PREFIX) or f".{PROMPT_PARAM_PREFIX}" in name
+
+
+def _overhead_report(argv: list[str] | None = None) -> None:
+    """Parameter counts and the per-step CPU overhead of the LV-Adapter, side by side.
+
+    python -m paf_ray.models.lv_adapter [--backbone resnet18] [--size 320x192] [--batch 2] [--steps 5]
+    Times one adapt-stage training step (forward, backward, AdamW step) of the same multi-task
+    model without and with the LV-Adapter, alternating, and reports medians and their ratio.
+    """
+    import argparse
+    import statistics
+    import time
+
+    from paf_ray.config import from_dict
+    from paf_ray.models.multitask import build_model
+    from paf_ray.models.stages import apply_stage
+
+    p = argparse.ArgumentParser(prog="python -m paf_ray.models.lv_adapter")
+    p.add_argument("--backbone", default="resnet18")
+    p.add_argument("--clip-model", default="RN50")
+    p.add_argument("--size", default="320x192", help="WxH input")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    width, height = (int(v) for v in args.size.lower().split("x"))
+
+    def build(enabled: bool):
+        cfg = from_dict({
+            "data": {"input_size": [width, height]},
+            "model": {
+                "backbone": {"name": args.backbone},
+                "fpn_channels": 64,
+                "seg_channels": 32,
+                "det": {"rpn_pre_nms_top_n_train": 300, "rpn_post_nms_top_n_train": 300,
+                        "box_batch_size_per_image": 128, "representation_size": 256},
+                "lv_adapter": {"enabled": enabled, "clip_model": args.clip_model},
+            },
+        })
+        torch.manual_seed(0)
+        model = build_model(cfg.model, cfg.data.input_size)
+        apply_stage(model, "adapt", cfg)
+        model.train()
+        opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
+        return model, opt
+
+    g = torch.Generator().manual_seed(0)
+    b = args.batch
+    batch = {
+        "boxes": [torch.tensor([[20.0, 30.0, 120.0, 140.0], [150.0, 40.0, 220.0, 100.0]])] * b,
+        "labels": [torch.tensor([2, 0])] * b,
+        "ignore_boxes": [torch.zeros(0, 4)] * b,
+        "sem": torch.randint(0, 19, (b, height, width), generator=g),
+        "drv": torch.randint(0, 3, (b, height, width), generator=g),
+        "has_det": torch.ones(b, dtype=torch.bool),
+        "has_sem": torch.ones(b, dtype=torch.bool),
+        "has_drv": torch.ones(b, dtype=torch.bool),
+    }
+    images = torch.randint(0, 256, (b, 3, height, width), dtype=torch.uint8, generator=g)
+
+    def step(model, opt) -> float:
+        start = time.perf_counter()
+        loss = model.total_loss(model(images, batch))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return time.perf_counter() - start
+
+    runs = {"without": build(False), "with": build(True)}
+    lv = runs["with"][0].lv_adapter
+    trainable = sum(q.numel() for n, q in lv.named_parameters() if q.requires_grad)
+    frozen = sum(q.numel() for q in lv.text_encoder.parameters())
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for i in range(args.steps + 1):  # the first step of each is warm-up
+        for name, (model, opt) in runs.items():
+            t = step(model, opt)
+            if i:
+                times[name].append(t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"LV-Adapter ({args.clip_model}): trainable {trainable:,} parameters "
+          f"(prompts {sum(q.numel() for q in lv.prompts.parameters()):,}), frozen text tower {frozen:,}")
+    print(f"adapt step, {args.backbone} {width}x{height} batch {b}, {args.threads} threads, median of {args.steps}:")
+    print(f"  without {med['without']:.3f} s   with {med['with']:.3f} s   "
+          f"overhead {med['with'] - med['without']:+.3f} s ({med['with'] / med['without']:.2f}x)")
+
+
+if __name__ == "__main__":
+    _overhead_report()

@@ -56,7 +56,7 @@ def pretrain_backbone(
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     images, targets = _load_attribute_samples(records, size)
-    backbone = build_backbone(backbone_cfg)
+    backbone = build_backbone(backbone_cfg.name, backbone_cfg.tiny_width)
     sizes = [len(values) for _, values in ATTRIBUTES]
     fc = torch.nn.Linear(backbone.out_channels[4], sum(sizes))
     params = list(backbone.parameters()) + list(fc.parameters())

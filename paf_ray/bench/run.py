@@ -1,0 +1,374 @@
+"""`paf-ray bench`: runs every case side by side and writes DIR/bench.json and DIR/bench.md.
+
+Cases (docs/benchmarks.md says what each one is precisely):
+1. data          Ray Data vs DataLoader, same decode + transform + collate, same workers
+2. step          adapt vs finetune vs pretrain-finetune: ms/step, peak memory, breakdown
+3. ray_overhead  1-worker TorchTrainer vs a plain loop, same steps; start-up separately
+4. lv_overhead   the adapt step with and without the LV-Adapter
+5. gpu           (--device cuda) images/s of the 3-task R50-FPN at full resolution, MFU,
+                 input-pipeline headroom; bf16 autocast and channels_last in every case
+Every number is a median over repeats after warm-up; ratios compare cases of one run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from paf_ray.bench.settings import BenchSettings, bench_settings
+
+# Dense bf16 tensor-core peak (TFLOP/s, no sparsity) by GPU name, for the MFU estimate.
+# The first entry whose words all occur in the device name wins, so specific names come first.
+BF16_PEAK_TFLOPS: list[tuple[tuple[str, ...], float]] = [
+    (("h200",), 989.4),
+    (("gh200",), 989.4),
+    (("h100", "pcie"), 756.0),
+    (("h100", "nvl"), 835.0),
+    (("h100",), 989.4),  # SXM
+    (("h800",), 989.4),
+    (("b200",), 2250.0),
+    (("a100",), 312.0),
+    (("a800",), 312.0),
+    (("l40s",), 362.05),
+    (("l40",), 181.05),
+    (("l4",), 121.0),
+    (("a10g",), 70.0),
+    (("a10",), 125.0),
+    (("rtx", "4090"), 165.2),
+    (("rtx", "3090"), 71.0),
+    (("v100",), 125.0),  # fp16: V100 has no bf16
+]
+
+
+def bf16_peak_tflops(gpu_name: str | None) -> float | None:
+    if not gpu_name:
+        return None
+    name = gpu_name.lower()
+    for words, tflops in BF16_PEAK_TFLOPS:
+        if all(w in name for w in words):
+            return tflops
+    return None
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: str) -> dict:
+    import numpy
+    import ray
+    import torch
+    import torchvision
+
+    info: dict[str, Any] = {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "gpu_name": None,
+        "gpu_count": 0,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "ray": ray.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": device,
+        "cuda": torch.version.cuda,
+        "load_avg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    if torch.cuda.is_available():
+        info["gpu_count"] = torch.cuda.device_count()
+        info["gpu_name"] = torch.cuda.get_device_name(0)
+        info["gpu_memory_mb"] = torch.cuda.get_device_properties(0).total_memory / 2**20
+    info["gpu_bf16_peak_tflops"] = bf16_peak_tflops(info["gpu_name"])
+    return info
+
+
+# --------------------------------------------------------------------------- cases
+
+
+def case_config(model: dict, input_size, batch: int, adapter: str | None = None, lv: bool = False,
+                amp: bool = False, channels_last: bool = False) -> dict:
+    """A full config dict for one case: `model` overrides on the defaults, one adapt and one finetune stage."""
+    from paf_ray.config import from_dict, to_dict
+
+    model = copy.deepcopy(model)
+    if adapter is not None:
+        model.setdefault("adapter", {})["kind"] = adapter
+    model.setdefault("lv_adapter", {})["enabled"] = lv
+    data = {"input_size": list(input_size), "batch_size": batch}
+    train = {
+        "stages": [{"kind": "adapt", "lr": 1e-3}, {"kind": "finetune", "lr": 1e-4}],
+        "amp": "bf16" if amp else "off",
+        "channels_last": "on" if channels_last else "off",
+    }
+    return to_dict(from_dict({"data": data, "model": model, "train": train}, "<bench>"))
+
+
+def step_spec(s: BenchSettings, records: list[dict], stage: str, model: dict, input_size, batch: int,
+              warmup: int, repeats: int, adapter: str | None = None, lv: bool = False, flops: bool = False) -> dict:
+    return {
+        "cfg": case_config(model, input_size, batch, adapter, lv, s.amp, s.channels_last),
+        "stage": stage,
+        "records": records,
+        "batch": batch,
+        "device": s.device,
+        "amp": s.amp,
+        "channels_last": s.channels_last,
+        "warmup": warmup,
+        "repeats": repeats,
+        "threads": s.threads,
+        "flops": flops,
+    }
+
+
+def run_case_process(spec: dict, workdir: str, name: str, timeout_s: int) -> dict:
+    """Run one case in a fresh Python process (its own peak memory); returns its result dict."""
+    os.makedirs(workdir, exist_ok=True)
+    spec_path = os.path.join(workdir, f"{name}.spec.json")
+    out_path = os.path.join(workdir, f"{name}.result.json")
+    with open(spec_path, "w", encoding="utf-8") as f:
+        json.dump(spec, f)
+    if os.path.exists(out_path):
+        os.remove(out_path)
+    cmd = [sys.executable, "-m", "paf_ray.bench.step_case", spec_path, out_path]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"bench case {name}: no result after {timeout_s} s ({' '.join(cmd)})") from None
+    if proc.returncode != 0 or not os.path.exists(out_path):
+        tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-15:]
+        raise RuntimeError(f"bench case {name} failed (exit {proc.returncode}, spec {spec_path}):\n" + "\n".join(tail))
+    with open(out_path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _log(msg: str) -> None:
+    print(f"[bench] {msg}", flush=True)
+
+
+def bench_data(s: BenchSettings, records: list[dict]) -> dict:
+    from paf_ray.bench.data_case import measure_input_pipeline
+    from paf_ray.config import from_dict
+
+    data_cfg = from_dict({"data": {"input_size": list(s.data_input_size), "batch_size": s.data_batch}}).data
+    return measure_input_pipeline(records, data_cfg, s.data_workers, s.data_warmup, s.data_repeats,
+                                  pin_memory=s.device == "cuda")
+
+
+def bench_steps(s: BenchSettings, records: list[dict], workdir: str) -> dict:
+    cases = {
+        # adapt: the default bypass adapters, backbone frozen
+        "adapt": step_spec(s, records, "adapt", s.step_model, s.step_input_size, s.step_batch, s.step_warmup,
+                           s.step_repeats, adapter="bypass"),
+        # finetune after adapt: the same model (adapters kept), everything trains
+        "finetune": step_spec(s, records, "finetune", s.step_model, s.step_input_size, s.step_batch, s.step_warmup,
+                              s.step_repeats, adapter="bypass"),
+        # pretrain-finetune: no adapters at all, everything trains
+        "pretrain_finetune": step_spec(s, records, "finetune", s.step_model, s.step_input_size, s.step_batch,
+                                       s.step_warmup, s.step_repeats, adapter="none"),
+    }
+    results = {}
+    for name, spec in cases.items():
+        _log(f"step: {name} ...")
+        results[name] = run_case_process(spec, workdir, f"step_{name}", s.case_timeout_s)
+        _log(f"step: {name} {results[name]['ms']:.0f} ms/step, peak {results[name]['peak_mb']:.0f} MB")
+    a, f, p = results["adapt"], results["finetune"], results["pretrain_finetune"]
+    fb = f["breakdown"]
+    f_parts = sum(fb.values())
+    # What adapt could reach: finetune's step without the backbone's backward and its optimizer share.
+    reachable = (fb["backbone_fwd_ms"] + fb["rest_fwd_ms"] + fb["rest_bwd_ms"]) / f_parts if f_parts else None
+    return {
+        "adapt_ms": a["ms"],
+        "finetune_ms": f["ms"],
+        "pretrain_finetune_ms": p["ms"],
+        "adapt_peak_mb": a["peak_mb"],
+        "finetune_peak_mb": f["peak_mb"],
+        "pretrain_finetune_peak_mb": p["peak_mb"],
+        "time_ratio": a["ms"] / f["ms"],
+        "mem_ratio": a["peak_mb"] / f["peak_mb"],
+        "reachable_time_ratio": reachable,
+        "breakdown": {k: r["breakdown"] for k, r in results.items()},
+        "trainable_params": {k: r["trainable_params"] for k, r in results.items()},
+        "params": {k: r["params"] for k, r in results.items()},
+        "peak_rss_mb": {k: r.get("peak_rss_mb") for k, r in results.items()},
+        "base_rss_mb": {k: r.get("base_rss_mb") for k, r in results.items()},
+        "ms_all": {k: r["ms_all"] for k, r in results.items()},
+        "model": s.step_model["backbone"]["name"],
+        "input_size": list(s.step_input_size),
+        "batch": s.step_batch,
+        "memory": "CUDA max_memory_allocated" if s.device == "cuda" else "peak RSS of the case's process minus its RSS before the model was built",
+    }
+
+
+def bench_ray_overhead(s: BenchSettings, records: list[dict], workdir: str) -> dict:
+    import ray
+
+    from paf_ray.bench.ray_case import ray_train_steps
+
+    spec = step_spec(s, records, "finetune", s.small_model, s.small_input_size, s.small_batch, s.small_warmup,
+                     s.small_repeats, adapter="bypass")
+    free_cpus = ray.available_resources().get("CPU", 0.0)
+    if free_cpus < s.threads:
+        raise RuntimeError(f"bench ray_overhead: the worker needs {s.threads} CPUs, Ray has {free_cpus:g} free")
+    _log("ray_overhead: plain loop ...")
+    plain = run_case_process({**spec, "entry": "timed_steps"}, workdir, "ray_overhead_plain", s.case_timeout_s)
+    _log(f"ray_overhead: plain {plain['ms']:.0f} ms/step; TorchTrainer ...")
+    in_ray = ray_train_steps(spec, os.path.join(workdir, "ray_train"), f"bench-overhead-{os.getpid()}-{int(time.time())}")
+    _log(f"ray_overhead: ray {in_ray['ms']:.0f} ms/step, start-up {in_ray['startup_s']:.1f} s")
+    return {
+        "plain_ms": plain["ms"],
+        "ray_ms": in_ray["ms"],
+        "ratio": in_ray["ms"] / plain["ms"],
+        "startup_s": in_ray["startup_s"],
+        "fit_s": in_ray["fit_s"],
+        "plain_ms_all": plain["ms_all"],
+        "ray_ms_all": in_ray["ms_all"],
+        "threads": {"plain": plain["threads"], "ray": in_ray["threads"]},
+        "ray_worker_omp_num_threads": in_ray.get("omp_num_threads"),
+        "steps": s.small_repeats,
+        "model": s.small_model["backbone"]["name"],
+        "input_size": list(s.small_input_size),
+        "batch": s.small_batch,
+    }
+
+
+def bench_lv_overhead(s: BenchSettings, records: list[dict], workdir: str) -> dict:
+    out = {}
+    for name, lv in (("without", False), ("with", True)):
+        spec = step_spec(s, records, "adapt", s.small_model, s.small_input_size, s.small_batch, s.small_warmup,
+                         s.small_repeats, adapter="bypass", lv=lv)
+        _log(f"lv_overhead: {name} LV-Adapter ...")
+        out[name] = run_case_process(spec, workdir, f"lv_{name}", s.case_timeout_s)
+    return {
+        "ratio": out["with"]["ms"] / out["without"]["ms"],
+        "with_ms": out["with"]["ms"],
+        "without_ms": out["without"]["ms"],
+        "with_peak_mb": out["with"]["peak_mb"],
+        "without_peak_mb": out["without"]["peak_mb"],
+        "stage": "adapt",
+        "model": s.small_model["backbone"]["name"],
+        "input_size": list(s.small_input_size),
+        "batch": s.small_batch,
+    }
+
+
+def bench_gpu(s: BenchSettings, records: list[dict], workdir: str, data: dict, machine: dict) -> dict:
+    """Throughput of the finetune step at full resolution, FLOPs per step, MFU, pipeline headroom."""
+    spec = step_spec(s, records, "finetune", s.gpu_model, s.gpu_input_size, s.gpu_batch, s.step_warmup,
+                     s.step_repeats, adapter="bypass", flops=True)
+    _log("gpu: throughput ...")
+    r = run_case_process(spec, workdir, "gpu_throughput", s.case_timeout_s)
+    img_s = r["batch"] / (r["ms"] / 1000)
+    achieved_tflops = r["flops_per_step"] / (r["ms"] / 1000) / 1e12
+    peak = machine.get("gpu_bf16_peak_tflops") if s.device == "cuda" else None
+    same_size = list(data["input_size"]) == list(s.gpu_input_size)
+    return {
+        "ran_on": s.device,
+        "gpu_name": machine.get("gpu_name") if s.device == "cuda" else None,
+        "amp": "bf16" if s.amp else "off",
+        "channels_last": s.channels_last,
+        "model": s.gpu_model["backbone"]["name"],
+        "tasks": ["det", "sem", "drv"],
+        "input_size": list(s.gpu_input_size),
+        "batch": r["batch"],
+        "step_ms": r["ms"],
+        "train_img_s": img_s,
+        "peak_mb": r["peak_mb"],
+        "flops_per_step": r["flops_per_step"],
+        "achieved_tflops": achieved_tflops,
+        "bf16_peak_tflops": peak,
+        "mfu": achieved_tflops / peak if peak else None,
+        "pipeline_img_s": data["ray_data_img_s"],
+        "pipeline_headroom": data["ray_data_img_s"] / img_s if same_size else None,
+        "breakdown": r["breakdown"],
+    }
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def write_synth_frames(root: str, s: BenchSettings) -> list[dict]:
+    """Synthetic BDD100K at 1280x720 under `root` (reused when already there); its train records."""
+    from paf_ray.config import from_dict
+    from paf_ray.data.pipeline import load_records
+    from paf_ray.data.synth import write_synthetic
+
+    write_synthetic(root, images=s.frames, seed=0, size=s.frame_size, val_fraction=0.1)
+    data_cfg = from_dict({}).data
+    return load_records(data_cfg, root, "train")
+
+
+def run_bench(out: str, quick: bool = False, device: str = "cpu") -> dict:
+    """Run every case; write `out`/bench.json and `out`/bench.md; return the bench dict."""
+    import torch
+
+    from paf_ray.bench.report import bench_markdown
+    from paf_ray.train.ray_setup import init_ray
+
+    s = bench_settings(device, quick)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("bench --device cuda: torch sees no CUDA device (torch.cuda.is_available() is False)")
+    out = os.path.abspath(out)
+    os.makedirs(out, exist_ok=True)
+    workdir = tempfile.mkdtemp(prefix="cases-", dir=out)
+    t_start = time.perf_counter()
+    machine = machine_info(device)
+    init_ray(num_cpus=os.cpu_count(), object_store_mb=4096 if device == "cuda" and not quick else 512)
+
+    frames_root = os.path.join(out, f"synth-{s.frames}-{s.frame_size[0]}x{s.frame_size[1]}")
+    records = write_synth_frames(frames_root, s)
+    _log(f"{len(records)} training frames at {s.frame_size[0]}x{s.frame_size[1]} in {frames_root}")
+
+    result: dict[str, Any] = {"machine": machine, "settings": _settings_dict(s)}
+    _log("data: DataLoader vs Ray Data ...")
+    result["data"] = bench_data(s, records)
+    _log(f"data: Ray Data {result['data']['ray_data_img_s']:.1f} img/s, "
+         f"DataLoader {result['data']['dataloader_img_s']:.1f} img/s")
+    result["step"] = bench_steps(s, records, workdir)
+    result["ray_overhead"] = bench_ray_overhead(s, records, workdir)
+    result["lv_overhead"] = bench_lv_overhead(s, records, workdir)
+    if device == "cuda" or quick:
+        result["gpu"] = bench_gpu(s, records, workdir, result["data"], machine)
+    else:
+        result["gpu"] = {"ran_on": None, "why": "CPU run: `paf-ray bench --device cuda` (scripts/gpu_bench.sh) fills this"}
+    result["wall_s"] = time.perf_counter() - t_start
+
+    with open(os.path.join(out, "bench.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(out, "bench.md"), "w", encoding="utf-8") as f:
+        f.write(bench_markdown(result))
+    return result
+
+
+def _settings_dict(s: BenchSettings) -> dict:
+    from dataclasses import asdict
+
+    d = asdict(s)
+    for key in ("step_model", "small_model", "gpu_model"):
+        d[key] = d[key].get("backbone", {}).get("name")
+    return d
+
+
+def bench_command(args) -> int:
+    result = run_bench(args.out, quick=args.quick, device=args.device)
+    print(open(os.path.join(os.path.abspath(args.out), "bench.md"), encoding="utf-8").read())
+    _log(f"wrote {os.path.join(os.path.abspath(args.out), 'bench.json')} in {result['wall_s']:.0f} s")
+    return 0

@@ -1,0 +1,270 @@
+"""One training step, timed: ms/step, its breakdown, peak memory and (optionally) FLOPs.
+
+Each case runs in a fresh process (``python -m paf_ray.bench.step_case SPEC OUT``), so
+peak memory belongs to that case alone: on CUDA ``torch.cuda.max_memory_allocated``; on
+CPU the process's peak RSS (``ru_maxrss``) minus its RSS once the libraries are
+imported and the batch is built, i.e. what the model, its gradients, the optimizer state
+and the step's activations added.
+
+The step is the training loop's step: autocast forward through ``model(images, batch)``,
+``total_loss``, backward, gradient clipping, optimizer step. Batches are built before
+timing (the data pipeline is measured in its own case).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+
+def _iter_tensors(obj: Any):
+    import torch
+
+    if torch.is_tensor(obj):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _iter_tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _iter_tensors(v)
+
+
+class StepClock:
+    """Timestamps of one step's phases, taken from hooks on the backbone.
+
+    The backbone's forward is bracketed by a pre-hook and a hook. Its backward starts
+    when the gradient of its last output arrives (a tensor hook on every output that
+    requires grad); a frozen backbone whose outputs need no gradient has no backward.
+    On CUDA every timestamp synchronises first, so only use it in a breakdown pass.
+    """
+
+    def __init__(self, backbone, sync):
+        self.sync = sync
+        self.handles = [backbone.register_forward_pre_hook(self._pre), backbone.register_forward_hook(self._post)]
+        self.reset()
+
+    def reset(self) -> None:
+        self.bb_start = self.bb_end = None
+        self.last_grad_at_backbone = None
+
+    def now(self) -> float:
+        self.sync()
+        return time.perf_counter()
+
+    def _pre(self, module, inputs):
+        self.bb_start = self.now()
+
+    def _post(self, module, inputs, output):
+        self.bb_end = self.now()
+        for t in _iter_tensors(output):
+            if t.requires_grad:
+                t.register_hook(self._grad_arrived)
+
+    def _grad_arrived(self, grad):
+        self.last_grad_at_backbone = self.now()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def build_case(spec: dict):
+    """(model, net, optimizer, stage, batch, device) for a spec; see `measure_step`."""
+    import torch
+
+    from paf_ray.bench.data_case import batch_from_records
+    from paf_ray.config import from_dict
+    from paf_ray.models import build_model
+    from paf_ray.models.stages import apply_stage
+    from paf_ray.train.loop import build_optimizer
+
+    cfg = from_dict(spec["cfg"], "<bench case>")
+    stage = next((s for s in cfg.train.stages if s.kind == spec["stage"]), None)
+    if stage is None:
+        raise ValueError(f"bench case: the config has no {spec['stage']!r} stage")
+    device = torch.device(spec["device"])
+    batch = batch_from_records(spec["records"], cfg.data, spec["batch"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, input_size=cfg.data.input_size)
+    apply_stage(model, stage.kind, cfg)
+    model.to(device)
+    if spec.get("channels_last"):
+        model.to(memory_format=torch.channels_last)
+    model.train()
+    optimizer = build_optimizer(model, stage)
+    return cfg, model, optimizer, stage, _to_device(batch, device), device
+
+
+def _to_device(batch: dict, device) -> dict:
+    import torch
+
+    if device.type == "cpu":
+        return batch
+    out = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v):
+            out[k] = v.to(device)
+        elif isinstance(v, list) and v and torch.is_tensor(v[0]):
+            out[k] = [x.to(device) for x in v]
+        else:
+            out[k] = v
+    return out
+
+
+def make_step(model, optimizer, stage, batch, device, amp: bool):
+    """The training loop's step as a closure returning the phase timestamps it can see."""
+    import torch
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("bench case: the stage policy left nothing trainable")
+
+    def step(clock: StepClock | None = None) -> dict:
+        now = clock.now if clock is not None else time.perf_counter
+        t0 = now()
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            losses = model(batch["image"], batch)
+            total = model.total_loss(losses)
+        t_fwd = now()
+        total.backward()
+        t_bwd = now()
+        if stage.grad_clip:
+            torch.nn.utils.clip_grad_norm_(trainable, stage.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        t_end = now()
+        return {"t0": t0, "t_fwd": t_fwd, "t_bwd": t_bwd, "t_end": t_end}
+
+    return step
+
+
+def breakdown_ms(times: dict, clock: StepClock) -> dict:
+    """Split one step into backbone forward/backward, the rest forward/backward, optimizer."""
+    fwd = times["t_fwd"] - times["t0"]
+    bwd = times["t_bwd"] - times["t_fwd"]
+    bb_fwd = (clock.bb_end - clock.bb_start) if clock.bb_start is not None and clock.bb_end is not None else 0.0
+    if clock.last_grad_at_backbone is not None:
+        rest_bwd = clock.last_grad_at_backbone - times["t_fwd"]
+        bb_bwd = times["t_bwd"] - clock.last_grad_at_backbone
+    else:
+        rest_bwd, bb_bwd = bwd, 0.0
+    return {
+        "backbone_fwd_ms": 1000 * bb_fwd,
+        "backbone_bwd_ms": 1000 * bb_bwd,
+        "rest_fwd_ms": 1000 * (fwd - bb_fwd),
+        "rest_bwd_ms": 1000 * rest_bwd,
+        "optimizer_ms": 1000 * (times["t_end"] - times["t_bwd"]),
+    }
+
+
+def _median_dict(rows: list[dict]) -> dict:
+    return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+
+
+def measure_step(spec: dict) -> dict:
+    """Time `spec`'s step in this process. Keys of spec: cfg (config dict), stage ("adapt" or
+    "finetune"), records (index records for the batch), batch, device, amp, channels_last,
+    warmup, repeats, threads, flops (count FLOPs of one step)."""
+    import torch
+
+    torch.set_num_threads(int(spec["threads"]))
+    on_cuda = spec["device"] == "cuda"
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+    from paf_ray.bench.data_case import batch_from_records  # noqa: F401  (imports the data code before the baseline)
+    from paf_ray.models import build_model  # noqa: F401
+
+    t_start = time.perf_counter()
+    rss_base = _rss_mb()
+    cfg, model, optimizer, stage, batch, device = build_case(spec)
+    build_s = time.perf_counter() - t_start
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    step = make_step(model, optimizer, stage, batch, device, bool(spec["amp"]))
+    for _ in range(int(spec["warmup"])):
+        step()
+    sync()
+
+    step_ms, parts = [], []
+    clock = StepClock(model.backbone, sync) if not on_cuda else None
+    # On CPU the hooks cost nothing, so the timed steps carry the breakdown too. On CUDA
+    # the breakdown's synchronisations would slow the step: it gets its own pass.
+    for _ in range(int(spec["repeats"])):
+        if clock is not None:
+            clock.reset()
+        times = step(clock)
+        sync()
+        step_ms.append(1000 * (time.perf_counter() - times["t0"]))
+        if clock is not None:
+            parts.append(breakdown_ms(times, clock))
+    if on_cuda:
+        clock = StepClock(model.backbone, sync)
+        for _ in range(max(2, int(spec["repeats"]) // 2)):
+            clock.reset()
+            parts.append(breakdown_ms(step(clock), clock))
+    clock.remove()
+
+    out: dict[str, Any] = {
+        "ms": statistics.median(step_ms),
+        "ms_all": step_ms,
+        "breakdown": _median_dict(parts),
+        "batch": int(batch["image"].shape[0]),
+        "input_size": list(cfg.data.input_size),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "params": sum(p.numel() for p in model.parameters()),
+        "build_s": build_s,
+        "threads": torch.get_num_threads(),
+    }
+    if on_cuda:
+        out["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        out["peak_rss_mb"] = _peak_rss_mb()
+        out["base_rss_mb"] = rss_base
+        out["peak_mb"] = out["peak_rss_mb"] - rss_base
+    if spec.get("flops"):
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            step()
+        sync()
+        out["flops_per_step"] = int(counter.get_total_flops())
+    return out
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m paf_ray.bench.step_case SPEC.json OUT.json", file=sys.stderr)
+        return 2
+    spec_path, out_path = argv
+    with open(spec_path, encoding="utf-8") as f:
+        spec = json.load(f)
+    if spec.get("entry") == "timed_steps":  # the plain loop of the Ray Train overhead case
+        from paf_ray.bench.ray_case import timed_steps
+
+        result = timed_steps(spec)
+    else:
+        result = measure_step(spec)
+    with open(out_path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(result, f)
+    os.replace(out_path + ".tmp", out_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

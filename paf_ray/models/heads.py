@@ -1,0 +1,56 @@
+"""Segmentation heads (semantic-FPN style) and their partial-label loss."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from paf_ray.data.bdd100k import IGNORE_INDEX
+
+
+def _groups(channels: int) -> int:
+    # GroupNorm keeps the heads independent of which (and how many) samples carry a task.
+    return math.gcd(channels, max(1, min(32, channels // 4)))
+
+
+def _conv_gn_relu(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.GroupNorm(_groups(cout), cout), nn.ReLU(inplace=True))
+
+
+class SegHead(nn.Module):
+    """Each pyramid level P2..P5 -> conv(s) + 2x upsampling to stride 4 -> sum -> 1x1 classifier.
+
+    `extra_channels` are concatenated before the classifier (the LV-Adapter's score maps).
+    """
+
+    def __init__(self, in_channels: int, channels: int, num_classes: int, num_levels: int = 4, extra_channels: int = 0):
+        super().__init__()
+        branches = []
+        for level in range(num_levels):  # level i has stride 4 * 2**i
+            layers: list[nn.Module] = [_conv_gn_relu(in_channels, channels)]
+            for j in range(level):
+                if j > 0:
+                    layers.append(_conv_gn_relu(channels, channels))
+                layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+            branches.append(nn.Sequential(*layers))
+        self.branches = nn.ModuleList(branches)
+        self.classifier = nn.Conv2d(channels + extra_channels, num_classes, 1)
+        self.num_classes = num_classes
+
+    def forward(self, feats: list[torch.Tensor], out_size: tuple[int, int], extra: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.branches[0](feats[0])
+        for branch, f in zip(self.branches[1:], feats[1:]):
+            x = x + branch(f)
+        if extra is not None:
+            x = torch.cat([x, extra.to(x.dtype)], dim=1)
+        return F.interpolate(self.classifier(x), size=out_size, mode="bilinear", align_corners=False)
+
+
+def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over labelled pixels (255 ignored); 0 (not NaN) when no pixel is labelled."""
+    total = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
+    valid = (target != IGNORE_INDEX).sum().clamp(min=1)
+    return total / valid

@@ -1,0 +1,111 @@
+"""The stage policy, in one place: what each stage freezes and trains, BN mode, LoRA merging, param groups.
+
+* adapt: the backbone is frozen (no grad, BatchNorm in eval mode even after `.train()`);
+  bypass adapters sit outside it, so its forward builds no autograd graph at all. LoRA
+  deltas (inside the backbone) stay trainable. Adapters, LV-Adapter, neck and heads train.
+* finetune: everything trains (backbone lr x `backbone_lr_mult`). LoRA deltas are merged
+  into the plain convs when the adapt stage ends (`finish_stage`).
+* Always: the LV-Adapter's CLIP text encoder is frozen; its prompts train in finetune only
+  when `lv_adapter.train_prompts_in_finetune`.
+Baselines use the same code: pretrain-finetune is a run whose only stage is finetune;
+single-task is `model.tasks` with one task.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from paf_ray.config import Config, ModelConfig, StageConfig
+from paf_ray.models.adapters import has_lora, merge_lora
+
+STAGE_KINDS = ("adapt", "finetune")
+
+
+def _model_cfg(model: nn.Module, cfg: Config | ModelConfig | None) -> ModelConfig:
+    if cfg is None:
+        return model.cfg
+    return cfg.model if isinstance(cfg, Config) else cfg
+
+
+def is_adapter_param(name: str) -> bool:
+    return name.startswith("adapters.") or ".lora_" in name
+
+
+def is_backbone_param(name: str) -> bool:
+    """Pretrained backbone weights (LoRA deltas inside the backbone count as adapters)."""
+    return name.startswith("backbone.") and ".lora_" not in name
+
+
+def apply_stage(model: nn.Module, kind: str, cfg: Config | ModelConfig | None = None) -> None:
+    """Set requires_grad and BatchNorm modes for stage `kind` ("adapt" | "finetune")."""
+    if kind not in STAGE_KINDS:
+        raise ValueError(f"train.stages[].kind: unknown stage {kind!r} ({', '.join(STAGE_KINDS)})")
+    mcfg = _model_cfg(model, cfg)
+    model.requires_grad_(True)
+    if kind == "adapt":
+        for name, p in model.backbone.named_parameters():
+            p.requires_grad_(".lora_" in f".{name}")
+        model.backbone_frozen = True
+    else:
+        model.backbone_frozen = False
+    for name, p in model.named_parameters():
+        if "text_encoder" in name:
+            p.requires_grad_(False)
+        elif (kind == "finetune" and name.startswith("lv_adapter.") and not mcfg.lv_adapter.train_prompts_in_finetune
+              and ("prompt" in name or "ctx" in name)):
+            p.requires_grad_(False)
+    model.train(model.training)  # re-applies the frozen-BN rule
+
+
+def finish_stage(model: nn.Module, kind: str, stage_cfg: StageConfig) -> bool:
+    """End-of-stage work: after adapt, merge LoRA deltas (when `merge_adapters`). True if merged."""
+    if kind == "adapt" and stage_cfg.merge_adapters and has_lora(model.backbone):
+        merge_lora(model.backbone)
+        model.adapters_merged = True
+        return True
+    return False
+
+
+def param_groups(model: nn.Module, stage_cfg: StageConfig) -> list[dict]:
+    """Optimizer groups over trainable parameters: backbone lr x backbone_lr_mult; no decay on norms/biases."""
+    buckets: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim <= 1  # biases, norm scales/shifts, scalar adapter scales, log-variances
+        buckets.setdefault((is_backbone_param(name), no_decay), []).append(p)
+    groups = []
+    for (backbone, no_decay), params in sorted(buckets.items()):
+        groups.append({
+            "name": ("backbone" if backbone else "head") + ("_no_decay" if no_decay else ""),
+            "params": params,
+            "lr": stage_cfg.lr * (stage_cfg.backbone_lr_mult if backbone else 1.0),
+            "weight_decay": 0.0 if no_decay else stage_cfg.weight_decay,
+        })
+    return groups
+
+
+def param_bucket(name: str) -> str:
+    """Which module a parameter is reported under (inspect): adapters collect LoRA deltas too."""
+    if is_adapter_param(name):
+        return "adapters"
+    if "text_encoder" in name:
+        return "text_encoder"
+    return name.split(".", 1)[0]
+
+
+def trainable_summary(model: nn.Module) -> dict:
+    """{"total", "trainable", "modules": {bucket: {"total", "trainable"}}} in parameter counts."""
+    modules: dict[str, dict[str, int]] = {}
+    for name in ("backbone", "adapters", "neck", "det_head", "sem_head", "drv_head"):
+        if name == "adapters" or hasattr(model, name):
+            modules[name] = {"total": 0, "trainable": 0}
+    total = trainable = 0
+    for name, p in model.named_parameters():
+        entry = modules.setdefault(param_bucket(name), {"total": 0, "trainable": 0})
+        entry["total"] += p.numel()
+        total += p.numel()
+        if p.requires_grad:
+            entry["trainable"] += p.numel()
+            trainable += p.numel()
+    return {"total": total, "trainable": trainable, "modules": modules}

@@ -1,0 +1,310 @@
+"""`paf-ray tune`: Ray Tune + Optuna over adapter, prompt and schedule settings and backbones.
+
+Each trial is a function trainable that runs the config's stages with `run_pipeline` (one
+TorchTrainer per stage). `TuneReportCallback` turns every per-epoch rank-0 report of either
+stage into one Tune iteration, so ASHA compares trials on `score` epoch by epoch across the
+adapt/finetune boundary. A sweep folder holds:
+
+    <DIR>/<name>/        the Tune experiment: one folder per trial (progress.csv, result.json,
+                         TensorBoard events), the searcher state `Tuner.restore` resumes from
+    <DIR>/trials/<id>/   each trial's run folder (stage checkpoints, metrics.jsonl, tb/)
+    <DIR>/optuna.db      the Optuna study (default storage; open it with optuna-dashboard)
+    <DIR>/trials.csv, trials.md, best.yaml
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import time
+from typing import Any
+
+from paf_ray.config import Config, ConfigError, dump_config, from_dict, load_config, to_dict
+from paf_ray.data import storage
+from paf_ray.tune import space
+
+TRIALS_DIR = "trials"
+RESULT_KEYS = ("score", "det/AP", "det/AP50", "sem/mIoU", "drv/mIoU")
+RUN_SHEBANG = "#!/usr/bin/env -S python -m paf_ray run"
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def sweep_dir(cfg: Config, out: str | None) -> str:
+    """Absolute path (or URI) of the sweep folder: --out, else <ray.storage_path or ./runs>/<name>."""
+    if out:
+        return storage.normalize_root(os.path.expanduser(out))
+    root = storage.normalize_root(os.path.expanduser(cfg.ray.storage_path or "runs"))
+    return storage.join(root, cfg.name)
+
+
+def study_storage_url(cfg: Config, out_dir: str) -> str:
+    if cfg.tune.storage_url:
+        return cfg.tune.storage_url
+    if storage.is_uri(out_dir):
+        raise ConfigError(
+            f"tune.storage_url: the sweep folder {out_dir} is not local, so the default SQLite study "
+            f"cannot live there; give a database URL (e.g. postgresql://... or sqlite:////abs/path.db)"
+        )
+    return "sqlite:///" + os.path.join(out_dir, "optuna.db")
+
+
+def check_sweep_config(cfg: Config, source: str) -> list[space.Dimension]:
+    """Everything that can be wrong before a trial starts: the space, and the trial config at its corners."""
+    dims = space.parse_space(cfg.tune, source)
+    if cfg.train.checkpoint_every_steps:
+        raise ConfigError(
+            f"{source}: train.checkpoint_every_steps must be null in a sweep: ASHA counts one report per "
+            f"epoch, and mid-epoch reports would shift its rungs"
+        )
+    if cfg.tune.metric != "score" and not cfg.tune.metric.startswith(("det/", "sem/", "drv/")):
+        raise ConfigError(f"{source}: tune.metric {cfg.tune.metric!r}: expected score or a det/, sem/, drv/ key")
+    for point in space.corner_points(dims):
+        space.trial_config(cfg, dims, point, name="check", source=source)
+    return dims
+
+
+# --------------------------------------------------------------------------- the trial
+
+
+def run_trial(params: dict, base: dict, runs_dir: str, source: str) -> None:
+    """Tune function trainable: one pipeline run named after the trial id.
+
+    A restarted trial (failure retry or `--resume`) has the same id, so its Train runs
+    resume from their last checkpoints; on a fresh folder `resume=True` just starts.
+    """
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from paf_ray.train.run import run_pipeline
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    base_cfg = from_dict(base, source)
+    dims = space.parse_space(base_cfg.tune, source)
+    cfg = space.trial_config(base_cfg, dims, params, name=trial_id, source=source)
+    run_pipeline(cfg, out=runs_dir, resume=True, callbacks=[TuneReportCallback()])
+
+
+def make_trainable(cfg: Config, runs_dir: str, source: str):
+    import ray.tune
+
+    trainable = ray.tune.with_parameters(run_trial, base=to_dict(cfg), runs_dir=runs_dir, source=source)
+    return ray.tune.with_resources(trainable, {"cpu": cfg.tune.trial_cpus})
+
+
+def make_searcher(cfg: Config, dims: list[space.Dimension], storage_url: str):
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    if cfg.tune.sampler == "tpe":
+        sampler = optuna.samplers.TPESampler(seed=cfg.tune.seed, n_startup_trials=cfg.tune.startup_trials)
+    else:
+        sampler = optuna.samplers.RandomSampler(seed=cfg.tune.seed)
+    return OptunaSearch(
+        space=space.optuna_distributions(dims),
+        metric=cfg.tune.metric,
+        mode=cfg.tune.mode,
+        sampler=sampler,
+        study_name=cfg.tune.study_name or cfg.name,
+        storage=optuna.storages.RDBStorage(storage_url),
+    )
+
+
+def make_scheduler(cfg: Config):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    sch = cfg.tune.scheduler
+    if sch.kind == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=sch.max_t or space.epoch_budget(cfg),
+        grace_period=sch.grace_period,
+        reduction_factor=sch.reduction_factor,
+    )
+
+
+def trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def build_tuner(cfg: Config, out_dir: str, dims: list[space.Dimension], source: str, resume: bool):
+    import ray.tune
+
+    runs_dir = storage.join(out_dir, TRIALS_DIR)
+    trainable = make_trainable(cfg, runs_dir, source)
+    experiment = storage.join(out_dir, cfg.name)
+    if resume:
+        if not ray.tune.Tuner.can_restore(experiment):
+            raise ConfigError(f"--resume: {experiment} holds no Tune experiment to continue")
+        return ray.tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
+    if storage.exists(experiment):
+        raise ConfigError(
+            f"{experiment} already holds a sweep: pass --resume to continue it, or choose another --out"
+        )
+    return ray.tune.Tuner(
+        trainable,
+        tune_config=ray.tune.TuneConfig(
+            metric=cfg.tune.metric,
+            mode=cfg.tune.mode,
+            search_alg=make_searcher(cfg, dims, study_storage_url(cfg, out_dir)),
+            scheduler=make_scheduler(cfg),
+            num_samples=cfg.tune.num_samples,
+            max_concurrent_trials=cfg.tune.max_concurrent_trials,
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=ray.tune.RunConfig(
+            name=cfg.name,
+            storage_path=out_dir,
+            failure_config=ray.tune.FailureConfig(max_failures=cfg.tune.max_failures),
+        ),
+    )
+
+
+# --------------------------------------------------------------------------- results
+
+
+def trial_status(error: Any, run_dir: str) -> str:
+    """completed (the pipeline wrote its summary), stopped (early, by the scheduler) or error."""
+    if error is not None:
+        return "error"
+    from paf_ray.train.run import SUMMARY_FILE
+
+    return "completed" if storage.exists(storage.join(run_dir, SUMMARY_FILE)) else "stopped"
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def result_rows(results, dims: list[space.Dimension], runs_dir: str, metric: str, mode: str) -> list[dict]:
+    """One row per trial (params as written in the config, final metrics, status), best first."""
+    rows = []
+    for r in results:
+        metrics = r.metrics or {}
+        trial_id = metrics.get("trial_id") or os.path.basename(r.path.rstrip("/")).removeprefix("trial_")
+        row: dict[str, Any] = {"trial": trial_id, "status": trial_status(r.error, storage.join(runs_dir, trial_id))}
+        for d in dims:
+            if d.kind != "fixed":
+                row[d.key] = space.decode_choice((r.config or {}).get(d.key), d)
+        for key in dict.fromkeys((metric,) + RESULT_KEYS):
+            row[key] = _number(metrics.get(key))
+        row["epochs"] = metrics.get("training_iteration", 0)
+        row["wall_s"] = round(float(metrics.get("time_total_s", 0.0)), 1)
+        row["error"] = "" if r.error is None else str(r.error).strip().splitlines()[-1][:200]
+        rows.append(row)
+    return sort_rows(rows, metric, mode)
+
+
+def sort_rows(rows: list[dict], metric: str, mode: str) -> list[dict]:
+    """Best first by `metric`; trials without a value (errors) last."""
+    sign = -1.0 if mode == "max" else 1.0
+    return sorted(rows, key=lambda r: (r.get(metric) is None, sign * (r.get(metric) or 0.0)))
+
+
+def best_row(rows: list[dict]) -> dict | None:
+    """The best completed trial; if none completed, the best one with a score (rows are sorted)."""
+    scored = [r for r in rows if r["status"] != "error"]
+    completed = [r for r in scored if r["status"] == "completed"]
+    return (completed or scored or [None])[0]
+
+
+def rows_csv(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: space.display_value(v) if isinstance(v, (list, dict)) else ("" if v is None else v)
+                         for k, v in row.items()})
+    return buf.getvalue()
+
+
+def rows_markdown(rows: list[dict], title: str) -> str:
+    lines = [f"# {title}", ""]
+    if not rows:
+        return "\n".join(lines + ["No trials.", ""])
+    columns = [c for c in rows[0] if c != "error" or any(r["error"] for r in rows)]
+    lines.append("| " + " | ".join(columns) + " |")
+    lines.append("|" + "---|" * len(columns))
+    for row in rows:
+        cells = [space.display_value(row[c]).replace("|", "\\|") for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def best_config_text(base: Config, dims: list[space.Dimension], row: dict, out_dir: str, metric: str) -> str:
+    """A complete `paf-ray run` job file for the best trial's settings."""
+    params = {d.key: space.encode_choice(row[d.key]) for d in dims if d.kind != "fixed"}
+    cfg = space.trial_config(base, dims, params, name=f"{base.name}-best", source="best trial")
+    shown = ", ".join(f"{k}={space.display_value(v)}" for k, v in params.items())
+    header = [
+        RUN_SHEBANG,
+        f"# Best trial of the sweep in {out_dir}: trial {row['trial']} ({row['status']}), "
+        f"{metric} {space.display_value(row.get(metric))}",
+        f"# Sampled: {shown}",
+        "# Run it:  paf-ray run THIS_FILE --out DIR",
+    ]
+    return "\n".join(header) + "\n" + dump_config(cfg)
+
+
+def write_results(base: Config, dims: list[space.Dimension], rows: list[dict], out_dir: str) -> dict | None:
+    """trials.csv, trials.md and best.yaml in the sweep folder; returns the best row."""
+    from paf_ray.train.run import write_text
+
+    write_text(storage.join(out_dir, "trials.csv"), rows_csv(rows))
+    write_text(storage.join(out_dir, "trials.md"), rows_markdown(rows, f"Sweep {base.name}: trials by {base.tune.metric}"))
+    best = best_row(rows)
+    if best is not None:
+        write_text(storage.join(out_dir, "best.yaml"), best_config_text(base, dims, best, out_dir, base.tune.metric))
+    return best
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+def warm_data_cache(cfg: Config) -> None:
+    """Generate the synthetic dataset once here, so concurrent trials never race to write it."""
+    if cfg.data.root is None:
+        from paf_ray.train.run import prepare_data
+
+        prepare_data(cfg)
+
+
+def run_sweep(cfg: Config, out: str | None = None, resume: bool = False, source: str = "<config>") -> dict:
+    """Run (or continue) the sweep; returns {out_dir, rows, best, wall_s}."""
+    from paf_ray.train.ray_setup import init_ray
+
+    t0 = time.perf_counter()
+    dims = check_sweep_config(cfg, source)
+    out_dir = sweep_dir(cfg, out)
+    if not storage.is_uri(out_dir):
+        os.makedirs(out_dir, exist_ok=True)
+    init_ray(cfg.ray.address, object_store_mb=cfg.ray.object_store_mb)
+    warm_data_cache(cfg)
+    tuner = build_tuner(cfg, out_dir, dims, source, resume)
+    results = tuner.fit()
+    rows = result_rows(results, dims, storage.join(out_dir, TRIALS_DIR), cfg.tune.metric, cfg.tune.mode)
+    best = write_results(cfg, dims, rows, out_dir)
+    return {"out_dir": out_dir, "rows": rows, "best": best, "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def tune_command(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    summary = run_sweep(cfg, out=args.out, resume=args.resume, source=args.config)
+    out_dir = summary["out_dir"]
+    text = rows_markdown(summary["rows"], f"Sweep {cfg.name}: trials by {cfg.tune.metric}")
+    print(text)
+    print(f"[paf-ray] sweep folder: {out_dir} ({len(summary['rows'])} trials, {summary['wall_s']} s)")
+    if summary["best"] is None:
+        print("[paf-ray] no trial produced a result; see the errors above")
+        return 1
+    print(f"[paf-ray] best config: {storage.join(out_dir, 'best.yaml')}  (paf-ray run it as is)")
+    print(f"[paf-ray] TensorBoard: tensorboard --logdir {out_dir}")
+    return 0

@@ -1,0 +1,80 @@
+"""Config: YAML in, typed objects out; errors name the key and the file; --set overrides."""
+
+from __future__ import annotations
+
+import pytest
+
+from paf_ray import cli
+from paf_ray.config import Config, ConfigError, dump_config, load_config
+
+
+def _write(tmp_path, text, name="c.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_and_typed_values(tmp_path):
+    cfg = load_config(_write(tmp_path, "data:\n  input_size: [320, 192]\n  on_bad_sample: skip\n"))
+    assert isinstance(cfg, Config)
+    assert cfg.data.input_size == (320, 192) and cfg.data.on_bad_sample == "skip"
+    assert cfg.data.root is None and cfg.data.synth.size == (640, 360)
+    assert [s.kind for s in cfg.train.stages] == ["adapt", "finetune"]
+
+
+def test_unknown_key_is_an_error_naming_key_and_file(tmp_path):
+    path = _write(tmp_path, "data:\n  input_sise: [320, 192]\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert path in str(e.value) and "data.input_sise" in str(e.value)
+
+
+def test_wrong_type_is_an_error_naming_key_and_file(tmp_path):
+    path = _write(tmp_path, "data:\n  batch_size: four\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert path in str(e.value) and "data.batch_size" in str(e.value) and "int" in str(e.value)
+    path = _write(tmp_path, "data:\n  on_bad_sample: ignore\n", "d.yaml")
+    with pytest.raises(ConfigError, match=r"data\.on_bad_sample"):
+        load_config(path)
+    path = _write(tmp_path, "data:\n  input_size: [320]\n", "e.yaml")
+    with pytest.raises(ConfigError, match=r"data\.input_size.*a list of 2"):
+        load_config(path)
+
+
+def test_missing_required_value_is_an_error(tmp_path):
+    path = _write(tmp_path, "train:\n  stages:\n    - epochs: 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert path in str(e.value) and "missing required key 'train.stages[0].kind'" in str(e.value)
+
+
+def test_set_overrides_including_list_items(tmp_path):
+    path = _write(tmp_path, "data:\n  batch_size: 2\n")
+    cfg = load_config(path, ["data.batch_size=8", "train.stages.0.epochs=3", "data.root=s3://bucket/bdd",
+                             "data.synth.size=[320, 180]"])
+    assert cfg.data.batch_size == 8 and cfg.train.stages[0].epochs == 3 and cfg.train.stages[1].epochs == 1
+    assert cfg.data.root == "s3://bucket/bdd" and cfg.data.synth.size == (320, 180)
+    with pytest.raises(ConfigError, match=r"data\.batch_size"):
+        load_config(path, ["data.batch_size=lots"])
+    with pytest.raises(ConfigError, match="no list item"):
+        load_config(path, ["train.stages.7.epochs=3"])
+    with pytest.raises(ConfigError, match="unknown key 'data.nope'"):
+        load_config(path, ["data.nope=1"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(path, ["data.batch_size"])
+
+
+def test_round_trip_and_missing_file(tmp_path):
+    cfg = load_config(None, ["data.cpus=0.5"])
+    again = load_config(_write(tmp_path, dump_config(cfg)))
+    assert again == cfg
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(str(tmp_path / "absent.yaml"))
+
+
+def test_set_flags_from_the_command_line_reach_the_config(tmp_path):
+    path = _write(tmp_path, "data:\n  cpus: 0.5\n")
+    args = cli.build_parser().parse_args(["run", path, "--set", "train.stages.0.epochs=3", "--set", "data.cpus=1"])
+    cfg = load_config(args.config, args.overrides)
+    assert cfg.train.stages[0].epochs == 3 and cfg.data.cpus == 1.0

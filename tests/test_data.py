@@ -1,0 +1,477 @@
+"""The data layer: BDD100K facts, synthetic generator, index, check, transforms, Ray Data pipeline."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from paf_ray import cli
+from paf_ray.config import DataConfig
+from paf_ray.data import bdd100k as B
+from paf_ray.data.check import check_dataset
+from paf_ray.data.decode import decode_mask, load_sample
+from paf_ray.data.index import DatasetError, build_index, read_index, write_index
+from paf_ray.data.pipeline import (BatchCollate, build_dataset, iter_train_batches, load_records, resolve_root,
+                                   synth_cache_name)
+from paf_ray.data.synth import COMPLETE_MARKER, write_synthetic
+from paf_ray.data.transforms import train_transform, val_transform
+
+# --------------------------------------------------------------------------- official facts
+
+# Spelled out here on purpose: the test is the independent copy of the official lists
+# (bdd100k/label/label.py, bdd100k/configs/det.toml).
+OFFICIAL_DET = ["pedestrian", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle", "traffic light",
+                "traffic sign"]
+OFFICIAL_SEM = [("road", (128, 64, 128)), ("sidewalk", (244, 35, 232)), ("building", (70, 70, 70)),
+                ("wall", (102, 102, 156)), ("fence", (190, 153, 153)), ("pole", (153, 153, 153)),
+                ("traffic light", (250, 170, 30)), ("traffic sign", (220, 220, 0)), ("vegetation", (107, 142, 35)),
+                ("terrain", (152, 251, 152)), ("sky", (70, 130, 180)), ("person", (220, 20, 60)),
+                ("rider", (255, 0, 0)), ("car", (0, 0, 142)), ("truck", (0, 0, 70)), ("bus", (0, 60, 100)),
+                ("train", (0, 80, 100)), ("motorcycle", (0, 0, 230)), ("bicycle", (119, 11, 32))]
+
+
+def test_class_lists_and_palettes_match_the_official_ones():
+    assert list(B.DET_CLASSES) == OFFICIAL_DET
+    assert [c for c, _ in OFFICIAL_SEM] == list(B.SEM_CLASSES)
+    assert [tuple(p) for _, p in OFFICIAL_SEM] == [tuple(p) for p in B.SEM_PALETTE]
+    assert B.DET_IGNORE_CATEGORIES == {"other person": "pedestrian", "other vehicle": "car", "trailer": "truck"}
+    assert (B.DRV_DIRECT, B.DRV_ALTERNATIVE, B.DRV_BACKGROUND) == (0, 1, 2)
+    assert B.IMAGE_SIZE == (1280, 720) and B.IGNORE_INDEX == 255
+    assert B.det_category_to_index("other vehicle") == (2, True)
+    assert B.det_category_to_index("bike") == (7, False)
+    assert B.det_category_to_index("spaceship") is None
+
+
+# --------------------------------------------------------------------------- synthetic data
+
+
+def _tree(root):
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            out[os.path.relpath(os.path.join(dirpath, f), root)] = os.path.join(dirpath, f)
+    return out
+
+
+def test_synthetic_root_has_the_official_layout_and_formats(synth_root):
+    for split in B.SPLITS:
+        for folder in (f"images/100k/{split}", f"images/10k/{split}", f"labels/sem_seg/masks/{split}",
+                       f"labels/drivable/masks/{split}"):
+            assert os.listdir(os.path.join(synth_root, folder)), folder
+        frames = json.load(open(os.path.join(synth_root, f"labels/det_20/det_{split}.json")))
+        assert frames and all(f["name"].endswith(".jpg") for f in frames)
+        for f in frames:
+            assert set(f["attributes"]) == {"weather", "scene", "timeofday"}
+            assert f["attributes"]["timeofday"] in B.TIMES_OF_DAY and f["attributes"]["weather"] in B.WEATHERS
+            for label in f["labels"]:
+                assert set(label) == {"id", "category", "attributes", "box2d"}
+                assert set(label["attributes"]) == {"occluded", "truncated", "trafficLightColor"}
+                assert label["category"] in B.DET_CLASSES or label["category"] in B.DET_IGNORE_CATEGORIES
+    jpg = Image.open(next(p for k, p in _tree(synth_root).items() if k.endswith(".jpg")))
+    assert jpg.format == "JPEG" and jpg.size == (320, 180) and jpg.mode == "RGB"
+    sem_values, drv_values = set(), set()
+    for key, path in _tree(synth_root).items():
+        if key.startswith("labels/sem_seg/masks"):
+            m = Image.open(path)
+            assert m.format == "PNG" and m.mode == "L"
+            sem_values |= set(np.unique(np.asarray(m)).tolist())
+        elif key.startswith("labels/drivable/masks"):
+            drv_values |= set(np.unique(np.asarray(Image.open(path))).tolist())
+    assert sem_values <= set(range(19)) | {255} and 255 in sem_values
+    assert {0, 2, 10, 13}.issubset(sem_values)  # road, building, sky, car
+    assert drv_values == {0, 1, 2}
+
+
+def test_synthetic_boxes_are_tight_around_visible_pixels(synth_root):
+    """A frame in both sets has det labels and a sem mask: each car box holds car pixels on its border rows/cols."""
+    stems = set(os.listdir(os.path.join(synth_root, "labels/sem_seg/masks/train")))
+    frames = json.load(open(os.path.join(synth_root, "labels/det_20/det_train.json")))
+    checked = 0
+    for f in frames:
+        stem = f["name"][:-4]
+        if stem + ".png" not in stems:
+            continue
+        sem = np.asarray(Image.open(os.path.join(synth_root, "labels/sem_seg/masks/train", stem + ".png")))
+        for label in f["labels"]:
+            if label["category"] != "car":
+                continue
+            b = label["box2d"]
+            x1, y1, x2, y2 = int(b["x1"]), int(b["y1"]), int(b["x2"]), int(b["y2"])
+            crop = sem[y1:y2 + 1, x1:x2 + 1] == B.SEM_CLASSES.index("car")
+            assert crop[0].any() and crop[-1].any() and crop[:, 0].any() and crop[:, -1].any(), label
+            checked += 1
+    assert checked > 0
+
+
+def test_synthetic_is_deterministic_and_refuses_a_foreign_folder(tmp_path):
+    a = write_synthetic(str(tmp_path / "a"), images=6, seed=3, size=(160, 90))
+    b = write_synthetic(str(tmp_path / "b"), images=6, seed=3, size=(160, 90))
+    ta, tb = _tree(a), _tree(b)
+    assert ta.keys() == tb.keys()
+    assert all(filecmp.cmp(ta[k], tb[k], shallow=False) for k in ta)
+    assert write_synthetic(a, images=6, seed=3, size=(160, 90)) == a  # complete root: reused
+    with pytest.raises(ValueError, match="seed"):
+        write_synthetic(a, images=6, seed=4, size=(160, 90))
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "junk.txt").write_text("x")
+    with pytest.raises(ValueError, match="completion marker"):
+        write_synthetic(str(tmp_path / "half"), images=6)
+
+
+# --------------------------------------------------------------------------- index and check
+
+
+def test_index_merges_frames_in_both_sets_and_drops_overlap(synth_root, tmp_path):
+    stats: dict = {}
+    idx = build_index(synth_root, stats=stats)
+    train, val = idx["train"], idx["val"]
+    assert stats["train"]["dropped_overlap"] == 1  # 32 frames -> one 10k-train frame reuses a 100k-val stem
+    assert stats["train"]["merged"] > 0
+    all_three = [r for r in train if r["has_det"] and r["sem"] and r["drv"]]
+    assert all_three and all(r["image_set"] == "100k" for r in all_three)
+    assert any(r["sem"] and not r["has_det"] for r in train) and any(r["has_det"] and not r["sem"] for r in train)
+    val_stems = {r["name"] for r in val}
+    assert not val_stems & {r["name"] for r in train}
+    kept = build_index(synth_root, drop_overlap=False)["train"]
+    assert len(kept) == len(train) + 1 and {r["name"] for r in kept} & val_stems
+    rec = next(r for r in train if r["boxes"])
+    assert set(rec) == {"name", "image", "image_set", "split", "has_det", "boxes", "labels", "ignore_boxes", "sem",
+                        "drv", "attributes"}
+    assert all(0 <= c < 10 for c in rec["labels"]) and len(rec["labels"]) == len(rec["boxes"])
+    assert set(rec["attributes"]) == {"weather", "scene", "timeofday"}
+    path = str(tmp_path / "index.jsonl")
+    write_index(train + val, path)
+    assert read_index(path) == train + val
+
+
+def test_cli_synth_index_check_round_trip(tmp_path, capsys):
+    root = str(tmp_path / "D")
+    assert cli.main(["data", "synth", "--out", root, "--images", "12", "--size", "160x90", "--seed", "1"]) == 0
+    assert cli.main(["data", "check", root]) == 0
+    out = capsys.readouterr().out
+    assert "images 100k" in out and "labelled sem (masks)" in out and "pedestrian" in out and "0 error(s)" in out
+    assert cli.main(["data", "index", f"file://{root}", "--out", str(tmp_path / "i.jsonl")]) == 0
+    records = read_index(str(tmp_path / "i.jsonl"))
+    assert records and all(r["image"].startswith("file://") for r in records)
+    assert {r["split"] for r in records} == {"train", "val"}
+    # overwrite one image with a few bytes: check fails and names it
+    victim = sorted(os.listdir(os.path.join(root, "images/100k/train")))[0]
+    with open(os.path.join(root, "images/100k/train", victim), "wb") as f:
+        f.write(b"\xff\xd8oops")
+    capsys.readouterr()
+    assert cli.main(["data", "check", root]) == 1
+    out = capsys.readouterr().out
+    assert victim in out and "corrupt image" in out
+    assert cli.main(["data", "check", root, "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert not report["ok"] and any(victim in p["file"] for p in report["problems"])
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+
+@pytest.fixture
+def bad_root(synth_root, tmp_path):
+    """A private copy of the synthetic root to break."""
+    root = str(tmp_path / "bad")
+    shutil.copytree(synth_root, root)
+    return root
+
+
+def _det_file(root, split="train"):
+    return os.path.join(root, f"labels/det_20/det_{split}.json")
+
+
+def _edit_first_label(root, change):
+    path = _det_file(root)
+    frames = json.load(open(path))
+    frame = next(f for f in frames if f["labels"])
+    change(frame["labels"][0])
+    with open(path, "w") as f:
+        json.dump(frames, f)  # NaN is written as a bare NaN, as broken tools do
+    return frame["name"]
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda l: l.update(category="spaceship"), "unknown category 'spaceship'"),
+    (lambda l: l["box2d"].update(x2=l["box2d"]["x1"] - 5), "x2 < x1"),
+    (lambda l: l["box2d"].update(y1=float("nan")), "box2d.y1 is nan"),
+])
+def test_bad_det_label_is_an_error_naming_file_and_frame_or_a_counted_skip(bad_root, change, expected):
+    name = _edit_first_label(bad_root, change)
+    with pytest.raises(DatasetError) as e:
+        build_index(bad_root)
+    assert "det_train.json" in str(e.value) and name in str(e.value) and expected in str(e.value)
+    stats: dict = {}
+    records = build_index(bad_root, on_bad_sample="skip", stats=stats)["train"]
+    assert stats["train"]["skipped"] == 1 and name not in {r["name"] for r in records}
+    report = check_dataset(bad_root)
+    assert not report.ok and any(expected in p.problem and name in p.problem for p in report.errors)
+
+
+def test_box_outside_the_image_is_an_error(bad_root):
+    name = _edit_first_label(bad_root, lambda l: l["box2d"].update(x2=5000.0))
+    record = next(r for r in build_index(bad_root)["train"] if r["name"] == name)
+    with pytest.raises(DatasetError, match="outside the 320x180 image") as e:
+        load_sample(record)
+    assert name in str(e.value)
+    assert any("outside the 320x180 image" in p.problem and p.file.endswith("det_train.json")
+               for p in check_dataset(bad_root).errors)
+
+
+def test_malformed_json_is_an_error_naming_the_file(bad_root):
+    with open(_det_file(bad_root, "val"), "w") as f:
+        f.write('[{"name": "a.jpg", "labels": [')
+    with pytest.raises(DatasetError, match=r"det_val\.json: malformed JSON"):
+        build_index(bad_root)
+    assert any(p.file.endswith("det_val.json") and "malformed JSON" in p.problem for p in check_dataset(bad_root).errors)
+
+
+def _first(root, folder):
+    name = sorted(os.listdir(os.path.join(root, folder)))[0]
+    return os.path.join(root, folder, name)
+
+
+def test_bad_images_and_masks_are_errors_naming_the_file(bad_root):
+    records = {r["name"][:-4]: r for r in build_index(bad_root)["train"]}
+    jpg = _first(bad_root, "images/100k/train")
+    data = open(jpg, "rb").read()
+    with open(jpg, "wb") as f:  # corrupt JPEG: cut in the middle of the entropy-coded data
+        f.write(data[: len(data) // 2])
+    used = {os.path.basename(jpg)[:-4]}
+
+    def pick(folder):  # a mask of a frame not broken yet
+        name = next(n for n in sorted(os.listdir(os.path.join(bad_root, folder))) if n[:-4] not in used)
+        used.add(name[:-4])
+        return os.path.join(bad_root, folder, name)
+
+    drv = pick("labels/drivable/masks/train")
+    png = open(drv, "rb").read()
+    with open(drv, "wb") as f:  # truncated PNG
+        f.write(png[:60])
+    wrong_size = pick("labels/sem_seg/masks/train")
+    Image.new("L", (100, 50), 0).save(wrong_size)
+    out_of_range = pick("labels/sem_seg/masks/train")
+    m = np.asarray(Image.open(out_of_range)).copy()
+    m[0, 0] = 77
+    Image.fromarray(m).save(out_of_range)
+
+    for path, expected in ((jpg, "corrupt image"), (drv, "corrupt drv mask"), (wrong_size, "is 100x50, its image is 320x180"),
+                           (out_of_range, "values outside 0-18 and 255: [77]")):
+        stem = os.path.basename(path)[:-4]
+        with pytest.raises(DatasetError, match="^" + path) as e:
+            load_sample(records[stem])
+        assert expected in str(e.value)
+    report = check_dataset(bad_root)
+    files = {p.file for p in report.errors}
+    assert {jpg, drv, wrong_size, out_of_range} <= files
+
+
+def test_missing_image_file_is_an_error(bad_root):
+    record = build_index(bad_root)["train"][0]
+    jpg = record["image"]
+    os.remove(jpg)
+    with pytest.raises(DatasetError, match="missing file"):
+        load_sample(record)
+    errors = check_dataset(bad_root).errors
+    assert any("missing image" in p.problem for p in errors)  # its det label and/or mask now point at nothing
+    with pytest.raises(DatasetError, match="not a folder"):
+        build_index(str(bad_root) + "-nope")
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def _sample(w=200, h=100, box=(40, 20, 80, 60)):
+    image = np.zeros((h, w, 3), np.uint8)
+    sem = np.full((h, w), 0, np.uint8)
+    sem[:10] = 255  # a void band that must stay 255
+    x1, y1, x2, y2 = (int(v) for v in box)
+    sem[y1:y2, x1:x2] = 13
+    image[y1:y2, x1:x2] = 200
+    return {"image": image, "boxes": np.array([box], np.float32), "labels": np.array([2]),
+            "ignore_boxes": np.zeros((0, 4), np.float32), "has_det": True, "sem": sem, "drv": None}
+
+
+def test_flipped_box_still_covers_the_same_mask_pixels():
+    rng = np.random.default_rng(0)
+    row = train_transform(_sample(), (200, 100), scale_range=(1.0, 1.0), hflip=1.0, color_jitter=0.0, rng=rng)
+    (x1, y1, x2, y2), = row["boxes"].astype(int)
+    assert (x1, x2) == (200 - 80, 200 - 40)
+    assert (row["sem"][y1:y2, x1:x2] == 13).all()
+    assert (row["sem"] == 13).sum() == (x2 - x1) * (y2 - y1)
+    assert (row["sem"][:10] == 255).all() and set(np.unique(row["sem"])) == {0, 13, 255}
+    assert row["image"][y1:y2, x1:x2].min() == 200
+    assert (row["drv"] == 255).all() and row["has_sem"] and not row["has_drv"]
+
+
+def test_train_transform_keeps_images_masks_and_boxes_aligned_under_random_scale_and_crop():
+    for seed in range(20):
+        row = train_transform(_sample(), (120, 80), scale_range=(0.5, 2.0), hflip=0.5, color_jitter=0.3,
+                              rng=np.random.default_rng(seed))
+        assert row["image"].shape == (80, 120, 3) and row["sem"].shape == (80, 120)
+        assert row["boxes"].dtype == np.float32 and row["labels"].dtype == np.int64
+        car = row["sem"] == 13
+        if len(row["boxes"]):
+            x1, y1, x2, y2 = row["boxes"][0]
+            ys, xs = np.nonzero(car)
+            # the box is the car region (up to one pixel of nearest-neighbour rounding)
+            assert abs(xs.min() - x1) <= 1 and abs(xs.max() + 1 - x2) <= 1
+            assert abs(ys.min() - y1) <= 1 and abs(ys.max() + 1 - y2) <= 1
+        else:  # dropped only when (almost) nothing of it is left
+            assert car.sum() < 2 * 80
+
+
+def test_val_transform_letterboxes_and_boxes_map_back_exactly():
+    sample = _sample(w=1280, h=720, box=(100.5, 200.25, 640.75, 500.0))
+    row = val_transform(sample, (640, 384))
+    assert row["scale"] == np.float32(0.5)
+    assert row["image"].shape == (384, 640, 3) and (row["image"][360:] == 0).all()
+    assert (row["sem"][360:] == 255).all()
+    np.testing.assert_array_equal(row["boxes"] / row["scale"], sample["boxes"])
+    assert row["orig_size"].tolist() == [720, 1280] and row["orig_size"].dtype == np.int64
+
+
+# --------------------------------------------------------------------------- Ray Data pipeline
+
+
+def _cfg(**kw):
+    return DataConfig(input_size=(160, 96), batch_size=4, cpus=1.0, **kw)
+
+
+def test_pipeline_batches_have_the_contract_shapes_and_presence_flags(ray_local, synth_root):
+    cfg = _cfg()
+    root = "file://" + synth_root
+    records = load_records(cfg, root, "train")
+    by_name = {}
+    for r in records:
+        by_name.setdefault(r["name"], r)
+    seen = 0
+    for batch in iter_train_batches(build_dataset(records, cfg, train=True), batch_size=4):
+        b = len(batch["name"])
+        assert batch["image"].shape == (b, 3, 96, 160) and batch["image"].dtype.is_floating_point is False
+        assert batch["sem"].shape == (b, 96, 160) and batch["sem"].dtype.__str__() == "torch.int64"
+        assert len(batch["boxes"]) == len(batch["labels"]) == len(batch["ignore_boxes"]) == b
+        assert batch["skipped"] == 0 and batch["scale"].shape == (b,) and batch["orig_size"].shape == (b, 2)
+        for i, name in enumerate(batch["name"]):
+            rec = by_name[name]
+            assert bool(batch["has_det"][i]) == rec["has_det"]
+            assert bool(batch["has_sem"][i]) == (rec["sem"] is not None)
+            assert bool(batch["has_drv"][i]) == (rec["drv"] is not None)
+            if rec["sem"] is None:
+                assert (batch["sem"][i] == 255).all()
+            else:
+                assert (batch["sem"][i] < 19).any()
+            assert batch["boxes"][i].shape[1:] == (4,) and batch["labels"][i].dtype.__str__() == "torch.int64"
+            assert batch["orig_size"][i].tolist() == [180, 320]
+        seen += b
+    assert seen == len(records)
+
+    # val: deterministic letterbox; boxes / scale are the index boxes (those that survive clipping)
+    val = load_records(cfg, root, "val")
+    batches = list(iter_train_batches(build_dataset(val, cfg, train=False), batch_size=8))
+    names = [n for b in batches for n in b["name"]]
+    assert sorted(names) == sorted(r["name"] for r in val)
+    rec = next(r for r in val if r["boxes"])
+    batch = next(b for b in batches if rec["name"] in b["name"])
+    i = batch["name"].index(rec["name"])
+    assert float(batch["scale"][i]) == pytest.approx(0.5)
+    kept = [b for b in rec["boxes"] if min(b[2] - b[0], b[3] - b[1]) * 0.5 >= 2]  # smaller ones are dropped
+    np.testing.assert_allclose(batch["boxes"][i].numpy() / 0.5, np.array(kept).reshape(-1, 4), atol=1e-4)
+
+
+def test_pipeline_skips_and_counts_bad_samples_or_fails_naming_the_file(ray_local, bad_root):
+    records = build_index(bad_root)["val"]
+    victim = records[0]
+    with open(victim["image"], "wb") as f:
+        f.write(b"not a jpeg")
+    cfg = _cfg(on_bad_sample="skip")
+    batches = list(iter_train_batches(build_dataset(records, cfg, train=False), batch_size=4))
+    assert sum(b["skipped"] for b in batches) == 1
+    assert sum(len(b["name"]) for b in batches) == len(records) - 1
+    assert victim["name"] not in [n for b in batches for n in b["name"]]
+
+    with pytest.raises(Exception) as e:
+        list(iter_train_batches(build_dataset(records, _cfg(on_bad_sample="error"), train=False), batch_size=4))
+    assert victim["image"] in str(e.value) and "corrupt image" in str(e.value)
+
+
+def test_collate_drops_bad_rows_and_counts_them():
+    good = val_transform(_sample(), (64, 32))
+    good.update(name="a.jpg", error="")
+    rows = [good, dict(good, name="b.jpg"), {**{k: v for k, v in good.items()}, "name": "bad.jpg", "error": "x: broken",
+                                             "image": np.zeros((1, 1, 3), np.uint8)}]
+    batch = {k: np.array([r[k] for r in rows] if k not in ("image", "sem", "drv", "boxes", "labels", "ignore_boxes",
+                                                             "orig_size") else _objects([r[k] for r in rows]))
+             for k in rows[0]}
+    out = BatchCollate()(batch)
+    assert out["skipped"] == 1 and out["name"] == ["a.jpg", "b.jpg"] and out["image"].shape == (2, 3, 32, 64)
+
+
+def _objects(arrays):
+    out = np.empty(len(arrays), object)
+    out[:] = arrays
+    return out
+
+
+def test_real_bdd100k_frames_load_through_the_same_path(ray_local, testdata_dir, tmp_path):
+    src = os.path.join(testdata_dir, "bdd100k-images")
+    root = tmp_path / "real"
+    images = root / "images/100k/val"
+    images.mkdir(parents=True)
+    names = sorted(n for n in os.listdir(src) if n.endswith(".jpg"))
+    assert len(names) == 6
+    for n in names:
+        shutil.copy(os.path.join(src, n), images / n)
+    (root / "labels/det_20").mkdir(parents=True)
+    frames = [{"name": n, "attributes": {"weather": "clear", "scene": "city street", "timeofday": "daytime"},
+               "labels": [{"id": "0", "category": "car", "attributes": {},
+                           "box2d": {"x1": 600.0, "y1": 350.0, "x2": 700.0, "y2": 420.0}}]} for n in names]
+    (root / "labels/det_20/det_val.json").write_text(json.dumps(frames))
+    assert check_dataset(str(root), splits=("val",)).ok
+    cfg = DataConfig(input_size=(640, 384))
+    records = load_records(cfg, str(root), "val")
+    batches = list(iter_train_batches(build_dataset(records, cfg, train=False), batch_size=6))
+    assert len(batches) == 1
+    batch = batches[0]
+    assert sorted(batch["name"]) == names
+    assert batch["image"].shape == (6, 3, 384, 640)
+    assert batch["orig_size"].tolist() == [[720, 1280]] * 6
+    assert batch["image"][:, :, :360].float().mean() > 20  # real content, not padding
+    assert not batch["has_sem"].any() and batch["has_det"].all()
+    np.testing.assert_allclose(batch["boxes"][0].numpy(), [[300, 175, 350, 210]])
+
+
+# --------------------------------------------------------------------------- root resolution
+
+
+def test_resolve_root_generates_the_synthetic_default_once(tmp_path):
+    cfg = DataConfig()
+    cfg.synth.images, cfg.synth.size = 6, (160, 90)
+    root = resolve_root(cfg, str(tmp_path))
+    assert os.path.basename(root) == synth_cache_name(cfg) == "synth-6-160x90-s0"
+    assert os.path.exists(os.path.join(root, COMPLETE_MARKER))
+    marker_time = os.path.getmtime(os.path.join(root, COMPLETE_MARKER))
+    assert resolve_root(cfg, str(tmp_path)) == root
+    assert os.path.getmtime(os.path.join(root, COMPLETE_MARKER)) == marker_time
+    assert [n for n in os.listdir(tmp_path) if ".tmp-" in n] == []
+    # a half-written folder under the same name is never used
+    cfg.synth.seed = 5
+    os.makedirs(tmp_path / synth_cache_name(cfg))
+    with pytest.raises(DatasetError, match="no completion marker"):
+        resolve_root(cfg, str(tmp_path))
+    cfg.root = "/some/where"
+    assert resolve_root(cfg, str(tmp_path)) == "/some/where"
+
+
+def test_max_samples_are_honoured_deterministically(synth_root):
+    cfg = DataConfig(max_train_samples=5, max_val_samples=2)
+    a = load_records(cfg, synth_root, "train")
+    assert [r["name"] for r in a] == [r["name"] for r in load_records(cfg, synth_root, "train")]
+    assert len(a) == 5 and len(load_records(cfg, synth_root, "val")) == 2
