@@ -197,7 +197,7 @@ class TuneSchedulerConfig:
     kind: Literal["asha", "fifo"] = "asha"  # asha: early stopping on `tune.metric`; fifo: every trial runs out
     grace_period: int = 1  # epochs (Tune iterations) before a trial can be stopped
     reduction_factor: int = 2
-    max_t: Optional[int] = None  # default: the total epoch budget
+    max_t: Optional[int] = None  # last epoch with a rung (ASHA's max_t); default: the epoch budget - 1
 
 
 @dataclass
@@ -211,6 +211,7 @@ class TuneConfig:
     startup_trials: int = 10  # tpe: random trials before TPE takes over (Optuna's n_startup_trials)
     study_name: Optional[str] = None  # Optuna study name; default: the config's `name`
     max_failures: int = 0  # restarts of a failed trial (it resumes its Train runs)
+    worker_start_timeout_s: float = 600.0  # how long a trial's Train run waits for its workers' resources
     total_epochs: Optional[int] = None  # epoch budget split between adapt and finetune by `adapt_fraction`
     scheduler: TuneSchedulerConfig = field(default_factory=TuneSchedulerConfig)
     storage_url: Optional[str] = None  # Optuna study storage; default sqlite in the output dir

@@ -13,6 +13,7 @@ Token authentication (Ray >= 2.59): when a token is found (``RAY_AUTH_TOKEN``,
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shlex
 import sys
@@ -181,20 +182,42 @@ def _is_auth_error(error: Exception) -> bool:
     return isinstance(error, AuthenticationError) or "status code 401" in text or "status code 403" in text
 
 
-def wait_for_job(client, submission_id: str, poll_s: float = 1.0, out=None) -> str:
-    """Print the job's logs as they grow until it ends; return its final status name."""
+def wait_for_job(client, submission_id: str, out=None, max_poll_s: float = 5.0) -> str:
+    """Stream the job's logs until it ends; return its final status name.
+
+    Follows the log websocket (`tail_job_logs`); if that breaks (a proxy without websockets),
+    polls the logs from where the stream stopped. The job status decides the end.
+    """
     out = out or sys.stdout
-    printed = 0
+    written = [0]
+    streaming = True
+    try:
+        asyncio.run(_follow_logs(client, submission_id, out, written))
+    except Exception as e:
+        if _is_auth_error(e):
+            raise
+        print(f"paf-ray submit: log stream broke ({e}); polling the logs instead", file=sys.stderr)
+        streaming = False
+    poll_s = 0.5
     while True:
         status = str(client.get_job_status(submission_id).value)
-        logs = client.get_job_logs(submission_id)
-        if len(logs) > printed:
-            out.write(logs[printed:])
-            out.flush()
-            printed = len(logs)
+        if not streaming:
+            logs = client.get_job_logs(submission_id)
+            if len(logs) > written[0]:
+                out.write(logs[written[0]:])
+                out.flush()
+                written[0] = len(logs)
         if status in TERMINAL_STATES:
             return status
         time.sleep(poll_s)
+        poll_s = min(poll_s * 2, max_poll_s)
+
+
+async def _follow_logs(client, submission_id: str, out, written: list[int]) -> None:
+    async for chunk in client.tail_job_logs(submission_id):
+        out.write(chunk)
+        out.flush()
+        written[0] += len(chunk)
 
 
 def submit_command(args) -> int:

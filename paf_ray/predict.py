@@ -279,8 +279,11 @@ def predict_distributed(
     """Batch inference with Ray Data: read the files, an actor pool of `workers` models, write outputs here."""
     import ray
 
+    from paf_ray.train.checkpoint import read_config, resolve_checkpoint_dir
     from paf_ray.train.ray_setup import configure_data_context, init_ray
 
+    checkpoint = resolve_checkpoint_dir(checkpoint)  # absolute: actors do not share our working directory
+    tasks = read_config(checkpoint).model.tasks
     init_ray(address=address)
     configure_data_context(data_cpus=max(1.0, float(ray.cluster_resources().get("CPU", 1))))
     use_gpu = device == "cuda" or (device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
@@ -300,9 +303,7 @@ def predict_distributed(
         files = {k: row[k] for k in ("overlay", "sem", "drv") if len(row[k])}
         write_files(out_dir, os.path.splitext(name)[0], files)
         frames.append(json.loads(row["det"]))
-    from paf_ray.train.checkpoint import read_config, resolve_checkpoint_dir
-
-    if "det" in read_config(resolve_checkpoint_dir(checkpoint)).model.tasks:
+    if "det" in tasks:
         write_det_json(out_dir, frames)
     return frames
 

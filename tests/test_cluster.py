@@ -257,3 +257,10 @@ def test_cluster_job_files_store_runs_in_object_storage(rel):
 def test_the_expected_job_files_exist():
     names = {os.path.basename(f) for f in JOB_FILES}
     assert {"smoke.yaml", "paf.yaml", "tune.yaml"} <= names
+
+
+@pytest.mark.parametrize("rel", [f for f in JOB_FILES if load_config(os.path.join(REPO, f)).command == "tune"])
+def test_tune_job_files_have_a_valid_search_space(rel):
+    from paf_ray.tune.space import parse_space
+
+    assert parse_space(load_config(os.path.join(REPO, rel)).tune)

@@ -15,7 +15,7 @@ from paf_ray import cli
 from paf_ray.config import DataConfig
 from paf_ray.data import bdd100k as B
 from paf_ray.data.check import check_dataset
-from paf_ray.data.decode import decode_mask, load_sample
+from paf_ray.data.decode import load_sample
 from paf_ray.data.index import DatasetError, build_index, read_index, write_index
 from paf_ray.data.pipeline import (BatchCollate, build_dataset, iter_train_batches, load_records, resolve_root,
                                    synth_cache_name)

@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
 from pathlib import Path
 
@@ -103,10 +102,7 @@ def test_uploaded_working_dir_keeps_the_package_and_the_exec_bit(tmp_path, monke
     create_package(str(REPO), target, include_gitignore=True, excludes=spec.runtime_env["excludes"])
     with zipfile.ZipFile(target) as z:
         infos = {i.filename: i for i in z.infolist()}
-    tracked = subprocess.run(["git", "ls-files", "paf_ray"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    on_disk = [p for p in tracked if (REPO / p).exists()] + [
-        str(p.relative_to(REPO)) for p in (REPO / "paf_ray").rglob("*.py") if "__pycache__" not in p.parts
-    ]
+    on_disk = [str(p.relative_to(REPO)) for p in (REPO / "paf_ray").rglob("*") if p.is_file() and "__pycache__" not in p.parts]
     missing = sorted({p for p in on_disk if p not in infos})
     assert not missing, f"these package files would not reach the cluster: {missing}"
     assert (infos["jobs/smoke.yaml"].external_attr >> 16) & 0o100, "jobs/smoke.yaml lost its exec bit"
@@ -200,12 +196,13 @@ def check_smoke_summary(storage: Path) -> dict:
     assert summary_path.is_file(), f"no {summary_path}"
     summary = json.loads(summary_path.read_text())
     assert summary["name"] == "smoke"
-    assert [s["stage"] for s in summary["stages"]] == ["adapt", "finetune"]
-    assert summary["checkpoint"]
+    assert [s["kind"] for s in summary["stages"]] == ["adapt", "finetune"]
+    assert "score" in summary["metrics"]
+    assert os.path.isdir(summary["checkpoint"]), summary["checkpoint"]
     return summary
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1200)
 def test_smoke_job_runs_on_a_token_auth_head_both_ways(tmp_path):
     from ray.job_submission import JobSubmissionClient
 
@@ -252,7 +249,7 @@ def test_smoke_job_runs_on_a_token_auth_head_both_ways(tmp_path):
                 "--submission-id", "smoke-cli", "--", "jobs/smoke.yaml", "--set", f"ray.storage_path={cli_storage}",
             ],
             env,
-            timeout=300,
+            timeout=480,
         )
         assert cli.returncode == 0, cli.stdout[-4000:] + cli.stderr[-4000:]
         assert str(jobs.get_job_status("smoke-cli").value) == "SUCCEEDED"
@@ -266,7 +263,7 @@ def test_smoke_job_runs_on_a_token_auth_head_both_ways(tmp_path):
                 "--submission-id", "smoke-sdk", "--set", f"ray.storage_path={sdk_storage}",
             ],
             env,
-            timeout=300,
+            timeout=480,
         )
         assert sdk.returncode == 0, sdk.stdout[-4000:] + sdk.stderr[-4000:]
         assert sdk.stdout.splitlines()[0] == "smoke-sdk"
@@ -274,6 +271,19 @@ def test_smoke_job_runs_on_a_token_auth_head_both_ways(tmp_path):
         assert str(jobs.get_job_status("smoke-sdk").value) == "SUCCEEDED"
         assert jobs.get_job_info("smoke-sdk").runtime_env["env_vars"]["TQDM_DISABLE"] == "1"
         check_smoke_summary(sdk_storage)
+
+        # 3. A job that fails on the cluster makes `paf-ray submit --wait` exit non-zero.
+        failed = run(
+            [
+                sys.executable, "-m", "paf_ray", "submit", "jobs/smoke.yaml", "--address", address, "--wait",
+                "--submission-id", "smoke-fail", "--set", f"data.root={tmp_path / 'no_such_dataset'}",
+            ],
+            env,
+            timeout=240,
+        )
+        assert failed.returncode == 1, failed.stdout[-4000:] + failed.stderr[-4000:]
+        assert "smoke-fail FAILED" in failed.stderr
+        assert str(jobs.get_job_status("smoke-fail").value) == "FAILED"
     finally:
         stop_head(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)

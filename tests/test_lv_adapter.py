@@ -103,8 +103,17 @@ def test_clip_weights_file_is_loaded_and_missing_file_is_named(tmp_path):
     assert torch.equal(adapter.text_encoder.token_embedding.weight, reference.token_embedding.weight)
     assert torch.equal(adapter.text_encoder.text_projection, reference.text_projection)
 
+    missing = tiny_cfg(clip_weights=str(tmp_path / "missing.safetensors"))
     with pytest.raises(FileNotFoundError, match="model.lv_adapter.clip_weights"):
-        LVAdapter(tiny_cfg(clip_weights=str(tmp_path / "missing.safetensors")), ["sem"], CHANNELS)
+        LVAdapter(missing, ["sem"], CHANNELS)
+    # Before a paf_ray checkpoint (which holds the text tower) is loaded, the file is not needed.
+    rebuilt = LVAdapter(missing, ["sem"], CHANNELS, load_weights=False).eval()
+    stale = rebuilt.class_embeddings()["sem"]  # from random weights, cached
+    rebuilt.load_state_dict(adapter.state_dict())
+    assert torch.equal(rebuilt.text_encoder.token_embedding.weight, reference.token_embedding.weight)
+    expected = adapter.eval().class_embeddings()["sem"]
+    assert not torch.allclose(stale, expected)
+    torch.testing.assert_close(rebuilt.class_embeddings()["sem"], expected)  # the cache followed the load
 
 
 def test_bad_config_values_are_named():
@@ -116,6 +125,10 @@ def test_bad_config_values_are_named():
         LVAdapter(tiny_cfg(tau=0.0), ["sem"], CHANNELS)
     with pytest.raises(ValueError, match="model.lv_adapter.n_ctx"):
         LVAdapter(tiny_cfg(n_ctx=0), ["sem"], CHANNELS)
+    with pytest.raises(ValueError, match="model.lv_adapter.clip_model: unknown open_clip model 'RN5O'"):
+        LVAdapter(tiny_cfg(clip_model="RN5O"), ["sem"], CHANNELS)
+    with pytest.raises(ValueError, match="model.lv_adapter.clip_model: .* would download"):
+        LVAdapter(tiny_cfg(clip_model="hf-hub:timm/resnet50_clip.openai"), ["sem"], CHANNELS)
 
 
 def test_gradients_reach_context_vectors_and_never_the_text_tower():

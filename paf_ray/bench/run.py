@@ -16,10 +16,11 @@ import copy
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
-import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from paf_ray.bench.settings import BenchSettings, bench_settings
@@ -122,12 +123,35 @@ def case_config(model: dict, input_size, batch: int, adapter: str | None = None,
     return to_dict(from_dict({"data": data, "model": model, "train": train}, "<bench>"))
 
 
-def step_spec(s: BenchSettings, records: list[dict], stage: str, model: dict, input_size, batch: int,
+@dataclass
+class Frames:
+    """The synthetic training frames and the folder where cases keep their files."""
+
+    records: list[dict]
+    workdir: str
+
+
+def batch_file(frames: Frames, input_size, batch: int) -> str:
+    """A training batch at `input_size` built once through the pipeline's own load + collate
+    and saved for the measuring processes (they then need no data code)."""
+    import torch
+
+    from paf_ray.bench.data_case import batch_from_records
+    from paf_ray.config import from_dict
+
+    path = os.path.join(frames.workdir, f"batch-{input_size[0]}x{input_size[1]}-b{batch}.pt")
+    if not os.path.exists(path):
+        data_cfg = from_dict({"data": {"input_size": list(input_size)}}).data
+        torch.save(batch_from_records(frames.records, data_cfg, batch), path)
+    return path
+
+
+def step_spec(s: BenchSettings, frames: Frames, stage: str, model: dict, input_size, batch: int,
               warmup: int, repeats: int, adapter: str | None = None, lv: bool = False, flops: bool = False) -> dict:
     return {
         "cfg": case_config(model, input_size, batch, adapter, lv, s.amp, s.channels_last),
         "stage": stage,
-        "records": records,
+        "batch_path": batch_file(frames, input_size, batch),
         "batch": batch,
         "device": s.device,
         "amp": s.amp,
@@ -173,22 +197,22 @@ def bench_data(s: BenchSettings, records: list[dict]) -> dict:
                                   pin_memory=s.device == "cuda")
 
 
-def bench_steps(s: BenchSettings, records: list[dict], workdir: str) -> dict:
+def bench_steps(s: BenchSettings, frames: Frames) -> dict:
     cases = {
         # adapt: the default bypass adapters, backbone frozen
-        "adapt": step_spec(s, records, "adapt", s.step_model, s.step_input_size, s.step_batch, s.step_warmup,
+        "adapt": step_spec(s, frames, "adapt", s.step_model, s.step_input_size, s.step_batch, s.step_warmup,
                            s.step_repeats, adapter="bypass"),
         # finetune after adapt: the same model (adapters kept), everything trains
-        "finetune": step_spec(s, records, "finetune", s.step_model, s.step_input_size, s.step_batch, s.step_warmup,
+        "finetune": step_spec(s, frames, "finetune", s.step_model, s.step_input_size, s.step_batch, s.step_warmup,
                               s.step_repeats, adapter="bypass"),
         # pretrain-finetune: no adapters at all, everything trains
-        "pretrain_finetune": step_spec(s, records, "finetune", s.step_model, s.step_input_size, s.step_batch,
+        "pretrain_finetune": step_spec(s, frames, "finetune", s.step_model, s.step_input_size, s.step_batch,
                                        s.step_warmup, s.step_repeats, adapter="none"),
     }
     results = {}
     for name, spec in cases.items():
         _log(f"step: {name} ...")
-        results[name] = run_case_process(spec, workdir, f"step_{name}", s.case_timeout_s)
+        results[name] = run_case_process(spec, frames.workdir, f"step_{name}", s.case_timeout_s)
         _log(f"step: {name} {results[name]['ms']:.0f} ms/step, peak {results[name]['peak_mb']:.0f} MB")
     a, f, p = results["adapt"], results["finetune"], results["pretrain_finetune"]
     fb = f["breakdown"]
@@ -218,20 +242,20 @@ def bench_steps(s: BenchSettings, records: list[dict], workdir: str) -> dict:
     }
 
 
-def bench_ray_overhead(s: BenchSettings, records: list[dict], workdir: str) -> dict:
+def bench_ray_overhead(s: BenchSettings, frames: Frames) -> dict:
     import ray
 
     from paf_ray.bench.ray_case import ray_train_steps
 
-    spec = step_spec(s, records, "finetune", s.small_model, s.small_input_size, s.small_batch, s.small_warmup,
+    spec = step_spec(s, frames, "finetune", s.small_model, s.small_input_size, s.small_batch, s.small_warmup,
                      s.small_repeats, adapter="bypass")
     free_cpus = ray.available_resources().get("CPU", 0.0)
     if free_cpus < s.threads:
         raise RuntimeError(f"bench ray_overhead: the worker needs {s.threads} CPUs, Ray has {free_cpus:g} free")
     _log("ray_overhead: plain loop ...")
-    plain = run_case_process({**spec, "entry": "timed_steps"}, workdir, "ray_overhead_plain", s.case_timeout_s)
+    plain = run_case_process({**spec, "entry": "timed_steps"}, frames.workdir, "ray_overhead_plain", s.case_timeout_s)
     _log(f"ray_overhead: plain {plain['ms']:.0f} ms/step; TorchTrainer ...")
-    in_ray = ray_train_steps(spec, os.path.join(workdir, "ray_train"), f"bench-overhead-{os.getpid()}-{int(time.time())}")
+    in_ray = ray_train_steps(spec, os.path.join(frames.workdir, "ray_train"), f"bench-overhead-{os.getpid()}-{int(time.time())}")
     _log(f"ray_overhead: ray {in_ray['ms']:.0f} ms/step, start-up {in_ray['startup_s']:.1f} s")
     return {
         "plain_ms": plain["ms"],
@@ -250,13 +274,13 @@ def bench_ray_overhead(s: BenchSettings, records: list[dict], workdir: str) -> d
     }
 
 
-def bench_lv_overhead(s: BenchSettings, records: list[dict], workdir: str) -> dict:
+def bench_lv_overhead(s: BenchSettings, frames: Frames) -> dict:
     out = {}
     for name, lv in (("without", False), ("with", True)):
-        spec = step_spec(s, records, "adapt", s.small_model, s.small_input_size, s.small_batch, s.small_warmup,
+        spec = step_spec(s, frames, "adapt", s.small_model, s.small_input_size, s.small_batch, s.small_warmup,
                          s.small_repeats, adapter="bypass", lv=lv)
         _log(f"lv_overhead: {name} LV-Adapter ...")
-        out[name] = run_case_process(spec, workdir, f"lv_{name}", s.case_timeout_s)
+        out[name] = run_case_process(spec, frames.workdir, f"lv_{name}", s.case_timeout_s)
     return {
         "ratio": out["with"]["ms"] / out["without"]["ms"],
         "with_ms": out["with"]["ms"],
@@ -270,12 +294,12 @@ def bench_lv_overhead(s: BenchSettings, records: list[dict], workdir: str) -> di
     }
 
 
-def bench_gpu(s: BenchSettings, records: list[dict], workdir: str, data: dict, machine: dict) -> dict:
+def bench_gpu(s: BenchSettings, frames: Frames, data: dict, machine: dict) -> dict:
     """Throughput of the finetune step at full resolution, FLOPs per step, MFU, pipeline headroom."""
-    spec = step_spec(s, records, "finetune", s.gpu_model, s.gpu_input_size, s.gpu_batch, s.step_warmup,
+    spec = step_spec(s, frames, "finetune", s.gpu_model, s.gpu_input_size, s.gpu_batch, s.step_warmup,
                      s.step_repeats, adapter="bypass", flops=True)
     _log("gpu: throughput ...")
-    r = run_case_process(spec, workdir, "gpu_throughput", s.case_timeout_s)
+    r = run_case_process(spec, frames.workdir, "gpu_throughput", s.case_timeout_s)
     img_s = r["batch"] / (r["ms"] / 1000)
     achieved_tflops = r["flops_per_step"] / (r["ms"] / 1000) / 1e12
     peak = machine.get("gpu_bf16_peak_tflops") if s.device == "cuda" else None
@@ -328,7 +352,9 @@ def run_bench(out: str, quick: bool = False, device: str = "cpu") -> dict:
         raise RuntimeError("bench --device cuda: torch sees no CUDA device (torch.cuda.is_available() is False)")
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
-    workdir = tempfile.mkdtemp(prefix="cases-", dir=out)
+    workdir = os.path.join(out, "cases")  # specs, batches and results of each case, for a look afterwards
+    shutil.rmtree(workdir, ignore_errors=True)
+    os.makedirs(workdir)
     t_start = time.perf_counter()
     machine = machine_info(device)
     init_ray(num_cpus=os.cpu_count(), object_store_mb=4096 if device == "cuda" and not quick else 512)
@@ -342,11 +368,12 @@ def run_bench(out: str, quick: bool = False, device: str = "cpu") -> dict:
     result["data"] = bench_data(s, records)
     _log(f"data: Ray Data {result['data']['ray_data_img_s']:.1f} img/s, "
          f"DataLoader {result['data']['dataloader_img_s']:.1f} img/s")
-    result["step"] = bench_steps(s, records, workdir)
-    result["ray_overhead"] = bench_ray_overhead(s, records, workdir)
-    result["lv_overhead"] = bench_lv_overhead(s, records, workdir)
+    frames = Frames(records, workdir)
+    result["step"] = bench_steps(s, frames)
+    result["ray_overhead"] = bench_ray_overhead(s, frames)
+    result["lv_overhead"] = bench_lv_overhead(s, frames)
     if device == "cuda" or quick:
-        result["gpu"] = bench_gpu(s, records, workdir, result["data"], machine)
+        result["gpu"] = bench_gpu(s, frames, result["data"], machine)
     else:
         result["gpu"] = {"ran_on": None, "why": "CPU run: `paf-ray bench --device cuda` (scripts/gpu_bench.sh) fills this"}
     result["wall_s"] = time.perf_counter() - t_start

@@ -85,22 +85,39 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def build_case(spec: dict):
-    """(model, net, optimizer, stage, batch, device) for a spec; see `measure_step`."""
+def build_optimizer(model, stage):
+    """The training loop's optimizer (``train.loop.build_optimizer``), spelled here so the
+    measuring process does not import Ray: keep the two in step."""
     import torch
 
-    from paf_ray.bench.data_case import batch_from_records
+    from paf_ray.models.stages import param_groups
+
+    groups = param_groups(model, stage)
+    if stage.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=stage.lr, momentum=stage.momentum, weight_decay=stage.weight_decay)
+    return torch.optim.AdamW(groups, lr=stage.lr, weight_decay=stage.weight_decay)
+
+
+def load_batch(path: str) -> dict:
+    import torch
+
+    return torch.load(path, weights_only=True)
+
+
+def build_case(spec: dict):
+    """(cfg, model, optimizer, stage, batch, device) for a spec; see `measure_step`."""
+    import torch
+
     from paf_ray.config import from_dict
     from paf_ray.models import build_model
     from paf_ray.models.stages import apply_stage
-    from paf_ray.train.loop import build_optimizer
 
     cfg = from_dict(spec["cfg"], "<bench case>")
     stage = next((s for s in cfg.train.stages if s.kind == spec["stage"]), None)
     if stage is None:
         raise ValueError(f"bench case: the config has no {spec['stage']!r} stage")
     device = torch.device(spec["device"])
-    batch = batch_from_records(spec["records"], cfg.data, spec["batch"])
+    batch = load_batch(spec["batch_path"])
     torch.manual_seed(0)
     model = build_model(cfg.model, input_size=cfg.data.input_size)
     apply_stage(model, stage.kind, cfg)
@@ -180,15 +197,14 @@ def _median_dict(rows: list[dict]) -> dict:
 
 def measure_step(spec: dict) -> dict:
     """Time `spec`'s step in this process. Keys of spec: cfg (config dict), stage ("adapt" or
-    "finetune"), records (index records for the batch), batch, device, amp, channels_last,
+    "finetune"), batch_path (a torch.save'd batch), device, amp, channels_last,
     warmup, repeats, threads, flops (count FLOPs of one step)."""
     import torch
 
     torch.set_num_threads(int(spec["threads"]))
     on_cuda = spec["device"] == "cuda"
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)
-    from paf_ray.bench.data_case import batch_from_records  # noqa: F401  (imports the data code before the baseline)
-    from paf_ray.models import build_model  # noqa: F401
+    from paf_ray.models import build_model  # noqa: F401  (imported before the memory baseline)
 
     t_start = time.perf_counter()
     rss_base = _rss_mb()

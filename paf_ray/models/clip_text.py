@@ -28,32 +28,39 @@ TINY_CLIP_CONFIG = {
 PLACEHOLDER = "X"  # stands in for each context vector while tokenizing "X X X X <class>."
 
 
-def load_clip(clip_model: str, clip_weights: Optional[str] = None) -> nn.Module:
-    """An open_clip CLIP model: random init, or weights from a local file (never the network)."""
+def load_clip(clip_model: str, clip_weights: Optional[str] = None, load_weights: bool = True) -> nn.Module:
+    """An open_clip CLIP model: random init, or weights from a local file (never the network).
+
+    `load_weights=False` builds the architecture only (inspect, or before a paf_ray
+    checkpoint's state dict, which holds the text tower, is loaded over the model).
+    """
     import open_clip
 
-    if clip_weights:
-        if not os.path.isfile(clip_weights):
-            raise FileNotFoundError(
-                f"model.lv_adapter.clip_weights: {clip_weights!r} is not a file "
-                "(CLIP weights must be a local .safetensors or state-dict file)"
-            )
-    if clip_model == TINY_CLIP:
-        model = open_clip.CLIP(**TINY_CLIP_CONFIG)
-        if clip_weights:
-            open_clip.load_checkpoint(model, clip_weights, strict=True, weights_only=True)
-        return model
-    try:
-        if clip_weights:
-            return open_clip.create_model(clip_model, pretrained=clip_weights, require_pretrained=True)
-        return open_clip.create_model(clip_model, pretrained=None)
-    except RuntimeError as e:
-        if "not found" in str(e).lower():
+    if clip_model.startswith("hf-hub:"):
+        raise ValueError(
+            f"model.lv_adapter.clip_model: {clip_model!r} would download; use an open_clip model name with "
+            "model.lv_adapter.clip_weights set to a local file, or 'local-dir:<folder>'"
+        )
+    if clip_model != TINY_CLIP and not clip_model.startswith("local-dir:"):
+        if open_clip.get_model_config(clip_model.replace("/", "-")) is None:
             raise ValueError(
                 f"model.lv_adapter.clip_model: unknown open_clip model {clip_model!r} "
-                f"(an open_clip name such as 'RN50', 'local-dir:<folder>', or {TINY_CLIP!r}): {e}"
-            ) from e
-        raise
+                f"(e.g. 'RN50', 'RN50-quickgelu', 'ViT-B-32', 'local-dir:<folder>', or {TINY_CLIP!r})"
+            )
+    weights = clip_weights if load_weights else None
+    if weights and not os.path.isfile(weights):
+        raise FileNotFoundError(
+            f"model.lv_adapter.clip_weights: {weights!r} is not a file "
+            "(CLIP weights must be a local .safetensors or state-dict file)"
+        )
+    if clip_model == TINY_CLIP:
+        model = open_clip.CLIP(**TINY_CLIP_CONFIG)
+        if weights:
+            open_clip.load_checkpoint(model, weights, strict=True, weights_only=True)
+        return model
+    if weights:
+        return open_clip.create_model(clip_model, pretrained=weights, require_pretrained=True)
+    return open_clip.create_model(clip_model, pretrained=None)
 
 
 def get_tokenizer(clip_model: str):
@@ -72,9 +79,9 @@ class ClipTextEncoder(nn.Module):
     causal mask the output at the end-of-text token does not depend on later positions.
     """
 
-    def __init__(self, clip_model: str = "RN50", clip_weights: Optional[str] = None):
+    def __init__(self, clip_model: str = "RN50", clip_weights: Optional[str] = None, load_weights: bool = True):
         super().__init__()
-        model = load_clip(clip_model, clip_weights)
+        model = load_clip(clip_model, clip_weights, load_weights)
         # CustomTextCLIP keeps its text tower under `.text`; CLIP puts the parts on itself.
         tower = getattr(model, "text", model)
         if not hasattr(tower, "token_embedding") or not hasattr(tower, "transformer"):

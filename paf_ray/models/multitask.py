@@ -10,6 +10,8 @@ Contract (docs/architecture.md §4):
 
 from __future__ import annotations
 
+import logging
+import os
 from collections import OrderedDict
 
 import torch
@@ -19,16 +21,16 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from paf_ray.config import ModelConfig
-from paf_ray.data.bdd100k import DET_CLASSES, SEM_CLASSES, TASKS
+from paf_ray.data.bdd100k import NUM_CLASSES, TASKS
 from paf_ray.data.normalize import FORMAT_NORMALIZATION, normalize_images
 from paf_ray.models.adapters import add_lora, build_bypass_adapters
 from paf_ray.models.backbones import STAGES, build_backbone, default_normalization
 from paf_ray.models.detection import build_det_head
 from paf_ray.models.heads import SegHead, seg_loss
-from paf_ray.models.zoo import load_backbone_weights
+from paf_ray.models.zoo import load_backbone_weights, read_checkpoint, sniff_format
 
-DRV_NUM_CLASSES = 3  # direct, alternative, background (labels/drivable/masks values 0..2)
-NUM_CLASSES = {"det": len(DET_CLASSES), "sem": len(SEM_CLASSES), "drv": DRV_NUM_CLASSES}
+log = logging.getLogger(__name__)
+
 SEG_TASKS = ("sem", "drv")
 LOSS_TASKS = TASKS + ("align",)  # the keys total_loss weighs; other loss keys are for logging
 
@@ -47,6 +49,12 @@ def resolve_normalization(model_cfg: ModelConfig, loaded_recipe: str | None = No
         return loaded_recipe
     if bb.weights and bb.format != "auto":
         return FORMAT_NORMALIZATION[bb.format]
+    if bb.weights and os.path.isfile(bb.weights):
+        # weights not loaded (a paf_ray checkpoint follows): the file's layout still picks the recipe
+        return FORMAT_NORMALIZATION[sniff_format(read_checkpoint(bb.weights, bb.trust_checkpoint))]
+    if bb.weights:
+        log.warning("model.backbone.weights %s not found and format is auto: assuming %s normalisation; "
+                    "set model.backbone.format (or normalization) explicitly", bb.weights, default_normalization(bb.name))
     return default_normalization(bb.name)
 
 
@@ -87,7 +95,7 @@ class MultiTaskModel(nn.Module):
         if cfg.lv_adapter.enabled:
             from paf_ray.models.lv_adapter import LVAdapter
 
-            self.lv_adapter = LVAdapter(cfg.lv_adapter, self.tasks, channels)
+            self.lv_adapter = LVAdapter(cfg.lv_adapter, self.tasks, channels, load_weights=load_weights)
             score_channels = dict(self.lv_adapter.score_channels)
 
         fpn_in = [channels[k] for k in STAGES]

@@ -48,11 +48,13 @@ def apply_stage(model: nn.Module, kind: str, cfg: Config | ModelConfig | None = 
         model.backbone_frozen = True
     else:
         model.backbone_frozen = False
+    freeze_prompts = kind == "finetune" and not mcfg.lv_adapter.train_prompts_in_finetune
+    if hasattr(model, "lv_adapter"):
+        from paf_ray.models.lv_adapter import is_prompt_parameter
     for name, p in model.named_parameters():
         if "text_encoder" in name:
             p.requires_grad_(False)
-        elif (kind == "finetune" and name.startswith("lv_adapter.") and not mcfg.lv_adapter.train_prompts_in_finetune
-              and ("prompt" in name or "ctx" in name)):
+        elif freeze_prompts and name.startswith("lv_adapter.") and is_prompt_parameter(name):
             p.requires_grad_(False)
     model.train(model.training)  # re-applies the frozen-BN rule
 

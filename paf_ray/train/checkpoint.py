@@ -120,7 +120,7 @@ def load_model(path: str, device: str | torch.device = "cpu", overrides: list[st
         from paf_ray.config import to_dict
 
         cfg = from_dict(to_dict(cfg), os.path.join(directory, CONFIG_FILE), overrides)
-    model = build_model(cfg.model, input_size=cfg.data.input_size)
+    model = build_model(cfg.model, input_size=cfg.data.input_size, load_weights=False)
     meta = load_model_state(model, directory, device)
     model.to(device).eval()
     meta["path"] = directory

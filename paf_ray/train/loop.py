@@ -69,20 +69,6 @@ def build_optimizer(net: torch.nn.Module, stage: StageConfig) -> torch.optim.Opt
     return torch.optim.AdamW(groups, lr=stage.lr, weight_decay=stage.weight_decay)
 
 
-def _move_batch(batch: dict, device: torch.device) -> dict:
-    if device.type == "cpu":
-        return batch
-    out = {}
-    for k, v in batch.items():
-        if torch.is_tensor(v):
-            out[k] = v.to(device, non_blocking=True)
-        elif isinstance(v, list) and v and torch.is_tensor(v[0]):
-            out[k] = [x.to(device, non_blocking=True) for x in v]
-        else:
-            out[k] = v
-    return out
-
-
 def evaluate(net: torch.nn.Module, batches, cfg: Config, device: torch.device, amp: bool) -> dict:
     """Run `net` over `batches` (this worker's share of val); return the evaluator state."""
     from paf_ray.eval.metrics import Evaluator
@@ -94,7 +80,6 @@ def evaluate(net: torch.nn.Module, batches, cfg: Config, device: torch.device, a
         for batch in batches:
             if batch["image"].shape[0] == 0:
                 continue
-            batch = _move_batch(batch, device)
             images = batch["image"]
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
                 outputs = net(images)
@@ -165,9 +150,11 @@ def train_loop(config: dict) -> None:
     amp = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and on_gpu)
     torch.manual_seed(cfg.train.seed + 1000 * stage_index + rank)
 
-    model = build_model(cfg.model, input_size=cfg.data.input_size)
-    start_epoch, skip_steps, global_step, train_state = 0, 0, 0, None
     resumed = ray.train.get_checkpoint()
+    from_checkpoint = resumed is not None or config.get("init_checkpoint") is not None
+    # Weights named in the config are read only when no checkpoint supplies them.
+    model = build_model(cfg.model, input_size=cfg.data.input_size, load_weights=not from_checkpoint)
+    start_epoch, skip_steps, global_step, train_state = 0, 0, 0, None
     if resumed is not None:
         with resumed.as_directory() as d:
             load_model_state(model, d)

@@ -15,6 +15,16 @@ def configure_data_context(data_cpus: float) -> None:
     ctx.print_on_execution_start = False
 
 
+def pin_ray_address() -> None:
+    """Worker setup hook: name this cluster in RAY_ADDRESS inside every worker process.
+
+    Ray Train's PlacementGroupCleaner (it frees the resources of a Tune trial that ASHA stopped)
+    finds the cluster through the State API, which refuses to guess when several Ray instances
+    run on one machine ("Found multiple active Ray instances"); the next trial then never starts.
+    """
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, object_store_mb: int = 512) -> None:
     """Join `address` (or RAY_ADDRESS), else start a local Ray; idempotent."""
     if ray.is_initialized():
@@ -31,4 +41,5 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, object_sto
         dashboard_host="127.0.0.1",
         configure_logging=True,
         logging_level="warning",
+        runtime_env={"worker_process_setup_hook": "paf_ray.train.ray_setup.pin_ray_address"},
     )

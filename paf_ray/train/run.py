@@ -319,7 +319,7 @@ def evaluate_initial_model(cfg: Config, run_dir: str, val_records: list[dict]) -
     from paf_ray.train.checkpoint import load_model_state, resolve_checkpoint_dir
 
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, input_size=cfg.data.input_size)
+    model = build_model(cfg.model, input_size=cfg.data.input_size, load_weights=not cfg.train.init_checkpoint)
     if cfg.train.init_checkpoint:
         load_model_state(model, resolve_checkpoint_dir(cfg.train.init_checkpoint))
     metrics = evaluate_records(model.eval(), cfg, val_records)

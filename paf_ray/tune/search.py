@@ -62,6 +62,12 @@ def check_sweep_config(cfg: Config, source: str) -> list[space.Dimension]:
         )
     if cfg.tune.metric != "score" and not cfg.tune.metric.startswith(("det/", "sem/", "drv/")):
         raise ConfigError(f"{source}: tune.metric {cfg.tune.metric!r}: expected score or a det/, sem/, drv/ key")
+    sch = cfg.tune.scheduler
+    if sch.kind == "asha" and sch.grace_period > asha_max_t(cfg):
+        raise ConfigError(
+            f"{source}: tune.scheduler.grace_period={sch.grace_period} leaves ASHA no epoch to stop a trial at "
+            f"(last rung: epoch {asha_max_t(cfg)} of {space.epoch_budget(cfg)}); lower it or use scheduler.kind: fifo"
+        )
     for point in space.corner_points(dims):
         space.trial_config(cfg, dims, point, name="check", source=source)
     return dims
@@ -83,6 +89,9 @@ def run_trial(params: dict, base: dict, runs_dir: str, source: str) -> None:
 
     trial_id = ray.tune.get_context().get_trial_id()
     base_cfg = from_dict(base, source)
+    # Tune does not count the Train workers of a trial, so a trial may wait for them while other
+    # trials hold the CPUs/GPUs; Train reads this in the process that calls fit().
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(base_cfg.tune.worker_start_timeout_s))
     dims = space.parse_space(base_cfg.tune, source)
     cfg = space.trial_config(base_cfg, dims, params, name=trial_id, source=source)
     run_pipeline(cfg, out=runs_dir, resume=True, callbacks=[TuneReportCallback()])
@@ -113,6 +122,12 @@ def make_searcher(cfg: Config, dims: list[space.Dimension], storage_url: str):
     )
 
 
+def asha_max_t(cfg: Config) -> int:
+    """The last epoch with an ASHA rung: by default one before the budget ends, because a stop
+    decided on a trial's final report would throw away a run that has already finished."""
+    return cfg.tune.scheduler.max_t or max(1, space.epoch_budget(cfg) - 1)
+
+
 def make_scheduler(cfg: Config):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -121,9 +136,10 @@ def make_scheduler(cfg: Config):
         return FIFOScheduler()
     return ASHAScheduler(
         time_attr="training_iteration",
-        max_t=sch.max_t or space.epoch_budget(cfg),
+        max_t=asha_max_t(cfg),
         grace_period=sch.grace_period,
         reduction_factor=sch.reduction_factor,
+        stop_last_trials=False,  # a trial ends with its pipeline, never killed at max_t
     )
 
 

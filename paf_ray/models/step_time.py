@@ -1,0 +1,89 @@
+"""Per-step time of adapt vs finetune on this machine, measured side by side.
+
+    python -m paf_ray.models.step_time [CONFIG] [--set KEY=VALUE ...] [--steps 5] [--threads N]
+
+One train step = forward + backward + AdamW step on a synthetic batch (random image,
+6 boxes, full sem/drv masks) at `data.input_size` and `data.batch_size`. The two stages'
+steps alternate so that machine load hits both alike; the median is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from paf_ray.config import StageConfig, load_config
+from paf_ray.data.bdd100k import DET_CLASSES, SEM_CLASSES
+from paf_ray.models.multitask import build_model
+from paf_ray.models.stages import apply_stage, param_groups
+
+
+def synthetic_batch(batch_size: int, width: int, height: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    boxes, labels = [], []
+    for _ in range(batch_size):
+        xy = torch.rand(6, 2, generator=g) * torch.tensor([width * 0.8, height * 0.8])
+        wh = 8 + torch.rand(6, 2, generator=g) * torch.tensor([width * 0.2, height * 0.2])
+        boxes.append(torch.cat([xy, xy + wh], 1))
+        labels.append(torch.randint(0, len(DET_CLASSES), (6,), generator=g))
+    return {
+        "image": torch.randint(0, 256, (batch_size, 3, height, width), dtype=torch.uint8, generator=g),
+        "boxes": boxes, "labels": labels, "ignore_boxes": [torch.zeros(0, 4)] * batch_size,
+        "sem": torch.randint(0, len(SEM_CLASSES), (batch_size, height, width), generator=g),
+        "drv": torch.randint(0, 3, (batch_size, height, width), generator=g),
+        "has_det": torch.ones(batch_size, dtype=torch.bool),
+        "has_sem": torch.ones(batch_size, dtype=torch.bool),
+        "has_drv": torch.ones(batch_size, dtype=torch.bool),
+    }
+
+
+def measure(cfg, steps: int = 5) -> dict:
+    width, height = cfg.data.input_size
+    batch = synthetic_batch(cfg.data.batch_size, width, height)
+    runs = {}
+    for kind in ("adapt", "finetune"):
+        torch.manual_seed(0)
+        model = build_model(cfg.model, cfg.data.input_size, load_weights=False)
+        apply_stage(model, kind, cfg)
+        model.train()
+        opt = torch.optim.AdamW(param_groups(model, StageConfig(kind=kind)))
+        runs[kind] = (model, opt, [])
+
+    def step(model, opt):
+        t0 = time.perf_counter()
+        loss = model.total_loss(model(batch["image"], batch))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return time.perf_counter() - t0
+
+    for model, opt, _ in runs.values():
+        step(model, opt)  # warm-up
+    for _ in range(steps):
+        for model, opt, times in runs.values():
+            times.append(step(model, opt))
+    out = {k: round(1000 * statistics.median(t), 1) for k, (_, _, t) in runs.items()}
+    return {"ms_per_step": out, "adapt_over_finetune": round(out["adapt"] / out["finetune"], 3),
+            "batch_size": cfg.data.batch_size, "input_size": [width, height], "threads": torch.get_num_threads(),
+            "steps": steps}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("config", nargs="?", default=None)
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(json.dumps(measure(load_config(args.config, args.overrides), args.steps)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

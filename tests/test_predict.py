@@ -1,0 +1,236 @@
+"""Inference on the six real BDD100K frames with a tiny checkpoint: `paf-ray predict` outputs,
+the Python API, Ray Data batch inference, overlays, and the exported TorchScript/ONNX model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from paf_ray.cli import main
+from paf_ray.data.bdd100k import DET_CLASSES, DET_PALETTE, DRV_PALETTE, SEM_PALETTE
+
+PAF_RAY = os.path.join(os.path.dirname(sys.executable), "paf-ray")
+STEMS = sorted(
+    ["0ace96c3-48481887", "3c0e7240-96e390d2", "7dd9ef45-f197db95", "8e1c1ab0-a8b92173", "9aa94005-ff1d4c9a",
+     "adb4871d-4d063244"]
+)
+
+
+def _tiny_cfg(lv: bool = False):
+    from paf_ray.config import from_dict
+
+    model = {
+        "backbone": {"name": "tiny", "tiny_width": 8},
+        "fpn_channels": 16,
+        "seg_channels": 16,
+        "adapter": {"kind": "lora", "rank": 2},
+        "det": {"representation_size": 32, "rpn_pre_nms_top_n_test": 200, "rpn_post_nms_top_n_test": 50},
+    }
+    if lv:
+        model["lv_adapter"] = {"enabled": True, "clip_model": "paf-tiny-clip", "n_ctx": 2, "heads": 2}
+    return from_dict({"data": {"input_size": [320, 192]}, "model": model})
+
+
+def _make_checkpoint(directory, lv: bool = False, merge: bool = True) -> str:
+    """A tiny 3-task model with non-zero LoRA deltas (merged as after an adapt stage when `merge`)."""
+    from paf_ray.config import StageConfig
+    from paf_ray.models import build_model
+    from paf_ray.models.stages import finish_stage
+    from paf_ray.train.checkpoint import save_checkpoint
+
+    cfg = _tiny_cfg(lv)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, input_size=cfg.data.input_size)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.normal_(std=0.1)
+    if merge:
+        assert finish_stage(model, "adapt", StageConfig(kind="adapt"))
+    save_checkpoint(str(directory), model, cfg, {"stage": "adapt", "epoch": 1, "step": 1})
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return _make_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
+def images_dir(testdata_dir):
+    return os.path.join(testdata_dir, "bdd100k-images")
+
+
+@pytest.fixture(scope="module")
+def predicted(checkpoint, images_dir, tmp_path_factory):
+    """`paf-ray predict` run once on the six frames (score threshold 0: keep every detection)."""
+    out = tmp_path_factory.mktemp("pred")
+    proc = subprocess.run(
+        [PAF_RAY, "predict", checkpoint, images_dir, "--out", str(out), "--score-thr", "0.0", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return str(out)
+
+
+def test_predict_cli_writes_overlays_masks_and_det_json_at_frame_size(predicted):
+    for kind in ("overlay", "sem", "drv"):
+        files = sorted(os.listdir(os.path.join(predicted, kind)))
+        assert files == [f"{s}.png" for s in STEMS], kind
+        for name in files:
+            with Image.open(os.path.join(predicted, kind, name)) as img:
+                assert img.size == (1280, 720)
+                assert img.mode == ("RGB" if kind == "overlay" else "L")
+                if kind != "overlay":
+                    limit = len(SEM_PALETTE) if kind == "sem" else len(DRV_PALETTE)
+                    assert np.asarray(img).max() < limit  # official ids only
+    with open(os.path.join(predicted, "det.json"), encoding="utf-8") as f:
+        frames = json.load(f)
+    assert [fr["name"] for fr in frames] == [f"{s}.jpg" for s in STEMS]
+    labels = [lab for fr in frames for lab in fr["labels"]]
+    assert labels, "a random tiny Faster R-CNN still scores boxes above 0"
+    for lab in labels:
+        assert lab["category"] in DET_CLASSES and 0.0 <= lab["score"] <= 1.0
+        b = lab["box2d"]
+        assert 0 <= b["x1"] <= b["x2"] <= 1280 and 0 <= b["y1"] <= b["y2"] <= 720
+
+
+def test_predicted_files_read_back_through_paf_ray_score(predicted, capsys):
+    det = os.path.join(predicted, "det.json")
+    proc = subprocess.run([PAF_RAY, "score", "det", det, det, "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    # Predictions scored against themselves as ground truth: every box is found.
+    assert result["AP"] == pytest.approx(100.0) and result["AR100"] == pytest.approx(100.0)
+    for task in ("sem", "drv"):
+        folder = os.path.join(predicted, task)
+        assert main(["score", task, folder, folder, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["mIoU"] == pytest.approx(100.0)
+
+
+def test_python_api_predicts_at_original_resolution(checkpoint, images_dir, predicted):
+    import paf_ray
+
+    predictor = paf_ray.load(checkpoint)
+    path = os.path.join(images_dir, f"{STEMS[0]}.jpg")
+    from_path = predictor.predict(path)
+    assert set(from_path) == {"boxes", "scores", "labels", "sem", "drv"}
+    assert from_path["sem"].shape == from_path["drv"].shape == (720, 1280)
+    assert from_path["boxes"].shape == (len(from_path["scores"]), 4) == (len(from_path["labels"]), 4)
+    # The same masks as the command wrote.
+    written = np.asarray(Image.open(os.path.join(predicted, "sem", f"{STEMS[0]}.png")))
+    np.testing.assert_array_equal(from_path["sem"], written)
+    # An array in, and a smaller frame: outputs follow the input's own size.
+    small = np.asarray(Image.open(path).convert("RGB").resize((640, 360)))
+    result = predictor.predict(small, score_thr=0.5)
+    assert result["sem"].shape == (360, 640)
+    assert (result["scores"] >= 0.5).all()
+    assert (result["boxes"][:, 2] <= 640).all() and (result["boxes"][:, 3] <= 360).all()
+
+
+def test_predict_bad_input_names_the_file(checkpoint, tmp_path, capsys):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    assert main(["predict", checkpoint, str(bad), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
+    assert "broken.jpg" in capsys.readouterr().err
+    assert main(["predict", checkpoint, str(tmp_path / "nope*.jpg"), "--out", str(tmp_path / "o")]) == 2
+    assert "nope*.jpg" in capsys.readouterr().err
+
+
+def test_distributed_predict_on_ray_data_matches_local(ray_local, checkpoint, images_dir, predicted, tmp_path):
+    from paf_ray.predict import predict_distributed, resolve_inputs
+
+    paths = resolve_inputs([os.path.join(images_dir, "*.jpg")])
+    out = str(tmp_path / "dist")
+    frames = predict_distributed(checkpoint, paths, out, batch_size=3, workers=1, device="cpu", score_thr=0.0)
+    assert len(frames) == 6
+    for kind in ("sem", "drv"):
+        for stem in STEMS:
+            a = np.asarray(Image.open(os.path.join(out, kind, f"{stem}.png")))
+            b = np.asarray(Image.open(os.path.join(predicted, kind, f"{stem}.png")))
+            # Other batch sizes change float rounding, which may flip a near-tie pixel.
+            assert a.shape == b.shape and (a == b).mean() > 0.999
+    assert sorted(os.listdir(os.path.join(out, "overlay"))) == [f"{s}.png" for s in STEMS]
+    with open(os.path.join(out, "det.json")) as f, open(os.path.join(predicted, "det.json")) as g:
+        dist, local = json.load(f), json.load(g)
+    assert [fr["name"] for fr in dist] == [fr["name"] for fr in local]
+    assert sum(len(fr["labels"]) for fr in dist) == pytest.approx(sum(len(fr["labels"]) for fr in local), rel=0.05)
+
+
+def test_overlay_colours_classes_drivable_and_boxes():
+    from paf_ray.viz import overlay
+
+    image = np.full((40, 60, 3), 100, np.uint8)
+    sem = np.zeros((40, 60), np.uint8)  # road
+    sem[:, 30:] = 255  # unlabelled: left as is
+    drv = np.full((40, 60), 2, np.uint8)  # background: no tint
+    drv[30:, :10] = 1  # alternative lane
+    out = overlay(image, sem=sem, drv=drv, boxes=np.array([[35.0, 5.0, 55.0, 25.0]]), labels=np.array([2]),
+                  scores=np.array([0.9]))
+    road = np.array(SEM_PALETTE[0])
+    assert np.abs(out[20, 15].astype(int) - (0.55 * 100 + 0.45 * road)).max() <= 1
+    assert (out[35, 45] == 100).all()  # no sem, no drv, outside the box
+    alt = out[35, 5].astype(int)
+    assert np.abs(alt - (0.5 * (0.55 * 100 + 0.45 * road) + 0.5 * np.array(DRV_PALETTE[1]))).max() <= 1
+    assert tuple(out[20, 55 - 1]) == DET_PALETTE[2] or tuple(out[20, 55]) == DET_PALETTE[2]  # car box edge
+
+
+def _run_export(checkpoint, out, fmt, sample, capsys):
+    assert main(["export", checkpoint, "--format", fmt, "--out", out, "--sample", sample, "--json"]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_export_torchscript_loads_and_matches_on_another_frame(checkpoint, images_dir, tmp_path, capsys):
+    from paf_ray.export import TOLERANCE, DeployableModel, compare_outputs, sample_frame
+    from paf_ray.train.checkpoint import load_model
+
+    out = str(tmp_path / "m.pt")
+    report = _run_export(checkpoint, out, "torchscript", os.path.join(images_dir, f"{STEMS[0]}.jpg"), capsys)
+    assert report["adapters_merged"] and report["detections_on_sample"] > 0
+    assert all(report["max_abs_diff"][k] <= TOLERANCE[k] for k in TOLERANCE)
+
+    import torchvision  # noqa: F401  (registers the nms / roi_align ops the file calls)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exported = torch.jit.load(out)
+    assert not [n for n, _ in exported.named_parameters() if "lora_" in n]  # deltas merged into the convs
+    frame = sample_frame(os.path.join(images_dir, f"{STEMS[3]}.jpg"), (1280, 720))  # not the traced sample
+    model, cfg, _ = load_model(checkpoint)
+    reference = DeployableModel(model, cfg.model.tasks, cfg.data.input_size, (1280, 720)).eval()
+    with torch.no_grad():
+        got, want = exported(frame), reference(frame)
+    assert got[3].shape == (1, 19, 720, 1280) and got[4].shape == (1, 3, 720, 1280)
+    diffs = compare_outputs([w.numpy() for w in want], [g.numpy() for g in got])
+    assert all(diffs[k] <= TOLERANCE[k] for k in TOLERANCE)
+
+
+def test_export_with_lv_adapter_bakes_class_embeddings(tmp_path, images_dir, capsys):
+    import onnxruntime as ort
+
+    checkpoint = _make_checkpoint(tmp_path / "lv", lv=True, merge=False)
+    sample = os.path.join(images_dir, f"{STEMS[1]}.jpg")
+    report = _run_export(checkpoint, str(tmp_path / "lv.pt"), "torchscript", sample, capsys)
+    assert report["class_embeddings_baked"] and report["lora_convs_merged_at_export"] > 0
+    import torchvision  # noqa: F401
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exported = torch.jit.load(str(tmp_path / "lv.pt"))
+    names = [n for n, _ in exported.named_parameters()] + [n for n, _ in exported.named_buffers()]
+    assert not [n for n in names if "text_encoder" in n]  # the text tower is gone, its output kept
+    assert [n for n in names if "baked_class_embeddings" in n]
+
+    onnx_report = _run_export(checkpoint, str(tmp_path / "lv.onnx"), "onnx", sample, capsys)
+    assert all(onnx_report["max_abs_diff"][k] <= onnx_report["tolerance"][k] for k in onnx_report["tolerance"])
+    session = ort.InferenceSession(str(tmp_path / "lv.onnx"), providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {"frame": np.zeros((1, 3, 720, 1280), np.uint8)})
+    assert [o.shape[-2:] for o in outputs[3:]] == [(720, 1280), (720, 1280)]
