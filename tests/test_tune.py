@@ -152,40 +152,42 @@ def test_results_table_is_sorted_and_best_yaml_is_a_run_config(tmp_path):
 # --------------------------------------------------------------------------- the smoke sweep
 
 
-def test_smoke_sweep_writes_table_best_config_tensorboard_and_study(ray_local, tmp_path):
+def test_smoke_sweep_writes_table_best_config_tensorboard_and_study(ray_local, tmp_path, capsys):
+    from paf_ray.cli import main
     from paf_ray.train.run import run_pipeline
 
     cfg = load_config(SMOKE)
     out = str(tmp_path / "sweep")
-    summary = search.run_sweep(cfg, out=out, source=SMOKE)
-
-    rows = summary["rows"]
-    assert len(rows) == 3
-    statuses = [r["status"] for r in rows]
-    assert "error" not in statuses, rows
-    for r in rows:  # a stopped trial stopped at ASHA's first rung; a completed one used the whole budget
-        assert r["epochs"] == (2 if r["status"] == "completed" else 1), r
-        assert isinstance(r["score"], float)
-    scores = [r["score"] for r in rows]
-    assert scores == sorted(scores, reverse=True)
+    assert main(["tune", SMOKE, "--out", out]) == 0
+    assert "best config:" in capsys.readouterr().out
 
     with open(os.path.join(out, "trials.csv"), newline="") as f:
-        assert len(list(csv.DictReader(f))) == 3
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3
+    assert all(r["status"] in ("completed", "stopped") for r in rows), rows
+    for r in rows:  # a stopped trial stopped at ASHA's rung (epoch 1); a completed one used the whole budget
+        assert int(r["epochs"]) == (2 if r["status"] == "completed" else 1), r
+    scores = [float(r["score"]) for r in rows]
+    assert scores == sorted(scores, reverse=True)
     assert os.path.exists(os.path.join(out, "trials.md"))
     # Tune's logger writes TensorBoard events for every trial under the sweep folder
-    events = glob.glob(os.path.join(out, cfg.name, "trial_*", "events.out.tfevents.*"))
-    assert len(events) == 3
+    assert len(glob.glob(os.path.join(out, cfg.name, "trial_*", "events.out.tfevents.*"))) == 3
     # the Optuna study persisted in the default SQLite storage, one finished trial per Tune trial
     study = optuna.load_study(study_name=cfg.name, storage="sqlite:///" + os.path.join(out, "optuna.db"))
     assert len(study.trials) == 3 and all(t.value is not None for t in study.trials)
 
-    # --resume on a finished sweep restores it and reruns nothing
+    # a second sweep into the same folder is refused; --resume restores the finished one and reruns nothing
+    with pytest.raises(ConfigError, match="--resume"):
+        search.run_sweep(cfg, out=out, source=SMOKE)
     again = search.run_sweep(cfg, out=out, resume=True, source=SMOKE)
     assert sorted(r["trial"] for r in again["rows"]) == sorted(r["trial"] for r in rows)
 
+    # best.yaml is the best completed trial, and a plain run config that runs as is
+    best_row = next(r for r in rows if r["status"] == "completed")
+    text = open(os.path.join(out, "best.yaml")).read()
+    assert f"trial {best_row['trial']} (completed)" in text
     best_cfg = load_config(os.path.join(out, "best.yaml"))
-    best = summary["best"]
-    assert best["status"] == "completed"
+    assert best_cfg.model.backbone.tiny_width == {"tiny-w8": 8, "tiny-w12": 12}[best_row["backbone"]]
     result = run_pipeline(best_cfg, out=str(tmp_path / "best_run"))
-    assert isinstance(result["metrics"]["score"], float)
     assert len(result["stages"]) == len(best_cfg.train.stages)
+    assert isinstance(result["metrics"]["score"], float)

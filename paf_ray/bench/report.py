@@ -26,19 +26,8 @@ def _target(section: str, key: str, value) -> str:
     return f"{text} ({'met' if ok(value) else 'missed'})"
 
 
-def bench_markdown(r: dict) -> str:
-    m, d, st, ro, lv, g = r["machine"], r["data"], r["step"], r["ray_overhead"], r["lv_overhead"], r["gpu"]
-    quick = r.get("settings", {}).get("quick")
-    lines = [
-        "# paf-ray bench" + (" (--quick: tiny sizes, a smoke run, not a measurement)" if quick else ""),
-        "",
-        f"Machine: {m['cpu_count']} CPUs ({m['cpu_model']}), GPU: {m.get('gpu_name') or 'none'}; "
-        f"torch {m['torch']}, ray {m['ray']}, python {m['python']}; device `{m['device']}`; "
-        f"load average at start {_f((m.get('load_avg_at_start') or [None])[0], 2)}; {m['date']}; "
-        f"total {r.get('wall_s', 0):.0f} s.",
-        "",
-        "Medians over repeats after warm-up; every ratio compares cases measured in this run.",
-        "",
+def _data(d: dict) -> list[str]:
+    return [
         f"## 1. Input pipeline ({d['workers']} CPU workers each, 1280x720 frames -> {d['input_size'][0]}x"
         f"{d['input_size'][1]}, batch {d['batch']}, {d['images_per_pass']} images a pass)",
         "",
@@ -47,7 +36,11 @@ def bench_markdown(r: dict) -> str:
         f"| Ray Data (`build_dataset` + `iter_train_batches`) | {_f(d['ray_data_img_s'])} |",
         f"| torch DataLoader (same `LoadRow` + `BatchCollate`) | {_f(d['dataloader_img_s'])} |",
         f"| **ratio** Ray Data / DataLoader | **{_f(d['ratio'], 2)}** {_target('data', 'ratio', d['ratio'])} |",
-        "",
+    ]
+
+
+def _step(st: dict) -> list[str]:
+    lines = [
         f"## 2. Step cost ({st['model']}, {st['input_size'][0]}x{st['input_size'][1]}, batch {st['batch']}; "
         f"memory: {st['memory']})",
         "",
@@ -72,8 +65,11 @@ def bench_markdown(r: dict) -> str:
     for case, b in st["breakdown"].items():
         lines.append(f"| {case} | {_f(b['backbone_fwd_ms'], 0)} | {_f(b['backbone_bwd_ms'], 0)} | "
                      f"{_f(b['rest_fwd_ms'], 0)} | {_f(b['rest_bwd_ms'], 0)} | {_f(b['optimizer_ms'], 0)} |")
-    lines += [
-        "",
+    return lines
+
+
+def _ray(ro: dict) -> list[str]:
+    return [
         f"## 3. Ray Train overhead ({ro['model']}, {ro['input_size'][0]}x{ro['input_size'][1]}, batch {ro['batch']}, "
         f"{ro['steps']} timed steps, {ro['threads']['plain']} torch threads each)",
         "",
@@ -83,7 +79,11 @@ def bench_markdown(r: dict) -> str:
         f"| TorchTrainer, 1 worker | {_f(ro['ray_ms'], 0)} |",
         f"| **ratio** | **{_f(ro['ratio'], 3)}** {_target('ray_overhead', 'ratio', ro['ratio'])} |",
         f"| start-up (fit() to the worker's first line) | {_f(ro['startup_s'])} s |",
-        "",
+    ]
+
+
+def _lv(lv: dict) -> list[str]:
+    return [
         f"## 4. LV-Adapter overhead ({lv['stage']} step, {lv['model']}, {lv['input_size'][0]}x{lv['input_size'][1]}, "
         f"batch {lv['batch']})",
         "",
@@ -92,29 +92,58 @@ def bench_markdown(r: dict) -> str:
         f"| without | {_f(lv['without_ms'], 0)} | {_f(lv['without_peak_mb'], 0)} |",
         f"| with LV-Adapter | {_f(lv['with_ms'], 0)} | {_f(lv['with_peak_mb'], 0)} |",
         f"| **ratio** | **{_f(lv['ratio'], 2)}** | |",
-        "",
-        "## 5. GPU",
-        "",
     ]
+
+
+def _gpu(g: dict) -> list[str]:
+    lines = ["## 5. GPU", ""]
     if not g.get("ran_on"):
-        lines.append(g.get("why", "not run"))
-    else:
-        lines += [
-            f"Ran on {g['ran_on']}" + (f" ({g['gpu_name']})" if g.get("gpu_name") else "") +
-            f"; amp {g['amp']}, channels_last {g['channels_last']}; 3-task {g['model']}-FPN finetune step at "
-            f"{g['input_size'][0]}x{g['input_size'][1]} (1280x720 frames letterboxed), batch {g['batch']}.",
-            "",
-            "| metric | value |",
-            "| --- | --- |",
-            f"| step | {_f(g['step_ms'], 1)} ms |",
-            f"| training images/s per device | {_f(g['train_img_s'])} |",
-            f"| peak memory | {_f(g['peak_mb'], 0)} MB |",
-            f"| FLOPs per step (torch.utils.flop_counter) | {g['flops_per_step'] / 1e12:.2f} T |",
-            f"| achieved | {_f(g['achieved_tflops'], 2)} TFLOP/s |",
-            f"| dense bf16 peak | {_f(g['bf16_peak_tflops'])} TFLOP/s |",
-            f"| **MFU** | **{_f(g['mfu'] * 100 if g['mfu'] is not None else None, 1)}%** |",
-            f"| input pipeline images/s | {_f(g['pipeline_img_s'])} |",
-            f"| **pipeline headroom** (pipeline / training images/s) | **{_f(g['pipeline_headroom'], 2)}** |",
-        ]
+        return lines + [g.get("why", "not run")]
+    mfu = f"{100 * g['mfu']:.1f}%" if g.get("mfu") is not None else "n/a (no bf16 peak known for this device)"
+    return lines + [
+        f"Ran on {g['ran_on']}" + (f" ({g['gpu_name']})" if g.get("gpu_name") else "") +
+        f"; amp {g['amp']}, channels_last {g['channels_last']}; 3-task {g['model']}-FPN finetune step at "
+        f"{g['input_size'][0]}x{g['input_size'][1]} (1280x720 frames letterboxed), batch {g['batch']}.",
+        "",
+        "| metric | value |",
+        "| --- | --- |",
+        f"| step | {_f(g['step_ms'], 1)} ms |",
+        f"| training images/s per device | {_f(g['train_img_s'])} |",
+        f"| peak memory | {_f(g['peak_mb'], 0)} MB |",
+        f"| FLOPs per step (torch.utils.flop_counter, fwd + bwd) | {g['flops_per_step'] / 1e9:.1f} GFLOP |",
+        f"| achieved | {_f(g['achieved_tflops'], 3)} TFLOP/s |",
+        f"| dense bf16 peak | {_f(g['bf16_peak_tflops'])} TFLOP/s |",
+        f"| **MFU** | **{mfu}** |",
+        f"| input pipeline images/s | {_f(g['pipeline_img_s'])} |",
+        f"| **pipeline headroom** (pipeline / training images/s) | **{_f(g['pipeline_headroom'], 2)}** |",
+    ]
+
+
+SECTION_WRITERS = {"data": _data, "step": _step, "ray_overhead": _ray, "lv_overhead": _lv, "gpu": _gpu}
+
+
+def bench_markdown(r: dict) -> str:
+    m = r["machine"]
+    quick = r.get("settings", {}).get("quick")
+    lines = [
+        "# paf-ray bench" + (" (--quick: tiny sizes, a smoke run, not a measurement)" if quick else ""),
+        "",
+        f"Machine: {m['cpu_count']} CPUs ({m['cpu_model']}), GPU: {m.get('gpu_name') or 'none'}; "
+        f"torch {m['torch']}, ray {m['ray']}, python {m['python']}; device `{m['device']}`; "
+        f"load average at start {_f((m.get('load_avg_at_start') or [None])[0], 2)}; {m['date']}; "
+        f"total {r.get('wall_s', 0):.0f} s" + ("" if r.get("complete") else " (incomplete)") + ".",
+        "",
+        "Medians over repeats after warm-up; every ratio compares cases measured in this run.",
+    ]
+    for name, writer in SECTION_WRITERS.items():
+        lines.append("")
+        section = r.get(name)
+        if section is None:
+            lines.append(f"## {name}: not run (yet)")
+        elif "error" in section:
+            lines.append(f"## {name}: FAILED")
+            lines += ["", "```", section["error"], "```"]
+        else:
+            lines += writer(section)
     lines.append("")
     return "\n".join(lines)

@@ -74,9 +74,15 @@ def _cpu_model() -> str:
 
 def machine_info(device: str) -> dict:
     import numpy
-    import ray
     import torch
     import torchvision
+
+    try:
+        import ray
+
+        ray_version = ray.__version__
+    except ImportError:
+        ray_version = None
 
     info: dict[str, Any] = {
         "cpu_count": os.cpu_count(),
@@ -85,7 +91,7 @@ def machine_info(device: str) -> dict:
         "gpu_count": 0,
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
-        "ray": ray.__version__,
+        "ray": ray_version,
         "numpy": numpy.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -249,7 +255,9 @@ def bench_ray_overhead(s: BenchSettings, frames: Frames) -> dict:
 
     spec = step_spec(s, frames, "finetune", s.small_model, s.small_input_size, s.small_batch, s.small_warmup,
                      s.small_repeats, adapter="bypass")
-    free_cpus = ray.available_resources().get("CPU", 0.0)
+    deadline = time.time() + 60  # Ray Data's tasks from the data case may still be releasing their CPUs
+    while (free_cpus := ray.available_resources().get("CPU", 0.0)) < s.threads and time.time() < deadline:
+        time.sleep(1)
     if free_cpus < s.threads:
         raise RuntimeError(f"bench ray_overhead: the worker needs {s.threads} CPUs, Ray has {free_cpus:g} free")
     _log("ray_overhead: plain loop ...")
@@ -303,7 +311,7 @@ def bench_gpu(s: BenchSettings, frames: Frames, data: dict, machine: dict) -> di
     img_s = r["batch"] / (r["ms"] / 1000)
     achieved_tflops = r["flops_per_step"] / (r["ms"] / 1000) / 1e12
     peak = machine.get("gpu_bf16_peak_tflops") if s.device == "cuda" else None
-    same_size = list(data["input_size"]) == list(s.gpu_input_size)
+    same_size = list(data.get("input_size", [])) == list(s.gpu_input_size)
     return {
         "ran_on": s.device,
         "gpu_name": machine.get("gpu_name") if s.device == "cuda" else None,
@@ -320,8 +328,8 @@ def bench_gpu(s: BenchSettings, frames: Frames, data: dict, machine: dict) -> di
         "achieved_tflops": achieved_tflops,
         "bf16_peak_tflops": peak,
         "mfu": achieved_tflops / peak if peak else None,
-        "pipeline_img_s": data["ray_data_img_s"],
-        "pipeline_headroom": data["ray_data_img_s"] / img_s if same_size else None,
+        "pipeline_img_s": data.get("ray_data_img_s"),
+        "pipeline_headroom": data["ray_data_img_s"] / img_s if same_size and "ray_data_img_s" in data else None,
         "breakdown": r["breakdown"],
     }
 
@@ -340,11 +348,28 @@ def write_synth_frames(root: str, s: BenchSettings) -> list[dict]:
     return load_records(data_cfg, root, "train")
 
 
+SECTIONS = ("data", "step", "ray_overhead", "lv_overhead", "gpu")
+
+
+def write_results(out: str, result: dict) -> None:
+    """bench.json and bench.md; written after every case, so a run cut short keeps what it measured."""
+    from paf_ray.bench.report import bench_markdown
+
+    for name, text in (("bench.json", json.dumps(result, indent=1)), ("bench.md", bench_markdown(result))):
+        path = os.path.join(out, name)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+
+
 def run_bench(out: str, quick: bool = False, device: str = "cpu") -> dict:
-    """Run every case; write `out`/bench.json and `out`/bench.md; return the bench dict."""
+    """Run every case; write `out`/bench.json and `out`/bench.md; return the bench dict.
+
+    A case that fails is recorded as {"error": ...} and the others still run; the result's
+    "failed" lists them (the command then exits 1).
+    """
     import torch
 
-    from paf_ray.bench.report import bench_markdown
     from paf_ray.train.ray_setup import init_ray
 
     s = bench_settings(device, quick)
@@ -356,32 +381,36 @@ def run_bench(out: str, quick: bool = False, device: str = "cpu") -> dict:
     shutil.rmtree(workdir, ignore_errors=True)
     os.makedirs(workdir)
     t_start = time.perf_counter()
-    machine = machine_info(device)
+    result: dict[str, Any] = {"machine": machine_info(device), "settings": _settings_dict(s), "complete": False,
+                              "failed": []}
     init_ray(num_cpus=os.cpu_count(), object_store_mb=4096 if device == "cuda" and not quick else 512)
 
     frames_root = os.path.join(out, f"synth-{s.frames}-{s.frame_size[0]}x{s.frame_size[1]}")
-    records = write_synth_frames(frames_root, s)
-    _log(f"{len(records)} training frames at {s.frame_size[0]}x{s.frame_size[1]} in {frames_root}")
+    frames = Frames(write_synth_frames(frames_root, s), workdir)
+    _log(f"{len(frames.records)} training frames at {s.frame_size[0]}x{s.frame_size[1]} in {frames_root}")
 
-    result: dict[str, Any] = {"machine": machine, "settings": _settings_dict(s)}
-    _log("data: DataLoader vs Ray Data ...")
-    result["data"] = bench_data(s, records)
-    _log(f"data: Ray Data {result['data']['ray_data_img_s']:.1f} img/s, "
-         f"DataLoader {result['data']['dataloader_img_s']:.1f} img/s")
-    frames = Frames(records, workdir)
-    result["step"] = bench_steps(s, frames)
-    result["ray_overhead"] = bench_ray_overhead(s, frames)
-    result["lv_overhead"] = bench_lv_overhead(s, frames)
-    if device == "cuda" or quick:
-        result["gpu"] = bench_gpu(s, frames, result["data"], machine)
-    else:
-        result["gpu"] = {"ran_on": None, "why": "CPU run: `paf-ray bench --device cuda` (scripts/gpu_bench.sh) fills this"}
-    result["wall_s"] = time.perf_counter() - t_start
-
-    with open(os.path.join(out, "bench.json"), "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(out, "bench.md"), "w", encoding="utf-8") as f:
-        f.write(bench_markdown(result))
+    cases = {
+        "data": lambda: bench_data(s, frames.records),
+        "step": lambda: bench_steps(s, frames),
+        "ray_overhead": lambda: bench_ray_overhead(s, frames),
+        "lv_overhead": lambda: bench_lv_overhead(s, frames),
+        "gpu": lambda: bench_gpu(s, frames, result["data"], result["machine"]),
+    }
+    if device == "cpu" and not quick:
+        cases["gpu"] = lambda: {"ran_on": None, "why": "CPU run: `paf-ray bench --device cuda` (scripts/gpu_bench.sh) fills this"}
+    for name in SECTIONS:
+        t0 = time.perf_counter()
+        try:
+            result[name] = cases[name]()
+        except Exception as e:  # keep the other cases' numbers; the command exits 1
+            _log(f"{name}: FAILED: {type(e).__name__}: {e}")
+            result[name] = {"error": f"{type(e).__name__}: {e}"}
+            result["failed"].append(name)
+        result[name]["case_s"] = time.perf_counter() - t0
+        result["wall_s"] = time.perf_counter() - t_start
+        write_results(out, result)
+    result["complete"] = not result["failed"]
+    write_results(out, result)
     return result
 
 
@@ -395,7 +424,12 @@ def _settings_dict(s: BenchSettings) -> dict:
 
 
 def bench_command(args) -> int:
-    result = run_bench(args.out, quick=args.quick, device=args.device)
-    print(open(os.path.join(os.path.abspath(args.out), "bench.md"), encoding="utf-8").read())
-    _log(f"wrote {os.path.join(os.path.abspath(args.out), 'bench.json')} in {result['wall_s']:.0f} s")
+    out = os.path.abspath(args.out)
+    result = run_bench(out, quick=args.quick, device=args.device)
+    with open(os.path.join(out, "bench.md"), encoding="utf-8") as f:
+        print(f.read())
+    _log(f"wrote {os.path.join(out, 'bench.json')} in {result['wall_s']:.0f} s")
+    if result["failed"]:
+        _log(f"cases that failed: {', '.join(result['failed'])} (their error is in bench.json)")
+        return 1
     return 0

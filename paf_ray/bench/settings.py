@@ -105,7 +105,7 @@ def bench_settings(device: str, quick: bool) -> BenchSettings:
             small_input_size=(128, 96),
             small_batch=2,
             small_warmup=1,
-            small_repeats=3,
+            small_repeats=2,
             threads=min(2, cpus),
             gpu_model=TINY,
             gpu_input_size=(256, 160),

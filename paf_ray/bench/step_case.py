@@ -85,6 +85,17 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (Linux: clear_refs 5), so that the imports' transient
+    peak does not hide the case's own. False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def build_optimizer(model, stage):
     """The training loop's optimizer (``train.loop.build_optimizer``), spelled here so the
     measuring process does not import Ray: keep the two in step."""
@@ -207,7 +218,11 @@ def measure_step(spec: dict) -> dict:
     from paf_ray.models import build_model  # noqa: F401  (imported before the memory baseline)
 
     t_start = time.perf_counter()
+    import gc
+
+    gc.collect()
     rss_base = _rss_mb()
+    peak_reset = _reset_peak_rss()
     cfg, model, optimizer, stage, batch, device = build_case(spec)
     build_s = time.perf_counter() - t_start
     if on_cuda:
@@ -253,6 +268,7 @@ def measure_step(spec: dict) -> dict:
         out["peak_rss_mb"] = _peak_rss_mb()
         out["base_rss_mb"] = rss_base
         out["peak_mb"] = out["peak_rss_mb"] - rss_base
+        out["peak_reset"] = peak_reset  # False: the peak may be the imports' rather than the case's
     if spec.get("flops"):
         from torch.utils.flop_counter import FlopCounterMode
 

@@ -185,5 +185,7 @@ def build_det_head(channels: int, num_classes: int, cfg: DetConfig) -> nn.Module
     if cfg.kind == "faster_rcnn":
         return FasterRCNNHead(channels, num_classes, cfg)
     if cfg.kind == "fcos":
+        if channels % 32:  # torchvision's FCOS towers use GroupNorm(32, channels)
+            raise ValueError(f"model.fpn_channels: FCOS needs a multiple of 32, got {channels}")
         return FCOSDetHead(channels, num_classes, cfg)
     raise ValueError(f"model.det.kind: unknown detector {cfg.kind!r} (faster_rcnn, fcos)")

@@ -19,7 +19,8 @@ from paf_ray.models.multitask import build_model
 from paf_ray.models.stages import apply_stage, finish_stage, trainable_summary
 
 
-def forward_gflops(model: torch.nn.Module, input_size: tuple[int, int]) -> float:
+def forward_gflops(model: torch.nn.Module, input_size: tuple[int, int]) -> tuple[float, dict[str, float]]:
+    """GFLOPs of one eval forward (batch 1) in all and per top-level module."""
     from torch.utils.flop_counter import FlopCounterMode
 
     width, height = input_size
@@ -32,12 +33,19 @@ def forward_gflops(model: torch.nn.Module, input_size: tuple[int, int]) -> float
             model(images)
     finally:
         model.train(was_training)
-    return counter.get_total_flops() / 1e9
+    root = type(model).__name__
+    per_module = {}
+    for name, ops in counter.get_flop_counts().items():
+        parts = name.split(".")
+        if len(parts) == 2 and parts[0] == root:
+            per_module[parts[1]] = round(sum(ops.values()) / 1e9, 3)
+    return counter.get_total_flops() / 1e9, per_module
 
 
 def inspect_model(cfg, stage: str | None = None, flops: bool = True) -> dict:
     kinds = [s.kind for s in cfg.train.stages]
     stage = stage or (kinds[0] if kinds else "finetune")
+    torch.manual_seed(0)  # random init decides how many proposals survive NMS, hence the RoI-head FLOPs
     model = build_model(cfg.model, cfg.data.input_size, load_weights=False)
     if stage == "finetune":
         for s in cfg.train.stages:
@@ -50,7 +58,9 @@ def inspect_model(cfg, stage: str | None = None, flops: bool = True) -> dict:
     report["input_size"] = list(cfg.data.input_size)
     if flops:
         try:
-            report["gflops"] = round(forward_gflops(model, cfg.data.input_size), 3)
+            total, per_module = forward_gflops(model, cfg.data.input_size)
+            report["gflops"] = round(total, 3)
+            report["gflops_modules"] = per_module
         except Exception as e:  # counting is best effort; the counts above stand on their own
             report["gflops_error"] = f"{type(e).__name__}: {e}"
     return report
@@ -63,7 +73,8 @@ def _text(report: dict) -> str:
         lines.append(f"{name:<14}{c['total']:>14,}{c['trainable']:>14,}")
     lines.append(f"{'all':<14}{report['total']:>14,}{report['trainable']:>14,}")
     if "gflops" in report:
-        lines.append(f"forward GFLOPs (batch 1): {report['gflops']:.2f}")
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in report["gflops_modules"].items())
+        lines.append(f"forward GFLOPs (batch 1): {report['gflops']:.2f}  ({parts})")
     else:
         lines.append(f"forward GFLOPs: not counted ({report.get('gflops_error')})")
     return "\n".join(lines)

@@ -1,0 +1,142 @@
+"""The one home of BDD100K facts: tasks, class lists, ignore rules, palettes, sizes.
+
+Sources: bdd100k/bdd100k `bdd100k/label/label.py`, `bdd100k/configs/det.toml`, and the
+official evaluation code (see ``shared/notes/bdd100k.md``). Everything else in paf_ray
+imports these names instead of spelling a class list again.
+"""
+
+from __future__ import annotations
+
+IMAGE_WIDTH = 1280
+IMAGE_HEIGHT = 720
+IMAGE_SIZE = (IMAGE_WIDTH, IMAGE_HEIGHT)  # (width, height), as the official evaluation assumes
+
+# Task keys, in the order metrics and heads are listed everywhere.
+TASKS = ("det", "sem", "drv")
+
+# --- detection (labels/det_20) -----------------------------------------------------
+# Index i here is COCO category_id i + 1 in the official toolkit.
+DET_CLASSES = (
+    "pedestrian",
+    "rider",
+    "car",
+    "truck",
+    "bus",
+    "train",
+    "motorcycle",
+    "bicycle",
+    "traffic light",
+    "traffic sign",
+)
+# Ignore categories: evaluated as crowd regions of the class on the right, never as classes.
+DET_IGNORE_CATEGORIES = {"other person": "pedestrian", "other vehicle": "car", "trailer": "truck"}
+# Names from the 2018 release that map onto the current classes.
+DET_LEGACY_RENAMES = {
+    "person": "pedestrian",
+    "bike": "bicycle",
+    "motor": "motorcycle",
+    "caravan": "car",
+    "van": "car",
+}
+
+# --- semantic segmentation (labels/sem_seg/masks, Cityscapes train ids) --------------
+SEM_CLASSES = (
+    "road",
+    "sidewalk",
+    "building",
+    "wall",
+    "fence",
+    "pole",
+    "traffic light",
+    "traffic sign",
+    "vegetation",
+    "terrain",
+    "sky",
+    "person",
+    "rider",
+    "car",
+    "truck",
+    "bus",
+    "train",
+    "motorcycle",
+    "bicycle",
+)
+IGNORE_INDEX = 255  # "no label" in every mask we read or write
+
+# Cityscapes palette in train-id order (bdd100k/label/label.py).
+SEM_PALETTE = (
+    (128, 64, 128),
+    (244, 35, 232),
+    (70, 70, 70),
+    (102, 102, 156),
+    (190, 153, 153),
+    (153, 153, 153),
+    (250, 170, 30),
+    (220, 220, 0),
+    (107, 142, 35),
+    (152, 251, 152),
+    (70, 130, 180),
+    (220, 20, 60),
+    (255, 0, 0),
+    (0, 0, 142),
+    (0, 0, 70),
+    (0, 60, 100),
+    (0, 80, 100),
+    (0, 0, 230),
+    (119, 11, 32),
+)
+
+# --- drivable area (labels/drivable/masks) ------------------------------------------
+DRV_CLASSES = ("direct", "alternative", "background")
+DRV_DIRECT, DRV_ALTERNATIVE, DRV_BACKGROUND = 0, 1, 2
+DRV_PALETTE = ((219, 94, 86), (86, 211, 219), (0, 0, 0))
+# The official drivable mIoU leaves the background value out (confusion size 3 = excluded).
+DRV_OFFICIAL_CLASSES = 2
+
+# Detection box colours for overlays (one per class, distinct from the mask palettes).
+DET_PALETTE = (
+    (220, 20, 60),
+    (255, 0, 0),
+    (0, 0, 142),
+    (0, 0, 70),
+    (0, 60, 100),
+    (0, 80, 100),
+    (0, 0, 230),
+    (119, 11, 32),
+    (250, 170, 30),
+    (220, 220, 0),
+)
+
+# --- frame attributes (det_20 "attributes") ----------------------------------------
+WEATHERS = ("clear", "overcast", "partly cloudy", "rainy", "snowy", "foggy", "undefined")
+SCENES = ("city street", "highway", "residential", "parking lot", "gas stations", "tunnel", "undefined")
+TIMES_OF_DAY = ("daytime", "dawn/dusk", "night", "undefined")
+TRAFFIC_LIGHT_COLORS = ("NA", "G", "Y", "R")
+
+# --- class names as CLIP prompts read them (LV-Adapter) ------------------------------
+PROMPT_NAMES = {
+    "det": DET_CLASSES,
+    "sem": SEM_CLASSES,
+    "drv": ("direct drivable lane", "alternative drivable lane", "background"),
+}
+
+NUM_CLASSES = {"det": len(DET_CLASSES), "sem": len(SEM_CLASSES), "drv": len(DRV_CLASSES)}
+
+# --- dataset layout -----------------------------------------------------------------
+# Which image set holds each task's labels, and where the labels live under the root.
+TASK_IMAGE_SET = {"det": "100k", "drv": "100k", "sem": "10k"}
+IMAGES_DIR = "images/{image_set}/{split}"
+DET_LABELS = "labels/det_20/det_{split}.json"
+SEM_MASKS_DIR = "labels/sem_seg/masks/{split}"
+DRV_MASKS_DIR = "labels/drivable/masks/{split}"
+SPLITS = ("train", "val")
+
+
+def det_category_to_index(category: str) -> tuple[int, bool] | None:
+    """Map a det_20 category to (class index, is_ignore_region); None if it is unknown."""
+    category = DET_LEGACY_RENAMES.get(category, category)
+    if category in DET_IGNORE_CATEGORIES:
+        return DET_CLASSES.index(DET_IGNORE_CATEGORIES[category]), True
+    if category in DET_CLASSES:
+        return DET_CLASSES.index(category), False
+    return None

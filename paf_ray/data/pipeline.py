@@ -1,0 +1,238 @@
+"""The Ray Data pipeline: index records -> decode + joint transforms on CPU -> torch batches.
+
+``build_dataset`` gives a ``ray.data.Dataset`` of transformed rows (docs/architecture.md §2);
+a training worker iterates its shard with ``iter_train_batches`` (``BatchCollate`` makes
+the batch of §3). Nothing here depends on running inside Ray Train.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import ray
+import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from paf_ray.config import DataConfig
+from paf_ray.data import synth
+from paf_ray.data.bdd100k import IGNORE_INDEX
+from paf_ray.data.decode import load_sample
+from paf_ray.data.index import DatasetError, build_index
+from paf_ray.data.transforms import train_transform, val_transform
+
+log = logging.getLogger(__name__)
+
+ROWS_PER_BLOCK = 4  # records per read block: small blocks keep the map tasks streaming
+
+
+# ----------------------------------------------------------------------------- root and records
+
+
+def synth_cache_name(data_cfg: DataConfig) -> str:
+    s = data_cfg.synth
+    name = f"synth-{s.images}-{s.size[0]}x{s.size[1]}-s{s.seed}"
+    if s.val_fraction != 0.25:
+        name += f"-v{s.val_fraction:g}"
+    return name
+
+
+def resolve_root(data_cfg: DataConfig, cache_dir: str) -> str:
+    """``data.root`` if set; else the synthetic dataset under cache_dir, generated once.
+
+    Two processes may race: each writes into its own temporary folder and renames it into
+    place; the loser discards its copy. A folder without the completion marker is never used.
+    """
+    if data_cfg.root:
+        return data_cfg.root
+    s = data_cfg.synth
+    cache_dir = os.path.abspath(cache_dir)
+    os.makedirs(cache_dir, exist_ok=True)
+    final = os.path.join(cache_dir, synth_cache_name(data_cfg))
+    if synth.is_complete(final):
+        return final
+    if os.path.exists(final):
+        raise DatasetError(f"{final}: exists but has no completion marker ({synth.COMPLETE_MARKER}); remove it")
+    tmp = tempfile.mkdtemp(dir=cache_dir, prefix=os.path.basename(final) + ".tmp-")
+    try:
+        synth.write_synthetic(tmp, images=s.images, seed=s.seed, size=tuple(s.size), val_fraction=s.val_fraction)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not synth.is_complete(final):
+                raise
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def load_records(data_cfg: DataConfig, root: str, split: str, stats: dict | None = None) -> list[dict]:
+    """The split's index records (sorted by name), cut to max_{train,val}_samples if set."""
+    records = build_index(root, splits=(split,), drop_overlap=data_cfg.drop_overlap,
+                          on_bad_sample=data_cfg.on_bad_sample, stats=stats)[split]
+    limit = data_cfg.max_train_samples if split == data_cfg.train_split else data_cfg.max_val_samples
+    if limit is not None:
+        records = records[:limit]
+    if not records:
+        raise DatasetError(f"{root}: split {split!r} has no labelled images")
+    return records
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+def _placeholder_row(name: str, error: str) -> dict:
+    """A bad sample kept under on_bad_sample=skip: tiny arrays and the reason; the collate drops it."""
+    return {
+        "image": np.zeros((1, 1, 3), np.uint8),
+        "boxes": np.zeros((0, 4), np.float32),
+        "labels": np.zeros((0,), np.int64),
+        "ignore_boxes": np.zeros((0, 4), np.float32),
+        "sem": np.full((1, 1), IGNORE_INDEX, np.uint8),
+        "drv": np.full((1, 1), IGNORE_INDEX, np.uint8),
+        "has_det": False, "has_sem": False, "has_drv": False,
+        "name": name,
+        "scale": np.float32(0.0),
+        "orig_size": np.zeros((2,), np.int64),
+        "error": error,
+    }
+
+
+class LoadRow:
+    """The Ray Data map: one JSON record -> one transformed row (or a placeholder for a bad one)."""
+
+    def __init__(self, data_cfg: DataConfig, train: bool):
+        self.input_size = tuple(data_cfg.input_size)
+        self.train = train
+        self.scale_range = tuple(data_cfg.scale_range)
+        self.hflip = data_cfg.hflip
+        self.color_jitter = data_cfg.color_jitter
+        self.skip = data_cfg.on_bad_sample == "skip"
+
+    def __call__(self, item: dict) -> dict:
+        record = json.loads(item["record"])
+        try:
+            sample = load_sample(record)
+        except DatasetError as e:
+            if not self.skip:
+                raise
+            return _placeholder_row(record["name"], str(e))
+        if self.train:
+            row = train_transform(sample, self.input_size, self.scale_range, self.hflip, self.color_jitter,
+                                  np.random.default_rng())
+        else:
+            row = val_transform(sample, self.input_size)
+        row["name"] = record["name"]
+        row["error"] = ""
+        return row
+
+
+def map_cpus(data_cfg: DataConfig) -> float:
+    """CPUs per decode task: half a CPU on small budgets so two tasks overlap I/O and compute."""
+    return 0.5 if data_cfg.cpus <= 1 else 1.0
+
+
+def build_dataset(records: list[dict], data_cfg: DataConfig, train: bool) -> ray.data.Dataset:
+    """Records -> Dataset of transformed rows; Ray Data's CPU use is capped at ``data.cpus``."""
+    from paf_ray.train.ray_setup import configure_data_context
+
+    if not records:
+        raise DatasetError("build_dataset: no records")
+    configure_data_context(data_cfg.cpus)
+    items = [{"record": json.dumps(r)} for r in records]
+    if train:  # a fixed shuffle of the records; the block order is shuffled again every epoch
+        order = np.random.default_rng(0).permutation(len(items))
+        items = [items[i] for i in order]
+    blocks = max(1, min(len(items), -(-len(items) // ROWS_PER_BLOCK)))
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
+    if train:
+        ds = ds.randomize_block_order()
+    return ds.map(LoadRow(data_cfg, train), num_cpus=map_cpus(data_cfg))
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+class BatchCollate(NumpyBatchCollateFn):
+    """Numpy rows -> the training batch (docs/architecture.md §3); bad rows are dropped and counted."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict:
+        errors = batch["error"]
+        good = [i for i, e in enumerate(errors) if not e]
+        skipped = len(errors) - len(good)
+        if skipped:
+            for i, e in enumerate(errors):
+                if e:
+                    log.warning("skipped bad sample %s: %s", batch["name"][i], e)
+
+        def stack(key):
+            col = batch[key]
+            if not skipped and isinstance(col, np.ndarray) and col.dtype != object:
+                return col
+            return np.stack([np.asarray(col[i]) for i in good]) if good else None
+
+        images = stack("image")
+        sem, drv = stack("sem"), stack("drv")
+        if images is None:  # every row of this batch was bad
+            return {"image": torch.zeros((0, 3, 1, 1), dtype=torch.uint8), "boxes": [], "labels": [],
+                    "ignore_boxes": [], "sem": torch.zeros((0, 1, 1), dtype=torch.int64),
+                    "drv": torch.zeros((0, 1, 1), dtype=torch.int64), "has_det": torch.zeros(0, dtype=torch.bool),
+                    "has_sem": torch.zeros(0, dtype=torch.bool), "has_drv": torch.zeros(0, dtype=torch.bool),
+                    "name": [], "scale": torch.zeros(0), "orig_size": torch.zeros((0, 2), dtype=torch.int64),
+                    "skipped": skipped}
+
+        def tensor(a, dtype=None):
+            t = torch.from_numpy(a if a.flags.writeable else a.copy())
+            return t if dtype is None else t.to(dtype)
+
+        return {
+            "image": tensor(images).permute(0, 3, 1, 2),
+            "boxes": [tensor(np.asarray(batch["boxes"][i], np.float32).reshape(-1, 4)) for i in good],
+            "labels": [tensor(np.asarray(batch["labels"][i], np.int64).reshape(-1)) for i in good],
+            "ignore_boxes": [tensor(np.asarray(batch["ignore_boxes"][i], np.float32).reshape(-1, 4)) for i in good],
+            "sem": torch.from_numpy(sem.astype(np.int64)),
+            "drv": torch.from_numpy(drv.astype(np.int64)),
+            "has_det": torch.from_numpy(np.asarray([bool(batch["has_det"][i]) for i in good])),
+            "has_sem": torch.from_numpy(np.asarray([bool(batch["has_sem"][i]) for i in good])),
+            "has_drv": torch.from_numpy(np.asarray([bool(batch["has_drv"][i]) for i in good])),
+            "name": [str(batch["name"][i]) for i in good],
+            "scale": torch.from_numpy(np.asarray([batch["scale"][i] for i in good], np.float32)),
+            "orig_size": torch.from_numpy(np.stack([np.asarray(batch["orig_size"][i], np.int64) for i in good])),
+            "skipped": skipped,
+        }
+
+
+def batch_to_device(batch: dict, device) -> dict:
+    """Move every tensor (also those in lists) to `device`; other values are kept."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return batch
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.to(device, non_blocking=True)
+        elif isinstance(v, list) and v and isinstance(v[0], torch.Tensor):
+            out[k] = [t.to(device, non_blocking=True) for t in v]
+        else:
+            out[k] = v
+    return out
+
+
+def iter_train_batches(shard_or_dataset, batch_size: int, device="cpu", drop_last: bool = False,
+                       local_shuffle_buffer_size: int | None = None):
+    """Batches of §3 from a DataIterator (``get_dataset_shard``) or a Dataset, on `device`.
+
+    Every batch is yielded, also one whose rows were all bad (zero images, `skipped` > 0):
+    data-parallel ranks must see the same number of batches, and the training loop skips
+    such a step on every rank together.
+    """
+    batches = shard_or_dataset.iter_torch_batches(
+        batch_size=batch_size, collate_fn=BatchCollate(), prefetch_batches=1, drop_last=drop_last, device="cpu",
+        local_shuffle_buffer_size=local_shuffle_buffer_size)
+    for batch in batches:
+        yield batch_to_device(batch, device)
