@@ -173,6 +173,7 @@ class TrainConfig:
     eval_every_epochs: int = 1
     checkpoint_every_steps: Optional[int] = None
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    torch_threads: Optional[int] = None  # intra-op threads per worker; None = Ray's default (its CPU count)
     seed: int = 0
 
 

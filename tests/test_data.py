@@ -141,7 +141,7 @@ def test_index_merges_frames_in_both_sets_and_drops_overlap(synth_root, tmp_path
     kept = build_index(synth_root, drop_overlap=False)["train"]
     assert len(kept) == len(train) + 1 and {r["name"] for r in kept} & val_stems
     rec = next(r for r in train if r["boxes"])
-    assert set(rec) == {"name", "image", "image_set", "split", "has_det", "boxes", "labels", "ignore_boxes", "sem",
+    assert set(rec) == {"name", "image", "image_set", "split", "has_det", "boxes", "labels", "ignore_boxes", "ignore_labels", "sem",
                         "drv", "attributes"}
     assert all(0 <= c < 10 for c in rec["labels"]) and len(rec["labels"]) == len(rec["boxes"])
     assert set(rec["attributes"]) == {"weather", "scene", "timeofday"}

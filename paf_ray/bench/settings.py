@@ -130,8 +130,8 @@ def bench_settings(device: str, quick: bool) -> BenchSettings:
             small_model=R18_SMALL,
             small_input_size=(320, 192),
             small_batch=2,
-            small_warmup=2,
-            small_repeats=8,
+            small_warmup=1,
+            small_repeats=5,
             threads=min(2, cpus),
         )
     # A GPU machine: feed the GPU from most of its cores, measure at full resolution.

@@ -103,6 +103,7 @@ def load_sample(record: dict) -> dict:
         "boxes": boxes,
         "labels": np.asarray(record.get("labels") or [], np.int64).reshape(-1),
         "ignore_boxes": ignore,
+        "ignore_labels": np.asarray(record.get("ignore_labels") or [], np.int64).reshape(-1),
         "has_det": bool(record.get("has_det")),
         "sem": decode_mask(record["sem"], "sem", (w, h)) if record.get("sem") else None,
         "drv": decode_mask(record["drv"], "drv", (w, h)) if record.get("drv") else None,

@@ -20,8 +20,8 @@ from paf_ray.data import storage
 
 log = logging.getLogger(__name__)
 
-RECORD_KEYS = ("name", "image", "image_set", "split", "has_det", "boxes", "labels", "ignore_boxes", "sem", "drv",
-               "attributes")
+RECORD_KEYS = ("name", "image", "image_set", "split", "has_det", "boxes", "labels", "ignore_boxes", "ignore_labels",
+               "sem", "drv", "attributes")
 
 
 class DatasetError(ValueError):
@@ -33,6 +33,7 @@ class DetTargets:
     boxes: list[list[float]] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     ignore_boxes: list[list[float]] = field(default_factory=list)
+    ignore_labels: list[int] = field(default_factory=list)  # the class each ignore region hides
     # per box (boxes then ignore boxes): the category name, for reports
     categories: list[str] = field(default_factory=list)
 
@@ -104,6 +105,7 @@ def det_targets(frame: dict, source: str) -> tuple[DetTargets, list[str]]:
         attrs = label.get("attributes") or {}
         if ignored or (isinstance(attrs, dict) and attrs.get("crowd") is True):
             out.ignore_boxes.append(coords)
+            out.ignore_labels.append(cls)
         else:
             out.boxes.append(coords)
             out.labels.append(cls)
@@ -205,7 +207,7 @@ def _index_split(root: str, split: str, on_bad_sample: str, drop_stems: set[str]
         records[("100k", stem)] = {
             "name": name, "image": image_path("100k", name), "image_set": "100k", "split": split,
             "has_det": frame is not None, "boxes": targets.boxes, "labels": targets.labels,
-            "ignore_boxes": targets.ignore_boxes, "sem": None,
+            "ignore_boxes": targets.ignore_boxes, "ignore_labels": targets.ignore_labels, "sem": None,
             "drv": mask_path(B.DRV_MASKS_DIR, stem) if has_drv else None,
             "attributes": dict(frame.get("attributes") or {}) if frame is not None else {},
         }
@@ -222,7 +224,8 @@ def _index_split(root: str, split: str, on_bad_sample: str, drop_stems: set[str]
             continue
         records[("10k", stem)] = {
             "name": name, "image": image_path("10k", name), "image_set": "10k", "split": split,
-            "has_det": False, "boxes": [], "labels": [], "ignore_boxes": [], "sem": sem_path, "drv": None,
+            "has_det": False, "boxes": [], "labels": [], "ignore_boxes": [], "ignore_labels": [],
+            "sem": sem_path, "drv": None,
             "attributes": {},
         }
     kept = []

@@ -93,6 +93,7 @@ def _placeholder_row(name: str, error: str) -> dict:
         "boxes": np.zeros((0, 4), np.float32),
         "labels": np.zeros((0,), np.int64),
         "ignore_boxes": np.zeros((0, 4), np.float32),
+        "ignore_labels": np.zeros((0,), np.int64),
         "sem": np.full((1, 1), IGNORE_INDEX, np.uint8),
         "drv": np.full((1, 1), IGNORE_INDEX, np.uint8),
         "has_det": False, "has_sem": False, "has_drv": False,
@@ -180,7 +181,7 @@ class BatchCollate(NumpyBatchCollateFn):
         sem, drv = stack("sem"), stack("drv")
         if images is None:  # every row of this batch was bad
             return {"image": torch.zeros((0, 3, 1, 1), dtype=torch.uint8), "boxes": [], "labels": [],
-                    "ignore_boxes": [], "sem": torch.zeros((0, 1, 1), dtype=torch.int64),
+                    "ignore_boxes": [], "ignore_labels": [], "sem": torch.zeros((0, 1, 1), dtype=torch.int64),
                     "drv": torch.zeros((0, 1, 1), dtype=torch.int64), "has_det": torch.zeros(0, dtype=torch.bool),
                     "has_sem": torch.zeros(0, dtype=torch.bool), "has_drv": torch.zeros(0, dtype=torch.bool),
                     "name": [], "scale": torch.zeros(0), "orig_size": torch.zeros((0, 2), dtype=torch.int64),
@@ -195,6 +196,7 @@ class BatchCollate(NumpyBatchCollateFn):
             "boxes": [tensor(np.asarray(batch["boxes"][i], np.float32).reshape(-1, 4)) for i in good],
             "labels": [tensor(np.asarray(batch["labels"][i], np.int64).reshape(-1)) for i in good],
             "ignore_boxes": [tensor(np.asarray(batch["ignore_boxes"][i], np.float32).reshape(-1, 4)) for i in good],
+            "ignore_labels": [tensor(np.asarray(batch["ignore_labels"][i], np.int64).reshape(-1)) for i in good],
             "sem": torch.from_numpy(sem.astype(np.int64)),
             "drv": torch.from_numpy(drv.astype(np.int64)),
             "has_det": torch.from_numpy(np.asarray([bool(batch["has_det"][i]) for i in good])),

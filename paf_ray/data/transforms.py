@@ -104,12 +104,15 @@ def _transform(sample: dict, input_size, scale: float, flip: bool, offset: tuple
 
     labels = np.asarray(sample.get("labels") if sample.get("labels") is not None else [], np.int64).reshape(-1)
     boxes, labels = _clip_boxes(move(sample.get("boxes")), content_w, content_h, labels)
-    ignore, _ = _clip_boxes(move(sample.get("ignore_boxes")), content_w, content_h)
+    ignore_labels = sample.get("ignore_labels")
+    ignore_labels = np.asarray(ignore_labels if ignore_labels is not None else [], np.int64).reshape(-1)
+    ignore, ignore_labels = _clip_boxes(move(sample.get("ignore_boxes")), content_w, content_h, ignore_labels)
     return {
         "image": img,
         "boxes": boxes.astype(np.float32),
         "labels": labels.astype(np.int64),
         "ignore_boxes": ignore.astype(np.float32),
+        "ignore_labels": ignore_labels.astype(np.int64),
         "sem": prep_mask(sample.get("sem")),
         "drv": prep_mask(sample.get("drv")),
         "has_det": bool(sample.get("has_det", False)),

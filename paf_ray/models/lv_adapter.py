@@ -26,7 +26,6 @@ from paf_ray.models.clip_text import ClipTextEncoder, PromptLearner
 # Parameter-name marker of the prompt context vectors (the stage policy freezes them by name).
 PROMPT_PARAM_PREFIX = "prompts.ctx."
 
-
 class LVAdapter(nn.Module):
     def __init__(self, cfg: LVAdapterConfig, tasks: list[str], in_channels: dict[int, int], load_weights: bool = True):
         """`load_weights=False`: do not read `cfg.clip_weights` (the caller loads a state dict next)."""

@@ -149,6 +149,8 @@ def train_loop(config: dict) -> None:
     on_gpu = device.type == "cuda"
     amp = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and on_gpu)
     torch.manual_seed(cfg.train.seed + 1000 * stage_index + rank)
+    if cfg.train.torch_threads:
+        torch.set_num_threads(cfg.train.torch_threads)
 
     resumed = ray.train.get_checkpoint()
     from_checkpoint = resumed is not None or config.get("init_checkpoint") is not None

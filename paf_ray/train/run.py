@@ -63,24 +63,32 @@ def stage_run_name(index: int, kind: str) -> str:
 # --------------------------------------------------------------------------- data
 
 
-def prepare_data(cfg: Config) -> tuple[Config, list[dict], list[dict]]:
+def prepare_data(cfg: Config, stats: dict | None = None) -> tuple[Config, list[dict], list[dict]]:
     """Resolve the dataset root (generating the synthetic default once) and read both splits.
 
-    Returns the config with `data.root` set to the resolved root, so checkpoints carry
-    where their data came from.
+    Only samples that carry at least one of the model's tasks are kept (a single-task run
+    on `sem` reads the 10k set only). Returns the config with `data.root` set to the
+    resolved root, so checkpoints carry where their data came from. Index counts
+    (dropped overlaps, skipped bad labels) land in `stats` per split.
     """
     from paf_ray.data.pipeline import load_records, resolve_root
 
     cache = os.environ.get("PAF_RAY_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "paf_ray"))
     root = resolve_root(cfg.data, cache)
     cfg = replace(cfg, data=replace(cfg.data, root=root))
-    train = load_records(cfg.data, root, cfg.data.train_split)
-    val = load_records(cfg.data, root, cfg.data.val_split)
-    if not train:
-        raise ValueError(f"{root}: no {cfg.data.train_split} samples for tasks {cfg.model.tasks}")
-    if not val:
-        raise ValueError(f"{root}: no {cfg.data.val_split} samples for tasks {cfg.model.tasks}")
-    return cfg, train, val
+    tasks = set(cfg.model.tasks)
+    splits = []
+    for split in (cfg.data.train_split, cfg.data.val_split):
+        records = load_records(cfg.data, root, split, stats=stats)
+        records = [r for r in records if any(_has_task(r, t) for t in tasks)]
+        if not records:
+            raise ValueError(f"{root}: no {split} samples with labels for tasks {sorted(tasks)}")
+        splits.append(records)
+    return cfg, splits[0], splits[1]
+
+
+def _has_task(record: dict, task: str) -> bool:
+    return bool(record.get("has_det")) if task == "det" else bool(record.get(task))
 
 
 def training_world_size(cfg: Config) -> int:
@@ -185,7 +193,8 @@ def run_pipeline(
     init_ray(cfg.ray.address, object_store_mb=cfg.ray.object_store_mb)
     configure_data_context(cfg.data.cpus)
     t0 = time.perf_counter()
-    cfg, train_records, val_records = prepare_data(cfg)
+    index_stats: dict = {}
+    cfg, train_records, val_records = prepare_data(cfg, index_stats)
     print(f"[paf-ray] data: {cfg.data.root} ({len(train_records)} train / {len(val_records)} val samples)", flush=True)
     if not storage.is_uri(run_dir):
         os.makedirs(run_dir, exist_ok=True)
@@ -242,6 +251,9 @@ def run_pipeline(
     summary["metrics_per_stage"] = {s["stage"]: s["metrics"] for s in summary["stages"]}
     summary["stage_wall_s"] = {s["stage"]: s["wall_s"] for s in summary["stages"]}
     summary["skipped_samples"] = _skipped_counts(local_log_dir(run_dir))
+    summary["skipped_samples"]["index"] = {split: st.get("skipped", 0) for split, st in index_stats.items()}
+    summary["skipped_samples"]["total"] += sum(summary["skipped_samples"]["index"].values())
+    summary["index"] = {split: {k: v for k, v in st.items() if k != "problems"} for split, st in index_stats.items()}
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     finish_run_folder(run_dir, summary)
     return summary
