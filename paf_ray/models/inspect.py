@@ -34,11 +34,14 @@ def forward_gflops(model: torch.nn.Module, input_size: tuple[int, int]) -> tuple
     finally:
         model.train(was_training)
     root = type(model).__name__
+    counts = {tuple(name.split(".")): sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
     per_module = {}
-    for name, ops in counter.get_flop_counts().items():
-        parts = name.split(".")
-        if len(parts) == 2 and parts[0] == root:
-            per_module[parts[1]] = round(sum(ops.values()) / 1e9, 3)
+    for child, _ in model.named_children():
+        flops = counts.get((root, child))
+        if flops is None:  # containers never called themselves (the adapters' ModuleDict): sum their children
+            flops = sum(v for k, v in counts.items() if len(k) == 3 and k[:2] == (root, child))
+        if flops:
+            per_module[child] = round(flops / 1e9, 3)
     return counter.get_total_flops() / 1e9, per_module
 
 
