@@ -204,3 +204,30 @@ def test_interrupted_driver_resumes(synth_root, tmp_path):
     rows = read_rows(os.path.join(str(out), "t"))
     epochs = [r["epoch"] for r in rows]
     assert epochs == sorted(set(epochs)) and epochs[-1] == 3, epochs
+
+
+def test_demo_learns(ray_local, tmp_path):
+    """A CI-sized `paf-ray demo`: pretraining, adapt and finetune leave a model clearly better than before."""
+    from paf_ray.train.demo import run_demo
+
+    out = tmp_path / "demo"
+    summary = run_demo(
+        None,
+        str(out),
+        overrides=[
+            "data.synth.images=64",
+            "data.input_size=[256,160]",
+            "train.stages.0.epochs=1",
+            "train.stages.1.epochs=2",
+            "train.log_every=5",
+        ],
+    )
+    on_disk = json.load(open(out / "summary.json"))
+    assert on_disk["checkpoint"] == summary["checkpoint"] and os.path.isdir(summary["checkpoint"])
+    before, after = on_disk["metrics_before"], on_disk["metrics"]
+    assert after["drv/mIoU3"] > before["drv/mIoU3"] + 15, (before, after)
+    assert after["sem/mIoU"] > before["sem/mIoU"] + 3, (before, after)
+    assert after["score"] > before["score"] + 5, (before, after)
+    # the pretrained file went through the checkpoint zoo in the torchvision layout
+    state = torch.load(out / "pretrained_backbone.pth", weights_only=True)
+    assert "fc.weight" in state and any(k.startswith("layer4.") for k in state)

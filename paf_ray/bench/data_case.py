@@ -6,7 +6,7 @@ Both sides run the pipeline's own per-record function (``pipeline.LoadRow``: dec
 N CPUs (``data.cpus = N``) vs ``DataLoader(num_workers=N)``. A pass is one epoch over the
 frames, from the first request to the last batch in the consumer, start-up included
 (Ray Data plans and starts its executor every epoch; the DataLoader keeps its workers,
-``persistent_workers=True``, as a tuned loop would).
+``persistent_workers=True``, as a tuned loop would). Timed passes alternate between the two.
 """
 
 from __future__ import annotations
@@ -66,19 +66,14 @@ def batch_from_records(records: list[dict], data_cfg, batch_size: int) -> dict:
     return collate_rows([ds[i] for i in range(batch_size)])
 
 
-def _timed_passes(run_pass, warmup: int, repeats: int) -> list[float]:
-    """Images/s of each timed pass; `run_pass()` consumes one epoch and returns its image count."""
-    for _ in range(warmup):
-        run_pass()
-    rates = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        n = run_pass()
-        rates.append(n / (time.perf_counter() - t0))
-    return rates
+def _rate(run_pass) -> float:
+    """Images/s of one pass; `run_pass()` consumes one epoch and returns its image count."""
+    t0 = time.perf_counter()
+    n = run_pass()
+    return n / (time.perf_counter() - t0)
 
 
-def ray_data_rates(records: list[dict], data_cfg, warmup: int, repeats: int) -> list[float]:
+def ray_data_pass(records: list[dict], data_cfg):
     from paf_ray.data.pipeline import build_dataset, iter_train_batches
 
     ds = build_dataset(records, data_cfg, train=True)
@@ -86,10 +81,10 @@ def ray_data_rates(records: list[dict], data_cfg, warmup: int, repeats: int) -> 
     def run_pass() -> int:
         return sum(int(b["image"].shape[0]) for b in iter_train_batches(ds, data_cfg.batch_size, device="cpu"))
 
-    return _timed_passes(run_pass, warmup, repeats)
+    return run_pass
 
 
-def dataloader_rates(records: list[dict], data_cfg, workers: int, warmup: int, repeats: int, pin_memory: bool) -> list[float]:
+def dataloader_pass(records: list[dict], data_cfg, workers: int, pin_memory: bool):
     import torch
 
     loader = torch.utils.data.DataLoader(
@@ -100,24 +95,30 @@ def dataloader_rates(records: list[dict], data_cfg, workers: int, warmup: int, r
         collate_fn=collate_rows,
         persistent_workers=workers > 0,
         pin_memory=pin_memory,
+        # not fork: this process runs Ray's threads
         multiprocessing_context="forkserver" if workers > 0 else None,
     )
 
     def run_pass() -> int:
         return sum(int(b["image"].shape[0]) for b in loader)
 
-    try:
-        return _timed_passes(run_pass, warmup, repeats)
-    finally:
-        del loader  # stops the persistent workers
+    return run_pass
 
 
 def measure_input_pipeline(records: list[dict], data_cfg, workers: int, warmup: int, repeats: int,
                            pin_memory: bool = False) -> dict:
     """{"ray_data_img_s", "dataloader_img_s", "ratio", ...}; ratio = Ray Data / DataLoader."""
     data_cfg = replace(data_cfg, cpus=float(workers))
-    dl = dataloader_rates(records, data_cfg, workers, warmup, repeats, pin_memory)
-    rd = ray_data_rates(records, data_cfg, warmup, repeats)
+    dl_pass = dataloader_pass(records, data_cfg, workers, pin_memory)
+    rd_pass = ray_data_pass(records, data_cfg)
+    for _ in range(warmup):
+        dl_pass()
+        rd_pass()
+    dl, rd = [], []
+    for _ in range(repeats):  # alternating passes: a load change on a shared machine hits both alike
+        dl.append(_rate(dl_pass))
+        rd.append(_rate(rd_pass))
+    del dl_pass  # stops the DataLoader's persistent workers
     ray_img_s, dl_img_s = statistics.median(rd), statistics.median(dl)
     return {
         "ray_data_img_s": ray_img_s,

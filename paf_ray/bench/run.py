@@ -215,11 +215,20 @@ def bench_steps(s: BenchSettings, frames: Frames) -> dict:
         "pretrain_finetune": step_spec(s, frames, "finetune", s.step_model, s.step_input_size, s.step_batch,
                                        s.step_warmup, s.step_repeats, adapter="none"),
     }
+    # Peak memory: one process per case (a warm-up step and one more: the optimizer state
+    # exists from the first step on). Time: all three in one process, their steps interleaved.
     results = {}
     for name, spec in cases.items():
-        _log(f"step: {name} ...")
-        results[name] = run_case_process(spec, frames.workdir, f"step_{name}", s.case_timeout_s)
-        _log(f"step: {name} {results[name]['ms']:.0f} ms/step, peak {results[name]['peak_mb']:.0f} MB")
+        _log(f"step: {name} memory ...")
+        results[name] = run_case_process({**spec, "repeats": 1}, frames.workdir, f"step_{name}", s.case_timeout_s)
+        _log(f"step: {name} peak {results[name]['peak_mb']:.0f} MB")
+    _log("step: time, the three cases interleaved ...")
+    timing = run_case_process({"entry": "interleaved", "cases": cases, "threads": s.threads, "device": s.device,
+                               "warmup": s.step_warmup, "repeats": s.step_repeats},
+                              frames.workdir, "step_timing", 3 * s.case_timeout_s)
+    for name, t in timing.items():
+        results[name].update(t)
+        _log(f"step: {name} {t['ms']:.0f} ms/step")
     a, f, p = results["adapt"], results["finetune"], results["pretrain_finetune"]
     fb = f["breakdown"]
     f_parts = sum(fb.values())
@@ -260,11 +269,19 @@ def bench_ray_overhead(s: BenchSettings, frames: Frames) -> dict:
         time.sleep(1)
     if free_cpus < s.threads:
         raise RuntimeError(f"bench ray_overhead: the worker needs {s.threads} CPUs, Ray has {free_cpus:g} free")
+    # The plain loop runs before and after the trainer; their mean brackets a load drift.
+    plain_runs = []
     _log("ray_overhead: plain loop ...")
-    plain = run_case_process({**spec, "entry": "timed_steps"}, frames.workdir, "ray_overhead_plain", s.case_timeout_s)
-    _log(f"ray_overhead: plain {plain['ms']:.0f} ms/step; TorchTrainer ...")
+    plain_runs.append(run_case_process({**spec, "entry": "timed_steps"}, frames.workdir, "ray_overhead_plain_1",
+                                       s.case_timeout_s))
+    _log(f"ray_overhead: plain {plain_runs[0]['ms']:.0f} ms/step; TorchTrainer ...")
     in_ray = ray_train_steps(spec, os.path.join(frames.workdir, "ray_train"), f"bench-overhead-{os.getpid()}-{int(time.time())}")
-    _log(f"ray_overhead: ray {in_ray['ms']:.0f} ms/step, start-up {in_ray['startup_s']:.1f} s")
+    _log(f"ray_overhead: ray {in_ray['ms']:.0f} ms/step, start-up {in_ray['startup_s']:.1f} s; plain loop again ...")
+    plain_runs.append(run_case_process({**spec, "entry": "timed_steps"}, frames.workdir, "ray_overhead_plain_2",
+                                       s.case_timeout_s))
+    plain = {"ms": sum(r["ms"] for r in plain_runs) / 2, "ms_all": [r["ms_all"] for r in plain_runs],
+             "threads": plain_runs[0]["threads"]}
+    _log(f"ray_overhead: plain {plain_runs[1]['ms']:.0f} ms/step")
     return {
         "plain_ms": plain["ms"],
         "ray_ms": in_ray["ms"],

@@ -279,6 +279,46 @@ def measure_step(spec: dict) -> dict:
     return out
 
 
+def measure_interleaved(spec: dict) -> dict:
+    """Time several cases' steps in one process, one step of each case in turn, so that a
+    load change on a shared machine hits every case alike. spec: {"cases": {name: case spec},
+    "threads", "device", "warmup", "repeats"}; returns {name: {"ms", "ms_all", "breakdown"}}.
+    Peak memory needs a process per case: `measure_step` gives it."""
+    import torch
+
+    torch.set_num_threads(int(spec["threads"]))
+    on_cuda = spec["device"] == "cuda"
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+    steps, clocks = {}, {}
+    for name, case in spec["cases"].items():
+        _, model, optimizer, stage, batch, device = build_case(case)
+        steps[name] = make_step(model, optimizer, stage, batch, device, bool(case["amp"]))
+        clocks[name] = StepClock(model.backbone, sync)
+    names = list(steps)
+    for _ in range(int(spec["warmup"])):
+        for name in names:
+            steps[name]()
+    sync()
+    ms = {n: [] for n in names}
+    parts = {n: [] for n in names}
+    for r in range(int(spec["repeats"])):
+        for name in names[r % len(names):] + names[: r % len(names)]:  # rotate who goes first
+            clock = clocks[name]
+            clock.reset()
+            # the hooks cost nothing on CPU; on CUDA they synchronise, so the headline goes without
+            times = steps[name](None if on_cuda else clock)
+            sync()
+            ms[name].append(1000 * (time.perf_counter() - times["t0"]))
+            if not on_cuda:
+                parts[name].append(breakdown_ms(times, clock))
+    if on_cuda:
+        for _ in range(max(2, int(spec["repeats"]) // 2)):
+            for name in names:
+                clocks[name].reset()
+                parts[name].append(breakdown_ms(steps[name](clocks[name]), clocks[name]))
+    return {n: {"ms": statistics.median(ms[n]), "ms_all": ms[n], "breakdown": _median_dict(parts[n])} for n in names}
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: python -m paf_ray.bench.step_case SPEC.json OUT.json", file=sys.stderr)
@@ -290,6 +330,8 @@ def main(argv: list[str]) -> int:
         from paf_ray.bench.ray_case import timed_steps
 
         result = timed_steps(spec)
+    elif spec.get("entry") == "interleaved":
+        result = measure_interleaved(spec)
     else:
         result = measure_step(spec)
     with open(out_path + ".tmp", "w", encoding="utf-8") as f:

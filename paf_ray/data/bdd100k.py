@@ -93,19 +93,8 @@ DRV_PALETTE = ((219, 94, 86), (86, 211, 219), (0, 0, 0))
 # The official drivable mIoU leaves the background value out (confusion size 3 = excluded).
 DRV_OFFICIAL_CLASSES = 2
 
-# Detection box colours for overlays (one per class, distinct from the mask palettes).
-DET_PALETTE = (
-    (220, 20, 60),
-    (255, 0, 0),
-    (0, 0, 142),
-    (0, 0, 70),
-    (0, 60, 100),
-    (0, 80, 100),
-    (0, 0, 230),
-    (119, 11, 32),
-    (250, 170, 30),
-    (220, 220, 0),
-)
+# Detection box colours for overlays: each class in the colour of its segmentation class.
+DET_PALETTE = tuple(SEM_PALETTE[SEM_CLASSES.index("person" if c == "pedestrian" else c)] for c in DET_CLASSES)
 
 # --- frame attributes (det_20 "attributes") ----------------------------------------
 WEATHERS = ("clear", "overcast", "partly cloudy", "rainy", "snowy", "foggy", "undefined")

@@ -4,7 +4,10 @@
 
 One train step = forward + backward + AdamW step on a synthetic batch (random image,
 6 boxes, full sem/drv masks) at `data.input_size` and `data.batch_size`. The two stages'
-steps alternate so that machine load hits both alike; the median is reported.
+steps alternate so that machine load hits both alike; the median is reported, as wall
+time and as this process's CPU time (steadier on a shared machine; with --threads 1 it
+is the work done). On a busy 2-core box, --threads 1 avoids OpenMP threads waiting on
+each other and is several times faster than the default 2 threads.
 """
 
 from __future__ import annotations
@@ -54,20 +57,23 @@ def measure(cfg, steps: int = 5) -> dict:
         runs[kind] = (model, opt, [])
 
     def step(model, opt):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = model.total_loss(model(batch["image"], batch))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     for model, opt, _ in runs.values():
         step(model, opt)  # warm-up
     for _ in range(steps):
         for model, opt, times in runs.values():
             times.append(step(model, opt))
-    out = {k: round(1000 * statistics.median(t), 1) for k, (_, _, t) in runs.items()}
-    return {"ms_per_step": out, "adapt_over_finetune": round(out["adapt"] / out["finetune"], 3),
+    wall = {k: round(1000 * statistics.median(w for w, _ in t), 1) for k, (_, _, t) in runs.items()}
+    cpu = {k: round(1000 * statistics.median(c for _, c in t), 1) for k, (_, _, t) in runs.items()}
+    return {"ms_per_step": wall, "cpu_ms_per_step": cpu,
+            "adapt_over_finetune": round(wall["adapt"] / wall["finetune"], 3),
+            "adapt_over_finetune_cpu": round(cpu["adapt"] / cpu["finetune"], 3),
             "batch_size": cfg.data.batch_size, "input_size": [width, height], "threads": torch.get_num_threads(),
             "steps": steps}
 

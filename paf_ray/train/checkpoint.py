@@ -5,7 +5,7 @@ A checkpoint is a directory:
     model.pt        the model state dict (DDP wrapper removed)
     train_state.pt  optimizer, scheduler, epoch, step, stage index (absent in exported/final-only dirs)
     config.yaml     the resolved config the model was built from
-    meta.json       stage, epoch, step, adapters_merged, metrics
+    meta.json       stage, epoch, step, adapters_merged, normalization, metrics
 
 Everything loads with ``torch.load(..., weights_only=True)``. A run directory
 (``<storage>/<name>``, holding ``summary.json``) is accepted wherever a checkpoint is,
@@ -44,6 +44,9 @@ def save_checkpoint(
     net = unwrap(model)
     meta = dict(meta)
     meta.setdefault("adapters_merged", bool(getattr(net, "adapters_merged", False)))
+    # the input normalisation the weights expect: a checkpoint must not depend on the
+    # pretrained file it started from still being around to be sniffed
+    meta.setdefault("normalization", getattr(net, "normalization", None))
     torch.save(net.state_dict(), os.path.join(directory, MODEL_FILE))
     if train_state is not None:
         torch.save(train_state, os.path.join(directory, TRAIN_STATE_FILE))
@@ -97,6 +100,8 @@ def load_model_state(model: torch.nn.Module, directory: str, device: str | torch
 
     meta = read_meta(directory)
     net = unwrap(model)
+    if meta.get("normalization"):
+        net.normalization = meta["normalization"]
     if meta.get("adapters_merged") and not getattr(net, "adapters_merged", False):
         finish_stage(net, "adapt", StageConfig(kind="adapt", merge_adapters=True))
     state = torch.load(os.path.join(directory, MODEL_FILE), map_location=device, weights_only=True)
