@@ -128,7 +128,13 @@ def test_two_workers_ddp_with_partial_labels(ray_local, synth_root, tmp_path):
 
 
 def _first_checkpoint(stage_dir: str) -> bool:
-    return bool(glob.glob(os.path.join(stage_dir, "checkpoint_*", "model.pt")))
+    """True once Ray Train has registered a checkpoint (not merely uploaded its files)."""
+    snapshot = os.path.join(stage_dir, "checkpoint_manager_snapshot.json")
+    try:
+        with open(snapshot, encoding="utf-8") as f:
+            return "checkpoint_" in f.read()
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
 
 
 def test_worker_killed_restarts_from_checkpoint(ray_local, synth_root, tmp_path):
@@ -159,7 +165,9 @@ def test_worker_killed_restarts_from_checkpoint(ray_local, synth_root, tmp_path)
     while not _first_checkpoint(stage_dir) and time.time() < deadline and thread.is_alive():
         time.sleep(0.5)
     assert _first_checkpoint(stage_dir), box.get("error")
-    workers = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "TrainWorker" in a.class_name]
+    gcs = ray_local.get_runtime_context().gcs_address  # this session's Ray, whatever else runs here
+    alive = list_actors(address=gcs, filters=[("state", "=", "ALIVE")])
+    workers = [a for a in alive if "TrainWorker" in a.class_name]
     assert workers, "no live training worker found"
     os.kill(workers[0].pid, signal.SIGKILL)
     thread.join(timeout=400)

@@ -127,6 +127,19 @@ class _RunLog:
         if self.tb is not None:
             self.tb.flush()
 
+    def forget_after(self, stage_name: str, step: int) -> None:
+        """Drop rows of `stage_name` past `step`: work after the restored checkpoint is redone,
+        so its rows would otherwise appear twice."""
+        path = os.path.join(self.log_dir, "metrics.jsonl") if self.enabled else None
+        if not path or not os.path.exists(path):
+            return
+        with open(path, encoding="utf-8") as f:
+            rows = [line for line in f if line.strip()]
+        keep = [r for r in rows if not (json.loads(r).get("stage") == stage_name and json.loads(r).get("step", 0) > step)]
+        if len(keep) != len(rows):
+            with open(path, "w", encoding="utf-8") as f:
+                f.writelines(keep)
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
@@ -201,6 +214,7 @@ def train_loop(config: dict) -> None:
             print(f"[{stage_name}] resumed at epoch {start_epoch} step {skip_steps} (global step {global_step})")
 
     log = _RunLog(config.get("log_dir"), enabled=rank == 0)
+    log.forget_after(stage_name, global_step if train_state is not None else 0)
     step_offset = int(config.get("step_offset", 0))
     trainable = [p for p in net.parameters() if p.requires_grad]
     last_metrics: dict = {}
