@@ -36,7 +36,7 @@ def run_demo(config_path: str | None, out: str, overrides: list[str] | tuple[str
     weights = os.path.join(out, "pretrained_backbone.pth")
     print(f"[demo] pretraining the {cfg.model.backbone.name} backbone on frame attributes -> {weights}", flush=True)
     records = load_records(cfg.data, cfg.data.root, cfg.data.train_split)
-    pretrain = pretrain_backbone(cfg.model.backbone, records, weights, seed=cfg.train.seed)
+    pretrain = pretrain_backbone(cfg.model.backbone, records, weights, size=tuple(cfg.data.input_size), seed=cfg.train.seed)
     print(f"[demo] pretraining: {pretrain}", flush=True)
     backbone = replace(cfg.model.backbone, weights=weights, format="torchvision")
     cfg = replace(cfg, model=replace(cfg.model, backbone=backbone))

@@ -1,11 +1,13 @@
 """Make an "off-the-shelf" checkpoint when none can be downloaded (the demo, tests).
 
-A short image-level pretraining of the configured backbone: classify the synthetic
-frames' weather, scene and time-of-day attributes (one linear `fc` over the pooled
-features). It mirrors the paper's setting — a checkpoint trained for a different
-objective than dense multi-task perception — and it is saved in the torchvision key
-layout (`conv1.*`, `bn1.*`, `layer1..4.*`, `fc.*`), so it loads through the same
-checkpoint-zoo path as a user's MoCo or supervised file.
+A short **image-level** pretraining of the configured backbone, like a supervised
+ImageNet classifier: from the pooled features, one linear `fc` predicts the frame's
+weather / scene / time-of-day attributes (softmax each) and which detection classes and
+which semantic classes appear in the frame (multi-label). No box, mask or pixel target
+is used: it is a checkpoint trained for a different objective than dense multi-task
+perception, as in the paper's setting. It is saved in the torchvision key layout
+(`conv1.*`, `bn1.*`, `layer1..4.*`, `fc.*`), so it loads through the same checkpoint-zoo
+path as a user's MoCo or supervised file.
 """
 
 from __future__ import annotations
@@ -20,84 +22,105 @@ from PIL import Image
 
 from paf_ray.config import BackboneConfig
 from paf_ray.data import bdd100k, storage
+from paf_ray.data.decode import decode_mask
 from paf_ray.data.normalize import normalize_images
 
 ATTRIBUTES = (("weather", bdd100k.WEATHERS), ("scene", bdd100k.SCENES), ("timeofday", bdd100k.TIMES_OF_DAY))
+N_DET, N_SEM = len(bdd100k.DET_CLASSES), len(bdd100k.SEM_CLASSES)
 
 
-def _load_attribute_samples(records: list[dict], size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode the frames that carry attributes -> uint8 images [N,3,h,w], targets [N,3] (-1 = unknown)."""
-    images, targets = [], []
+def _image_level_targets(rec: dict) -> tuple[list[int], list[float], list[float]]:
+    """(attribute indices, -1 = unknown), det-class presence, sem-class presence (-1 = unknown)."""
+    attrs = rec.get("attributes") or {}
+    attr_idx = [values.index(attrs[key]) if attrs.get(key) in values else -1 for key, values in ATTRIBUTES]
+    det = [-1.0] * N_DET
+    if rec.get("has_det"):
+        det = [0.0] * N_DET
+        for label in rec.get("labels") or []:
+            det[int(label)] = 1.0
+    sem = [-1.0] * N_SEM
+    if rec.get("sem"):
+        ids = np.unique(decode_mask(rec["sem"], "sem"))
+        sem = [1.0 if i in ids else 0.0 for i in range(N_SEM)]
+    return attr_idx, det, sem
+
+
+def load_image_level_samples(records: list[dict], size: tuple[int, int]):
+    """Decode every frame -> uint8 images [N,3,h,w] and its image-level targets."""
+    images, attrs, dets, sems = [], [], [], []
     for rec in records:
-        attrs = rec.get("attributes") or {}
-        if not attrs:
-            continue
         img = Image.open(io.BytesIO(storage.read_bytes(rec["image"]))).convert("RGB").resize(size, Image.BILINEAR)
-        images.append(torch.from_numpy(np.asarray(img)).permute(2, 0, 1))
-        targets.append([values.index(attrs[key]) if attrs.get(key) in values else -1 for key, values in ATTRIBUTES])
+        images.append(torch.from_numpy(np.array(img)).permute(2, 0, 1))
+        a, d, s = _image_level_targets(rec)
+        attrs.append(a)
+        dets.append(d)
+        sems.append(s)
     if not images:
-        raise ValueError("no frames with weather/scene/timeofday attributes to pretrain on")
-    return torch.stack(images), torch.tensor(targets, dtype=torch.long)
+        raise ValueError("no frames to pretrain on")
+    return (torch.stack(images), torch.tensor(attrs, dtype=torch.long),
+            torch.tensor(dets, dtype=torch.float32), torch.tensor(sems, dtype=torch.float32))
+
+
+def _multilabel_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    known = target >= 0
+    if not bool(known.any()):
+        return logits.sum() * 0.0
+    return F.binary_cross_entropy_with_logits(logits[known], target[known])
 
 
 def pretrain_backbone(
     backbone_cfg: BackboneConfig,
     records: list[dict],
     out_path: str,
-    epochs: int = 6,
-    size: tuple[int, int] = (192, 112),
+    epochs: int = 12,
+    size: tuple[int, int] = (320, 180),
     batch_size: int = 16,
-    lr: float = 2e-3,
+    lr: float = 3e-3,
     seed: int = 0,
 ) -> dict:
-    """Train backbone + fc on frame attributes; save a torchvision-layout state dict to `out_path`."""
+    """Train backbone + fc on image-level labels; save a torchvision-layout state dict to `out_path`."""
     from paf_ray.models.backbones import build_backbone
 
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    images, targets = _load_attribute_samples(records, size)
+    images, attrs, dets, sems = load_image_level_samples(records, size)
     backbone = build_backbone(backbone_cfg.name, backbone_cfg.tiny_width)
-    sizes = [len(values) for _, values in ATTRIBUTES]
-    fc = torch.nn.Linear(backbone.out_channels[4], sum(sizes))
-    params = list(backbone.parameters()) + list(fc.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    steps = epochs * max(1, len(images) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    backbone.train()
+    attr_sizes = [len(values) for _, values in ATTRIBUTES]
+    fc = torch.nn.Linear(backbone.out_channels[4], sum(attr_sizes) + N_DET + N_SEM)
+    opt = torch.optim.AdamW(list(backbone.parameters()) + list(fc.parameters()), lr=lr, weight_decay=1e-4)
+    steps_per_epoch = max(1, len(images) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(seed)
-    history = []
-    step = 0
+    backbone.train()
+    losses = []
     for _ in range(epochs):
         order = torch.randperm(len(images), generator=gen)
-        correct = total = 0
-        for start in range(0, len(order) - batch_size + 1, batch_size):
+        for start in range(0, steps_per_epoch * batch_size, batch_size):
             idx = order[start : start + batch_size]
             x = images[idx]
             if torch.rand((), generator=gen) < 0.5:
                 x = x.flip(-1)
-            feats = backbone(normalize_images(x, "imagenet"))[4]
-            logits = fc(feats.mean(dim=(2, 3))).split(sizes, dim=1)
-            y = targets[idx]
-            loss = sum(F.cross_entropy(lg, y[:, i], ignore_index=-1) for i, lg in enumerate(logits))
+            logits = fc(backbone(normalize_images(x, "imagenet"))[4].mean(dim=(2, 3)))
+            *attr_logits, det_logits, sem_logits = logits.split(attr_sizes + [N_DET, N_SEM], dim=1)
+            loss = sum(F.cross_entropy(lg, attrs[idx, i], ignore_index=-1) for i, lg in enumerate(attr_logits)
+                       if bool((attrs[idx, i] >= 0).any()))
+            loss = loss + _multilabel_loss(det_logits, dets[idx]) + _multilabel_loss(sem_logits, sems[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            step += 1
-            with torch.no_grad():
-                for i, lg in enumerate(logits):
-                    keep = y[:, i] >= 0
-                    correct += int((lg.argmax(1)[keep] == y[keep, i]).sum())
-                    total += int(keep.sum())
-        history.append(correct / max(1, total))
-    state = {k: v for k, v in backbone.state_dict().items()}
+            losses.append(float(loss.detach()))
+    state = dict(backbone.state_dict())
     state["fc.weight"] = fc.weight.detach().clone()
     state["fc.bias"] = fc.bias.detach().clone()
     torch.save(state, out_path)
+    first = float(np.mean(losses[:steps_per_epoch]))
+    last = float(np.mean(losses[-steps_per_epoch:]))
     return {
         "path": out_path,
         "frames": len(images),
-        "steps": step,
-        "train_accuracy": round(100 * history[-1], 1),
+        "steps": len(losses),
+        "loss_first_epoch": round(first, 3),
+        "loss_last_epoch": round(last, 3),
         "wall_s": round(time.perf_counter() - t0, 1),
     }
