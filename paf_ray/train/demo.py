@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import replace
 
@@ -41,7 +42,11 @@ def run_demo(config_path: str | None, out: str, overrides: list[str] | tuple[str
     backbone = replace(cfg.model.backbone, weights=weights, format="torchvision")
     cfg = replace(cfg, model=replace(cfg.model, backbone=backbone))
 
-    summary = run_pipeline(cfg, out=os.path.join(out, "runs"), resume=False, evaluate_initial=True)
+    runs = os.path.join(out, "runs")
+    if os.path.isdir(os.path.join(runs, cfg.name)):  # a rerun of the demo starts its run afresh
+        print(f"[demo] replacing the previous demo run in {os.path.join(runs, cfg.name)}", flush=True)
+        shutil.rmtree(os.path.join(runs, cfg.name))
+    summary = run_pipeline(cfg, out=runs, resume=False, evaluate_initial=True)
     demo_summary = {
         "metrics": summary["metrics"],
         "metrics_before": summary["metrics_before"],
