@@ -288,7 +288,7 @@ def train_loop(config: dict) -> None:
                     bad_in_a_row += 1
                     if rank == 0:
                         print(f"[{stage_name}] non-finite loss at step {global_step}: step skipped on every rank "
-                              f"({bad_in_a_row} in a row): {({k: float(v) for k, v in losses.items()})}")
+                              f"({bad_in_a_row} in a row): {({k: float(v.detach()) for k, v in losses.items()})}")
                     if bad_in_a_row >= cfg.train.max_bad_steps:
                         raise RuntimeError(
                             f"{stage_name}: {bad_in_a_row} non-finite steps in a row (train.max_bad_steps="
@@ -332,11 +332,11 @@ def train_loop(config: dict) -> None:
                 eta = (now - t_epoch) / max(1, done - skip_steps) * (steps_per_epoch - done)
                 eta += (stage.epochs - epoch - 1) * (now - t_epoch) / max(1, done - skip_steps) * steps_per_epoch
                 lr = scheduler.get_last_lr()[0]
-                parts = " ".join(f"{k} {float(v):.4f}" for k, v in losses.items())
+                parts = " ".join(f"{k} {float(v.detach()):.4f}" for k, v in losses.items())
                 print(f"[{stage_name}] epoch {epoch + 1}/{stage.epochs} step {done}/{steps_per_epoch} "
-                      f"loss {float(total) * accum:.4f} ({parts}) lr {lr:.2e} {img_s:.1f} img/s ETA {eta:.0f}s",
+                      f"loss {float(total.detach()) * accum:.4f} ({parts}) lr {lr:.2e} {img_s:.1f} img/s ETA {eta:.0f}s",
                       flush=True)
-                log.scalars({f"loss/{k}": float(v) for k, v in losses.items()}, step_offset + global_step)
+                log.scalars({f"loss/{k}": float(v.detach()) for k, v in losses.items()}, step_offset + global_step)
                 log.scalars({"train/lr": lr, "train/img_s": img_s}, step_offset + global_step)
                 t_log, imgs_since_log = now, 0
             if cfg.train.checkpoint_every_steps and global_step % cfg.train.checkpoint_every_steps == 0:
