@@ -275,14 +275,13 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _convert(value, arg, key, source)
-            except ConfigError as e:
-                errors.append(e)
+            except ConfigError:
+                pass
         raise fail()
     if origin is Literal:
         if value not in args:

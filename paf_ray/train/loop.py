@@ -180,9 +180,7 @@ def train_loop(config: dict) -> None:
 
     apply_stage(model, stage.kind, cfg)
     model.to(device)
-    if on_gpu and (cfg.train.channels_last in ("auto", "on")):
-        model.to(memory_format=torch.channels_last)
-    elif cfg.train.channels_last == "on":
+    if cfg.train.channels_last == "on" or (cfg.train.channels_last == "auto" and on_gpu):
         model.to(memory_format=torch.channels_last)
     net = model
     if world > 1:
@@ -310,10 +308,8 @@ def train_loop(config: dict) -> None:
             if not boundary:
                 continue
             micro = 0
-            if stage.grad_clip:
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, stage.grad_clip)
-            else:
-                grad_norm = torch.norm(torch.stack([p.grad.norm() for p in trainable if p.grad is not None]))
+            # the total norm is needed for the finiteness check even when nothing is clipped
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, stage.grad_clip or float("inf"))
             if not torch.isfinite(grad_norm):  # gradients are all-reduced: every rank sees the same norm
                 optimizer.zero_grad(set_to_none=True)
                 bad_in_a_row += 1
