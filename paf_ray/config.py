@@ -48,6 +48,7 @@ class DataConfig:
     color_jitter: float = 0.2  # strength of brightness/contrast/saturation jitter (train only)
     batch_size: int = 4  # per training worker
     cpus: float = 1.0  # CPU budget for Ray Data decode/transform
+    nice: int = 0  # CPU priority of the decode processes (0..19): >0 lets the trainer's threads go first
     max_train_samples: Optional[int] = None
     max_val_samples: Optional[int] = None
     on_bad_sample: Literal["error", "skip"] = "error"
@@ -111,6 +112,8 @@ class DetConfig:
 class LossConfig:
     weighting: Literal["fixed", "uncertainty"] = "fixed"
     weights: dict[str, float] = field(default_factory=lambda: {"det": 1.0, "sem": 1.0, "drv": 1.0})
+    # seg tasks: pixel weight (1 / class share in the batch) ** this; 0 = plain cross-entropy
+    class_balance: dict[str, float] = field(default_factory=lambda: {"sem": 0.0, "drv": 0.0})
 
 
 @dataclass

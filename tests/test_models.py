@@ -19,7 +19,7 @@ import torch
 from torchvision.ops import box_iou
 
 from paf_ray.config import StageConfig, from_dict, load_config
-from paf_ray.data.bdd100k import DET_CLASSES, SEM_CLASSES
+from paf_ray.data.bdd100k import DET_CLASSES, IGNORE_INDEX, SEM_CLASSES
 from paf_ray.data.normalize import normalize_images
 from paf_ray.models import build_model
 from paf_ray.models.adapters import BypassAdapter, LoRAConv2d, add_lora, has_lora, merge_lora
@@ -451,6 +451,27 @@ def test_seg_loss_counts_only_labelled_samples():
         l_alone = model(alone["image"], alone)
     assert torch.allclose(l_both["sem"], l_alone["sem"], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(l_both["drv"], l_alone["drv"])  # drv has both samples
+
+
+def test_class_balanced_seg_loss_gives_rare_classes_their_share():
+    """With class_balance=1 every class present counts as much as any other, however few its
+    pixels: a thin pole against a large road moves the loss as much as the road does."""
+    from paf_ray.models.heads import seg_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 4, 16, 16)
+    target = torch.zeros(1, 16, 16, dtype=torch.long)  # road everywhere ...
+    target[0, :, 7] = 2  # ... a one-pixel-wide pole ...
+    target[0, 0, :] = IGNORE_INDEX  # ... and an unlabelled row
+    ce = torch.nn.functional.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="none")
+    per_class = [ce[target == c].mean() for c in (0, 2)]
+    assert torch.allclose(seg_loss(logits, target, 1.0), sum(per_class) / 2, atol=1e-6)
+    plain = ce[target != IGNORE_INDEX].mean()
+    assert torch.allclose(seg_loss(logits, target, 0.0), plain, atol=1e-6)
+    assert seg_loss(logits, torch.full_like(target, IGNORE_INDEX), 0.5) == 0.0  # nothing labelled: 0, not NaN
+
+    with pytest.raises(ValueError, match="model.loss.class_balance"):
+        build_model(tiny_model_cfg(loss={"class_balance": {"det": 0.5}}), (W, H))
 
 
 def test_eval_outputs_and_single_task_baseline():

@@ -49,8 +49,20 @@ class SegHead(nn.Module):
         return F.interpolate(self.classifier(x), size=out_size, mode="bilinear", align_corners=False)
 
 
-def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over labelled pixels (255 ignored); 0 (not NaN) when no pixel is labelled."""
-    total = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
-    valid = (target != IGNORE_INDEX).sum().clamp(min=1)
-    return total / valid
+def seg_loss(logits: torch.Tensor, target: torch.Tensor, class_balance: float = 0.0) -> torch.Tensor:
+    """Cross-entropy over labelled pixels (255 ignored); 0 (not NaN) when no pixel is labelled.
+
+    ``class_balance`` > 0 weights each pixel by (1 / share of its class among the batch's
+    labelled pixels) ** class_balance and takes the weighted mean: thin and rare classes
+    (poles, signs, riders) then count, where plain cross-entropy lets road and sky dominate.
+    """
+    valid = target != IGNORE_INDEX
+    if class_balance <= 0:
+        total = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
+        return total / valid.sum().clamp(min=1)
+    per_pixel = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="none")
+    labels = torch.where(valid, target, torch.zeros_like(target))
+    counts = torch.bincount(labels[valid], minlength=logits.shape[1]).float()
+    class_weight = torch.where(counts > 0, (counts.sum() / counts.clamp(min=1)) ** class_balance, torch.zeros_like(counts))
+    weight = class_weight[labels] * valid
+    return (per_pixel * weight).sum() / weight.sum().clamp(min=1e-12)

@@ -68,6 +68,9 @@ class MultiTaskModel(nn.Module):
         bad_stages = [s for s in cfg.adapter.stages if s not in STAGES]
         if bad_stages:
             raise ValueError(f"model.adapter.stages: stages are 1..4 (strides 4..32), got {cfg.adapter.stages}")
+        unknown = sorted(set(cfg.loss.class_balance) - set(SEG_TASKS))
+        if unknown:
+            raise ValueError(f"model.loss.class_balance: keys are the segmentation tasks {SEG_TASKS}, got {unknown}")
         self.cfg = cfg
         self.tasks = [t for t in TASKS if t in cfg.tasks]
         self.input_size = (width, height)
@@ -202,7 +205,7 @@ class MultiTaskModel(nn.Module):
             else:
                 target = torch.as_tensor(batch[t], device=device)[idx].long()
                 logits = head([f[idx] for f in levels], out_size, self._seg_extra(t, score_maps, levels[0].shape[-2:], idx))
-                losses[t] = seg_loss(logits, target)
+                losses[t] = seg_loss(logits, target, self.cfg.loss.class_balance.get(t, 0.0))
         if score_maps:
             losses["align"] = self.lv_adapter.alignment_loss(score_maps, batch)
         self.last_task_counts = counts

@@ -96,6 +96,28 @@ def gather_metrics(state: dict, tasks: list[str]) -> dict:
     return compute_metrics(merge_states(states), tasks)
 
 
+class _WaitClock:
+    """Seconds the loop spent waiting for its next batch (shown as "data wait" in the log line)."""
+
+    def __init__(self):
+        self.waited = 0.0
+
+    def timed(self, iterable):
+        it = iter(iterable)
+        while True:
+            t = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            self.waited += time.perf_counter() - t
+            yield item
+
+    def take(self) -> float:
+        waited, self.waited = self.waited, 0.0
+        return waited
+
+
 class _RunLog:
     """Rank-0 writer of metrics.jsonl and TensorBoard events in the run folder."""
 
@@ -264,7 +286,8 @@ def train_loop(config: dict) -> None:
         t_epoch = t_log = time.perf_counter()
         imgs_since_log = 0
         micro = 0
-        for step_in_epoch, batch in enumerate(iter_train_batches(shard, cfg.data.batch_size, device=device)):
+        waits = _WaitClock()
+        for step_in_epoch, batch in enumerate(waits.timed(iter_train_batches(shard, cfg.data.batch_size, device=device))):
             if step_in_epoch >= steps_per_epoch:
                 break
             skipped += int(batch.get("skipped", 0))
@@ -330,8 +353,8 @@ def train_loop(config: dict) -> None:
                 lr = scheduler.get_last_lr()[0]
                 parts = " ".join(f"{k} {float(v.detach()):.4f}" for k, v in losses.items())
                 print(f"[{stage_name}] epoch {epoch + 1}/{stage.epochs} step {done}/{steps_per_epoch} "
-                      f"loss {float(total.detach()) * accum:.4f} ({parts}) lr {lr:.2e} {img_s:.1f} img/s ETA {eta:.0f}s",
-                      flush=True)
+                      f"loss {float(total.detach()) * accum:.4f} ({parts}) lr {lr:.2e} {img_s:.1f} img/s "
+                      f"data wait {waits.take() / max(1e-9, now - t_log):.0%} ETA {eta:.0f}s", flush=True)
                 log.scalars({f"loss/{k}": float(v.detach()) for k, v in losses.items()}, step_offset + global_step)
                 log.scalars({"train/lr": lr, "train/img_s": img_s}, step_offset + global_step)
                 t_log, imgs_since_log = now, 0

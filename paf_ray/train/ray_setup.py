@@ -42,4 +42,5 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, object_sto
         configure_logging=True,
         logging_level="warning",
         runtime_env={"worker_process_setup_hook": "paf_ray.train.ray_setup.pin_ray_address"},
+        _system_config={"num_workers_soft_limit": 16},
     )
