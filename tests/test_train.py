@@ -224,6 +224,7 @@ def test_demo_learns(ray_local, tmp_path):
         str(out),
         overrides=[
             "data.synth.images=64",
+            "data.synth.val_fraction=0.2",
             "data.input_size=[256,160]",
             "train.stages.0.epochs=1",
             "train.stages.1.epochs=2",

@@ -18,6 +18,7 @@ from dataclasses import replace
 
 from paf_ray.config import load_config
 
+PRETRAIN_MAX_STEPS = 288
 DEFAULT_DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "jobs", "demo.yaml")
 
 
@@ -37,7 +38,10 @@ def run_demo(config_path: str | None, out: str, overrides: list[str] | tuple[str
     weights = os.path.join(out, "pretrained_backbone.pth")
     print(f"[demo] pretraining the {cfg.model.backbone.name} backbone on frame attributes -> {weights}", flush=True)
     records = load_records(cfg.data, cfg.data.root, cfg.data.train_split)
-    pretrain = pretrain_backbone(cfg.model.backbone, records, weights, size=tuple(cfg.data.input_size), seed=cfg.train.seed)
+    # about 12 passes over the frames, at most 288 batches of 16 (~30 s on 2 cores at 320x192)
+    steps = min(PRETRAIN_MAX_STEPS, 12 * max(1, len(records) // 16))
+    pretrain = pretrain_backbone(cfg.model.backbone, records, weights, steps=steps, size=tuple(cfg.data.input_size),
+                                 seed=cfg.train.seed)
     print(f"[demo] pretraining: {pretrain}", flush=True)
     backbone = replace(cfg.model.backbone, weights=weights, format="torchvision")
     cfg = replace(cfg, model=replace(cfg.model, backbone=backbone))

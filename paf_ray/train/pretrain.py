@@ -72,13 +72,14 @@ def pretrain_backbone(
     backbone_cfg: BackboneConfig,
     records: list[dict],
     out_path: str,
-    epochs: int = 12,
+    steps: int = 288,
     size: tuple[int, int] = (320, 180),
     batch_size: int = 16,
     lr: float = 3e-3,
     seed: int = 0,
 ) -> dict:
-    """Train backbone + fc on image-level labels; save a torchvision-layout state dict to `out_path`."""
+    """Train backbone + fc on image-level labels for `steps` batches (whole shuffled passes over
+    the frames, the last one cut short); save a torchvision-layout state dict to `out_path`."""
     from paf_ray.models.backbones import build_backbone
 
     torch.manual_seed(seed)
@@ -89,13 +90,14 @@ def pretrain_backbone(
     fc = torch.nn.Linear(backbone.out_channels[4], sum(attr_sizes) + N_DET + N_SEM)
     opt = torch.optim.AdamW(list(backbone.parameters()) + list(fc.parameters()), lr=lr, weight_decay=1e-4)
     steps_per_epoch = max(1, len(images) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
+    steps = max(1, int(steps))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     gen = torch.Generator().manual_seed(seed)
     backbone.train()
     losses = []
-    for _ in range(epochs):
+    while len(losses) < steps:
         order = torch.randperm(len(images), generator=gen)
-        for start in range(0, steps_per_epoch * batch_size, batch_size):
+        for start in range(0, min(steps_per_epoch, steps - len(losses)) * batch_size, batch_size):
             idx = order[start : start + batch_size]
             x = images[idx]
             if torch.rand((), generator=gen) < 0.5:
