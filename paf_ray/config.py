@@ -48,7 +48,6 @@ class DataConfig:
     color_jitter: float = 0.2  # strength of brightness/contrast/saturation jitter (train only)
     batch_size: int = 4  # per training worker
     cpus: float = 1.0  # CPU budget for Ray Data decode/transform
-    nice: int = 0  # CPU priority of the decode processes (0..19): >0 lets the trainer's threads go first
     max_train_samples: Optional[int] = None
     max_val_samples: Optional[int] = None
     on_bad_sample: Literal["error", "skip"] = "error"

@@ -104,14 +104,6 @@ def _placeholder_row(name: str, error: str) -> dict:
     }
 
 
-def _lower_process_priority(nice: int) -> None:
-    """Raise this process's niceness to at least `nice` (a Ray task worker runs many decode
-    tasks; os.nice only adds, so read the current value first)."""
-    current = os.getpriority(os.PRIO_PROCESS, 0)
-    if current < nice:
-        os.setpriority(os.PRIO_PROCESS, 0, nice)
-
-
 class LoadRow:
     """The Ray Data map: one JSON record -> one transformed row (or a placeholder for a bad one)."""
 
@@ -122,11 +114,8 @@ class LoadRow:
         self.hflip = data_cfg.hflip
         self.color_jitter = data_cfg.color_jitter
         self.skip = data_cfg.on_bad_sample == "skip"
-        self.nice = data_cfg.nice
 
     def __call__(self, item: dict) -> dict:
-        if self.nice:
-            _lower_process_priority(self.nice)
         record = json.loads(item["record"])
         try:
             sample = load_sample(record)
