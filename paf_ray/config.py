@@ -105,6 +105,9 @@ class DetConfig:
     anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # faster_rcnn: one per P2..P6
     ignore_iof_thresh: float = 0.5  # anchors/proposals this much inside an ignore box are neither pos nor neg
     fcos_num_convs: int = 4  # fcos: conv layers in each tower
+    # faster_rcnn: RoIAlign sample points per bin side (torchvision's 2); 0 = adaptive. Its CPU
+    # backward is serial: 1 makes a small-input CPU step ~11% faster (docs/benchmarks.md)
+    roi_sampling_ratio: int = 2
 
 
 @dataclass
@@ -155,6 +158,8 @@ class StageConfig:
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = 1e-4
     backbone_lr_mult: float = 1.0  # finetune: backbone lr = lr * this
+    # a task head's lr = lr * this, e.g. {det: 0.5}: the detector wants a lower lr than the seg heads
+    head_lr_mult: dict[Literal["det", "sem", "drv"], float] = field(default_factory=dict)
     weight_decay: float = 1e-4
     momentum: float = 0.9  # sgd
     schedule: Literal["cosine", "poly", "constant"] = "cosine"

@@ -20,7 +20,7 @@ from paf_ray.data.index import DatasetError, build_index, read_index, write_inde
 from paf_ray.data.pipeline import (BatchCollate, build_dataset, iter_train_batches, load_records, resolve_root,
                                    synth_cache_name)
 from paf_ray.data.synth import COMPLETE_MARKER, write_synthetic
-from paf_ray.data.transforms import train_transform, val_transform
+from paf_ray.data.transforms import jitter_colors, train_transform, val_transform
 
 # --------------------------------------------------------------------------- official facts
 
@@ -309,6 +309,20 @@ def test_flipped_box_still_covers_the_same_mask_pixels():
     assert (row["sem"][:10] == 255).all() and set(np.unique(row["sem"])) == {0, 13, 255}
     assert row["image"][y1:y2, x1:x2].min() == 200
     assert (row["drv"] == 255).all() and row["has_sem"] and not row["has_drv"]
+
+
+def test_color_jitter_is_brightness_then_contrast_then_saturation():
+    image = np.random.default_rng(1).integers(0, 256, (40, 60, 3), dtype=np.uint8)[5:35, 3:50]  # a strided view
+    for seed in range(10):
+        b, c, s = np.random.default_rng(seed).uniform(0.6, 1.4, 3)
+        x = image.astype(np.float64) * b
+        x = (x - x.mean()) * c + x.mean()
+        grey = x.mean(axis=2, keepdims=True)
+        expected = np.clip((x - grey) * s + grey, 0, 255)
+        got = jitter_colors(image, 0.4, np.random.default_rng(seed))
+        assert got.dtype == np.uint8 and got.shape == image.shape
+        assert np.abs(got - expected).max() <= 1.0  # float32 rounding, then truncation to uint8
+    assert jitter_colors(image, 0.0, np.random.default_rng(0)) is image
 
 
 def test_train_transform_keeps_images_masks_and_boxes_aligned_under_random_scale_and_crop():

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from paf_ray.config import StageConfig, from_dict, load_config
+from paf_ray.config import ConfigError, StageConfig, from_dict, load_config
 from paf_ray.data.bdd100k import DET_CLASSES, IGNORE_INDEX, SEM_CLASSES
 from paf_ray.data.normalize import normalize_images
 from paf_ray.models import build_model
@@ -413,6 +413,17 @@ def test_stage_policy_trainables_groups_and_merge():
     no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
     assert "backbone.bn1.weight" in no_decay and "neck.inner_blocks.0.0.bias" in no_decay
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+    stage = StageConfig(kind="finetune", lr=1e-3, backbone_lr_mult=0.1, head_lr_mult={"det": 0.5})
+    lr_of = {names[id(p)]: g["lr"] for g in param_groups(model, stage) for p in g["params"]}
+    assert lr_of["det_head.roi_heads.box_predictor.cls_score.weight"] == pytest.approx(5e-4)
+    assert lr_of["det_head.rpn.head.conv.0.0.bias"] == pytest.approx(5e-4)
+    seg_lrs = [lr for n, lr in lr_of.items() if n.startswith(("sem_head.", "drv_head."))]
+    assert seg_lrs and seg_lrs == pytest.approx([1e-3] * len(seg_lrs))
+    assert lr_of["neck.inner_blocks.0.0.weight"] == pytest.approx(1e-3)
+    assert lr_of["backbone.conv1.weight"] == pytest.approx(1e-4)
+    with pytest.raises(ConfigError, match=r"head_lr_mult\.seg"):
+        load_config(None, ["train.stages.1.head_lr_mult={seg: 0.5}"])
 
 
 # --------------------------------------------------------------------------- forward and losses

@@ -98,7 +98,7 @@ class FasterRCNNHead(nn.Module):
             nms_thresh=0.7,
         )
         self.roi_heads = IgnoreAwareRoIHeads(
-            MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2),
+            MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=cfg.roi_sampling_ratio),
             TwoMLPHead(channels * 7 * 7, cfg.representation_size),
             FastRCNNPredictor(cfg.representation_size, num_classes + 1),
             fg_iou_thresh=0.5, bg_iou_thresh=0.5,

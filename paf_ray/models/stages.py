@@ -5,6 +5,7 @@
   deltas (inside the backbone) stay trainable. Adapters, LV-Adapter, neck and heads train.
 * finetune: everything trains (backbone lr x `backbone_lr_mult`). LoRA deltas are merged
   into the plain convs when the adapt stage ends (`finish_stage`).
+* Either stage: a task head's lr is lr x `head_lr_mult[task]` (default 1).
 * Always: the LV-Adapter's CLIP text encoder is frozen; its prompts train in finetune only
   when `lv_adapter.train_prompts_in_finetune`.
 Baselines use the same code: pretrain-finetune is a run whose only stage is finetune;
@@ -68,20 +69,39 @@ def finish_stage(model: nn.Module, kind: str, stage_cfg: StageConfig) -> bool:
     return False
 
 
+def head_task(name: str) -> str | None:
+    """The task whose head owns parameter `name` ("det_head.x" -> "det"), else None."""
+    prefix = name.split(".", 1)[0]
+    return prefix[: -len("_head")] if prefix.endswith("_head") else None
+
+
 def param_groups(model: nn.Module, stage_cfg: StageConfig) -> list[dict]:
-    """Optimizer groups over trainable parameters: backbone lr x backbone_lr_mult; no decay on norms/biases."""
-    buckets: dict[tuple[bool, bool], list] = {}
+    """Optimizer groups over trainable parameters, with their lr and weight decay.
+
+    Backbone lr = lr x backbone_lr_mult; a task head's lr = lr x head_lr_mult[task]; no
+    weight decay on norms and biases (any parameter with at most one dimension).
+    """
+    buckets: dict[tuple[str, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = p.ndim <= 1  # biases, norm scales/shifts, scalar adapter scales, log-variances
-        buckets.setdefault((is_backbone_param(name), no_decay), []).append(p)
+        task = head_task(name)
+        if is_backbone_param(name):
+            owner = "backbone"
+        elif task in stage_cfg.head_lr_mult:
+            owner = f"{task}_head"
+        else:
+            owner = "head"
+        buckets.setdefault((owner, p.ndim <= 1), []).append(p)
     groups = []
-    for (backbone, no_decay), params in sorted(buckets.items()):
+    for (owner, no_decay), params in sorted(buckets.items()):
+        mult = {"backbone": stage_cfg.backbone_lr_mult, "head": 1.0}.get(owner)
+        if mult is None:
+            mult = stage_cfg.head_lr_mult[owner[: -len("_head")]]
         groups.append({
-            "name": ("backbone" if backbone else "head") + ("_no_decay" if no_decay else ""),
+            "name": owner + ("_no_decay" if no_decay else ""),
             "params": params,
-            "lr": stage_cfg.lr * (stage_cfg.backbone_lr_mult if backbone else 1.0),
+            "lr": stage_cfg.lr * mult,
             "weight_decay": 0.0 if no_decay else stage_cfg.weight_decay,
         })
     return groups
