@@ -48,6 +48,10 @@ class DataConfig:
     color_jitter: float = 0.2  # strength of brightness/contrast/saturation jitter (train only)
     batch_size: int = 4  # per training worker
     cpus: float = 1.0  # CPU budget for Ray Data decode/transform
+    # "idle": each decode task runs its rows on a thread at idle CPU priority (Linux SCHED_IDLE),
+    # so on a machine without spare cores decoding fills the trainer's gaps instead of
+    # preempting its threads (docs/benchmarks.md); "normal": the worker's own priority
+    decode_priority: Literal["idle", "normal"] = "idle"
     max_train_samples: Optional[int] = None
     max_val_samples: Optional[int] = None
     on_bad_sample: Literal["error", "skip"] = "error"

@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from paf_ray import cli
@@ -18,7 +19,7 @@ from paf_ray.data.check import check_dataset
 from paf_ray.data.decode import load_sample
 from paf_ray.data.index import DatasetError, build_index, read_index, write_index
 from paf_ray.data.pipeline import (BatchCollate, build_dataset, iter_train_batches, load_records, resolve_root,
-                                   synth_cache_name)
+                                   run_at_idle_priority, synth_cache_name)
 from paf_ray.data.synth import COMPLETE_MARKER, write_synthetic
 from paf_ray.data.transforms import jitter_colors, train_transform, val_transform
 
@@ -398,6 +399,33 @@ def test_pipeline_batches_have_the_contract_shapes_and_presence_flags(ray_local,
     assert float(batch["scale"][i]) == pytest.approx(0.5)
     kept = [b for b in rec["boxes"] if min(b[2] - b[0], b[3] - b[1]) * 0.5 >= 2]  # smaller ones are dropped
     np.testing.assert_allclose(batch["boxes"][i].numpy() / 0.5, np.array(kept).reshape(-1, 4), atol=1e-4)
+
+
+def test_a_limited_pass_decodes_only_the_rows_it_serves_and_varies_them(ray_local, synth_root):
+    cfg = _cfg()
+    records = load_records(cfg, synth_root, "train")
+    ds = build_dataset(records, cfg, train=True, max_rows=8)
+    passes = [[n for b in iter_train_batches(ds, batch_size=4) for n in b["name"]] for _ in range(4)]
+    assert all(len(p) == 8 for p in passes)
+    assert len({tuple(sorted(p)) for p in passes}) > 1  # blocks come in a new random order every pass
+    # with decode_priority=normal the rows are the same: only the thread that makes them differs
+    val = load_records(cfg, synth_root, "val")[:4]
+    rows = {prio: next(iter_train_batches(build_dataset(val, _cfg(decode_priority=prio), train=False), batch_size=4))
+            for prio in ("idle", "normal")}
+    assert rows["idle"]["name"] == rows["normal"]["name"]
+    assert torch.equal(rows["idle"]["image"], rows["normal"]["image"])
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling policies")
+def test_decode_work_runs_at_idle_priority_and_leaves_the_calling_thread_alone():
+    import threading
+
+    def where():
+        return threading.current_thread().name, os.sched_getscheduler(0)
+
+    name, policy = run_at_idle_priority(where)
+    assert name.startswith("paf-decode") and policy == os.SCHED_IDLE
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
 
 
 def test_pipeline_skips_and_counts_bad_samples_or_fails_naming_the_file(ray_local, bad_root):

@@ -3,7 +3,10 @@
     python -m paf_ray.data.bench [--synth-images 60] [--pipeline-images 48] [--cpus 2]
 
 1. generator: ``write_synthetic`` at 640x360 in this process (wall and CPU seconds);
-2. pipeline: 1280x720 synthetic frames -> index -> Ray Data decode + train transform to
+2. rows: CPU milliseconds per row of ``LoadRow`` (decode + train transform), the work each
+   Ray Data task does per frame, in this process: 320x180 frames to 320x192 (the demo) and
+   1280x720 frames to 640x384;
+3. pipeline: 1280x720 synthetic frames -> index -> Ray Data decode + train transform to
    640x384 -> ``iter_train_batches`` on a local Ray with ``--cpus`` CPUs, all of them given to
    data. The first epoch includes worker start-up; the second is the steady-state number.
 """
@@ -26,6 +29,26 @@ def bench_synth(images: int, size=(640, 360)) -> dict:
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     return {"images": images, "size": list(size), "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
             "frames_per_s": round(images / wall, 1), "frames_per_cpu_s": round(images / cpu, 1)}
+
+
+def bench_rows(images: int, size, input_size, repeats: int = 3) -> dict:
+    from paf_ray.config import DataConfig
+    from paf_ray.data.pipeline import LoadRow, load_records
+    from paf_ray.data.synth import write_synthetic
+
+    with tempfile.TemporaryDirectory() as d:
+        root = write_synthetic(os.path.join(d, "s"), images=images, seed=0, size=size, val_fraction=0.0)
+        cfg = DataConfig(input_size=input_size)
+        items = [{"record": json.dumps(r)} for r in load_records(cfg, root, "train")]
+        load = LoadRow(cfg, train=True)
+        load(items[0])  # warm-up
+        c0 = time.process_time()
+        for _ in range(repeats):
+            for item in items:
+                load(item)
+        cpu = time.process_time() - c0
+    return {"frame": f"{size[0]}x{size[1]}", "input": f"{input_size[0]}x{input_size[1]}",
+            "rows": repeats * len(items), "cpu_ms_per_row": round(1000 * cpu / (repeats * len(items)), 2)}
 
 
 def bench_pipeline(images: int, cpus: int, batch_size: int = 4) -> dict:
@@ -58,6 +81,7 @@ def main(argv=None) -> int:
     p.add_argument("--cpus", type=int, default=2)
     args = p.parse_args(argv)
     out = {"load_average_at_start": os.getloadavg(), "synth": bench_synth(args.synth_images),
+           "rows": [bench_rows(40, (320, 180), (320, 192)), bench_rows(12, (1280, 720), (640, 384))],
            "pipeline": bench_pipeline(args.pipeline_images, args.cpus)}
     print(json.dumps(out, indent=1))
     return 0

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import ray
@@ -104,6 +105,30 @@ def _placeholder_row(name: str, error: str) -> dict:
     }
 
 
+def _lower_this_thread() -> None:
+    """Idle CPU priority for the calling thread only (Linux: scheduling is per thread)."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux, or refused: the thread keeps its priority
+        pass
+
+
+_idle_thread: ThreadPoolExecutor | None = None
+
+
+def run_at_idle_priority(fn, *args):
+    """fn(*args) on this process's idle-priority thread; the caller waits (sleeping).
+
+    The worker's own thread keeps its priority: Ray may later run other work, even an actor,
+    in the same process, and an unprivileged thread cannot raise its priority again.
+    """
+    global _idle_thread
+    if _idle_thread is None:
+        _idle_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="paf-decode",
+                                          initializer=_lower_this_thread)
+    return _idle_thread.submit(fn, *args).result()
+
+
 class LoadRow:
     """The Ray Data map: one JSON record -> one transformed row (or a placeholder for a bad one)."""
 
@@ -114,8 +139,12 @@ class LoadRow:
         self.hflip = data_cfg.hflip
         self.color_jitter = data_cfg.color_jitter
         self.skip = data_cfg.on_bad_sample == "skip"
+        self.idle = data_cfg.decode_priority == "idle"
 
     def __call__(self, item: dict) -> dict:
+        return run_at_idle_priority(self.load, item) if self.idle else self.load(item)
+
+    def load(self, item: dict) -> dict:
         record = json.loads(item["record"])
         try:
             sample = load_sample(record)
@@ -138,8 +167,13 @@ def map_cpus(data_cfg: DataConfig) -> float:
     return 0.5 if data_cfg.cpus <= 1 else 1.0
 
 
-def build_dataset(records: list[dict], data_cfg: DataConfig, train: bool) -> ray.data.Dataset:
-    """Records -> Dataset of transformed rows; Ray Data's CPU use is capped at ``data.cpus``."""
+def build_dataset(records: list[dict], data_cfg: DataConfig, train: bool,
+                  max_rows: int | None = None) -> ray.data.Dataset:
+    """Records -> Dataset of transformed rows; Ray Data's CPU use is capped at ``data.cpus``.
+
+    ``max_rows``: each pass reads only this many records (train: a different random subset of
+    blocks every pass), for stages that stop an epoch early (``max_steps_per_epoch``).
+    """
     from paf_ray.train.ray_setup import configure_data_context
 
     if not records:
@@ -153,6 +187,8 @@ def build_dataset(records: list[dict], data_cfg: DataConfig, train: bool) -> ray
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     if train:
         ds = ds.randomize_block_order()
+    if max_rows is not None and max_rows < len(items):
+        ds = ds.limit(max_rows)  # before the map: the rows past it are never decoded
     return ds.map(LoadRow(data_cfg, train), num_cpus=map_cpus(data_cfg))
 
 

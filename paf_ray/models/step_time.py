@@ -1,6 +1,8 @@
 """Per-step time of adapt vs finetune on this machine, measured side by side.
 
     python -m paf_ray.models.step_time [CONFIG] [--set KEY=VALUE ...] [--steps 5] [--threads N]
+    python -m paf_ray.models.step_time CONFIG --compare KEY=VALUE [--compare ...]   # finetune step,
+                                                  # the config vs the config with these changes
 
 One train step = forward + backward + AdamW step on a synthetic batch (random image,
 6 boxes, full sem/drv masks) at `data.input_size` and `data.batch_size`. The two stages'
@@ -44,17 +46,18 @@ def synthetic_batch(batch_size: int, width: int, height: int, seed: int = 0) -> 
     }
 
 
-def measure(cfg, steps: int = 5) -> dict:
+def _timed_steps(cases: dict, cfg, steps: int) -> dict:
+    """cases: name -> (model cfg, stage kind). Their train steps alternate; medians in ms."""
     width, height = cfg.data.input_size
     batch = synthetic_batch(cfg.data.batch_size, width, height)
     runs = {}
-    for kind in ("adapt", "finetune"):
+    for name, (model_cfg, kind) in cases.items():
         torch.manual_seed(0)
-        model = build_model(cfg.model, cfg.data.input_size, load_weights=False)
-        apply_stage(model, kind, cfg)
+        model = build_model(model_cfg, cfg.data.input_size, load_weights=False)
+        apply_stage(model, kind, model_cfg)
         model.train()
         opt = torch.optim.AdamW(param_groups(model, StageConfig(kind=kind)))
-        runs[kind] = (model, opt, [])
+        runs[name] = (model, opt, [])
 
     def step(model, opt):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -71,11 +74,25 @@ def measure(cfg, steps: int = 5) -> dict:
             times.append(step(model, opt))
     wall = {k: round(1000 * statistics.median(w for w, _ in t), 1) for k, (_, _, t) in runs.items()}
     cpu = {k: round(1000 * statistics.median(c for _, c in t), 1) for k, (_, _, t) in runs.items()}
-    return {"ms_per_step": wall, "cpu_ms_per_step": cpu,
-            "adapt_over_finetune": round(wall["adapt"] / wall["finetune"], 3),
-            "adapt_over_finetune_cpu": round(cpu["adapt"] / cpu["finetune"], 3),
-            "batch_size": cfg.data.batch_size, "input_size": [width, height], "threads": torch.get_num_threads(),
-            "steps": steps}
+    return {"ms_per_step": wall, "cpu_ms_per_step": cpu, "batch_size": cfg.data.batch_size,
+            "input_size": [width, height], "threads": torch.get_num_threads(), "steps": steps}
+
+
+def measure(cfg, steps: int = 5) -> dict:
+    r = _timed_steps({"adapt": (cfg.model, "adapt"), "finetune": (cfg.model, "finetune")}, cfg, steps)
+    wall, cpu = r["ms_per_step"], r["cpu_ms_per_step"]
+    return {**r, "adapt_over_finetune": round(wall["adapt"] / wall["finetune"], 3),
+            "adapt_over_finetune_cpu": round(cpu["adapt"] / cpu["finetune"], 3)}
+
+
+def compare(config_path, overrides: list[str], changes: list[str], steps: int = 5) -> dict:
+    """Finetune step time of the config vs the config with `changes` (KEY=VALUE), side by side."""
+    base = load_config(config_path, overrides)
+    variant = load_config(config_path, list(overrides) + list(changes))
+    r = _timed_steps({"base": (base.model, "finetune"), "variant": (variant.model, "finetune")}, base, steps)
+    wall, cpu = r["ms_per_step"], r["cpu_ms_per_step"]
+    return {**r, "changes": list(changes), "variant_over_base": round(wall["variant"] / wall["base"], 3),
+            "variant_over_base_cpu": round(cpu["variant"] / cpu["base"], 3)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,10 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--compare", action="append", default=[], metavar="KEY=VALUE",
+                   help="time the finetune step with these config changes against the config as is")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(json.dumps(measure(load_config(args.config, args.overrides), args.steps)))
+    if args.compare:
+        print(json.dumps(compare(args.config, args.overrides, args.compare, args.steps)))
+    else:
+        print(json.dumps(measure(load_config(args.config, args.overrides), args.steps)))
     return 0
 
 

@@ -95,12 +95,16 @@ def training_world_size(cfg: Config) -> int:
     return max(1, cfg.ray.num_workers)
 
 
-def make_datasets(cfg: Config, train: list[dict], val: list[dict]) -> dict:
-    """{"train": split across workers by Ray, "val_<rank>": one exact share per worker}."""
+def make_datasets(cfg: Config, train: list[dict], val: list[dict], max_steps_per_epoch: int | None = None) -> dict:
+    """{"train": split across workers by Ray, "val_<rank>": one exact share per worker}.
+
+    With ``max_steps_per_epoch``, a train pass reads only the rows those steps use.
+    """
     from paf_ray.data.pipeline import build_dataset
 
     world = training_world_size(cfg)
-    datasets = {"train": build_dataset(train, cfg.data, train=True)}
+    max_rows = max_steps_per_epoch * cfg.data.batch_size * world if max_steps_per_epoch else None
+    datasets = {"train": build_dataset(train, cfg.data, train=True, max_rows=max_rows)}
     for rank in range(world):
         datasets[f"val_{rank}"] = build_dataset(val[rank::world], cfg.data, train=False)
     return datasets
@@ -210,7 +214,7 @@ def run_pipeline(
 
         init_checkpoint = ray.train.Checkpoint.from_directory(resolve_checkpoint_dir(cfg.train.init_checkpoint))
     step_offset = 0
-    datasets = None
+    datasets, datasets_limited = None, False
     n_steps = steps_per_epoch(len(train_records), cfg)
     for index, stage in enumerate(cfg.train.stages):
         name = stage_run_name(index, stage.kind)
@@ -223,8 +227,9 @@ def run_pipeline(
             summary["stages"].append(done)
             step_offset += stage_steps
             continue
-        if datasets is None:
-            datasets = make_datasets(cfg, train_records, val_records)
+        if datasets is None or stage.max_steps_per_epoch or datasets_limited:
+            datasets = make_datasets(cfg, train_records, val_records, stage.max_steps_per_epoch)
+            datasets_limited = bool(stage.max_steps_per_epoch)
         print(f"[paf-ray] {name}: {stage.epochs} epoch(s) x {n_steps} steps, lr {stage.lr}", flush=True)
         t_stage = time.perf_counter()
         result = run_stage(cfg, index, run_dir, datasets, len(train_records), init_checkpoint, step_offset, callbacks)
