@@ -401,9 +401,13 @@ def test_pipeline_batches_have_the_contract_shapes_and_presence_flags(ray_local,
     np.testing.assert_allclose(batch["boxes"][i].numpy() / 0.5, np.array(kept).reshape(-1, 4), atol=1e-4)
 
 
-def test_a_limited_pass_decodes_only_the_rows_it_serves_and_varies_them(ray_local, synth_root):
+def test_a_limited_pass_decodes_only_the_rows_it_serves_and_varies_them(ray_local, synth_root, monkeypatch):
+    from paf_ray.data import pipeline
+
+    monkeypatch.setattr(pipeline, "ROWS_PER_BLOCK", 2)  # many small blocks, so passes can differ
     cfg = _cfg()
     records = load_records(cfg, synth_root, "train")
+    assert len(records) >= 16
     ds = build_dataset(records, cfg, train=True, max_rows=8)
     passes = [[n for b in iter_train_batches(ds, batch_size=4) for n in b["name"]] for _ in range(4)]
     assert all(len(p) == 8 for p in passes)

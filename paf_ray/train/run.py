@@ -230,7 +230,8 @@ def run_pipeline(
         if datasets is None or stage.max_steps_per_epoch or datasets_limited:
             datasets = make_datasets(cfg, train_records, val_records, stage.max_steps_per_epoch)
             datasets_limited = bool(stage.max_steps_per_epoch)
-        print(f"[paf-ray] {name}: {stage.epochs} epoch(s) x {n_steps} steps, lr {stage.lr}", flush=True)
+        print(f"[paf-ray] {name}: {stage.epochs} epoch(s) x {min(n_steps, stage.max_steps_per_epoch or n_steps)} steps, "
+              f"lr {stage.lr}", flush=True)
         t_stage = time.perf_counter()
         result = run_stage(cfg, index, run_dir, datasets, len(train_records), init_checkpoint, step_offset, callbacks)
         if result.error is not None:
