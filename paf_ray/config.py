@@ -110,7 +110,7 @@ class DetConfig:
     ignore_iof_thresh: float = 0.5  # anchors/proposals this much inside an ignore box are neither pos nor neg
     fcos_num_convs: int = 4  # fcos: conv layers in each tower
     # faster_rcnn: RoIAlign sample points per bin side (torchvision's 2); 0 = adaptive. Its CPU
-    # backward is serial: 1 makes a small-input CPU step ~11% faster (docs/benchmarks.md)
+    # backward is serial: 1 makes a small-input CPU step 1-11% faster (docs/benchmarks.md)
     roi_sampling_ratio: int = 2
 
 

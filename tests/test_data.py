@@ -401,7 +401,7 @@ def test_pipeline_batches_have_the_contract_shapes_and_presence_flags(ray_local,
     np.testing.assert_allclose(batch["boxes"][i].numpy() / 0.5, np.array(kept).reshape(-1, 4), atol=1e-4)
 
 
-def test_a_limited_pass_decodes_only_the_rows_it_serves_and_varies_them(ray_local, synth_root, monkeypatch):
+def test_a_limited_pass_serves_max_rows_a_new_subset_each_time(ray_local, synth_root, monkeypatch):
     from paf_ray.data import pipeline
 
     monkeypatch.setattr(pipeline, "ROWS_PER_BLOCK", 2)  # many small blocks, so passes can differ

@@ -62,7 +62,7 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor, class_balance: float = 
         return total / valid.sum().clamp(min=1)
     per_pixel = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="none")
     labels = torch.where(valid, target, torch.zeros_like(target))
-    counts = torch.bincount(labels[valid], minlength=logits.shape[1]).float()
+    counts = torch.bincount(target[valid], minlength=logits.shape[1]).float()
     class_weight = (counts.sum() / counts.clamp(min=1)) ** class_balance
     weight = class_weight[labels] * valid
     return (per_pixel * weight).sum() / weight.sum().clamp(min=1e-12)

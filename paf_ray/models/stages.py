@@ -82,26 +82,25 @@ def param_groups(model: nn.Module, stage_cfg: StageConfig) -> list[dict]:
     weight decay on norms and biases (any parameter with at most one dimension).
     """
     buckets: dict[tuple[str, bool], list] = {}
+    lr_mult: dict[str, float] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         task = head_task(name)
         if is_backbone_param(name):
-            owner = "backbone"
+            owner, mult = "backbone", stage_cfg.backbone_lr_mult
         elif task in stage_cfg.head_lr_mult:
-            owner = f"{task}_head"
+            owner, mult = f"{task}_head", stage_cfg.head_lr_mult[task]
         else:
-            owner = "head"
+            owner, mult = "head", 1.0
+        lr_mult[owner] = mult
         buckets.setdefault((owner, p.ndim <= 1), []).append(p)
     groups = []
     for (owner, no_decay), params in sorted(buckets.items()):
-        mult = {"backbone": stage_cfg.backbone_lr_mult, "head": 1.0}.get(owner)
-        if mult is None:
-            mult = stage_cfg.head_lr_mult[owner[: -len("_head")]]
         groups.append({
             "name": owner + ("_no_decay" if no_decay else ""),
             "params": params,
-            "lr": stage_cfg.lr * mult,
+            "lr": stage_cfg.lr * lr_mult[owner],
             "weight_decay": 0.0 if no_decay else stage_cfg.weight_decay,
         })
     return groups

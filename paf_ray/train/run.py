@@ -214,24 +214,21 @@ def run_pipeline(
 
         init_checkpoint = ray.train.Checkpoint.from_directory(resolve_checkpoint_dir(cfg.train.init_checkpoint))
     step_offset = 0
-    datasets, datasets_limited = None, False
     n_steps = steps_per_epoch(len(train_records), cfg)
     for index, stage in enumerate(cfg.train.stages):
         name = stage_run_name(index, stage.kind)
         done_path = storage.join(run_dir, name, STAGE_DONE_FILE)
         done = read_json(done_path) if resume else None
-        stage_steps = stage.epochs * (min(n_steps, stage.max_steps_per_epoch or n_steps))
+        stage_steps_per_epoch = min(n_steps, stage.max_steps_per_epoch or n_steps)
+        stage_steps = stage.epochs * stage_steps_per_epoch
         if done is not None:
             print(f"[paf-ray] {name}: already done, checkpoint {done['checkpoint']}", flush=True)
             init_checkpoint = ray.train.Checkpoint(done["checkpoint"])
             summary["stages"].append(done)
             step_offset += stage_steps
             continue
-        if datasets is None or stage.max_steps_per_epoch or datasets_limited:
-            datasets = make_datasets(cfg, train_records, val_records, stage.max_steps_per_epoch)
-            datasets_limited = bool(stage.max_steps_per_epoch)
-        print(f"[paf-ray] {name}: {stage.epochs} epoch(s) x {min(n_steps, stage.max_steps_per_epoch or n_steps)} steps, "
-              f"lr {stage.lr}", flush=True)
+        datasets = make_datasets(cfg, train_records, val_records, stage.max_steps_per_epoch)  # lazy: cheap
+        print(f"[paf-ray] {name}: {stage.epochs} epoch(s) x {stage_steps_per_epoch} steps, lr {stage.lr}", flush=True)
         t_stage = time.perf_counter()
         result = run_stage(cfg, index, run_dir, datasets, len(train_records), init_checkpoint, step_offset, callbacks)
         if result.error is not None:
