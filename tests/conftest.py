@@ -17,8 +17,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import pytest  # noqa: E402
 
-SHARED = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
-TESTDATA = os.path.join(SHARED, "testdata")
+# Real reference data carried by the repository (provenance and licences: tests/data/NOTICE).
+TESTDATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """The cluster files: Ray's own launcher schema + config preparation, the KubeRay CRD schemas,
 and our rules (CPU-only head, GPU groups from 0, object-storage runs, no Ray port on the
-internet, token auth on). All offline: the schemas ship in the ray wheel and ../shared."""
+internet, token auth on). All offline: the launcher schema ships in the ray wheel,
+the KubeRay CRDs in tests/data/kuberay-crds."""
 
 from __future__ import annotations
 
@@ -18,8 +19,7 @@ from paf_ray.config import load_config
 from paf_ray.jobs import known_runtime_env_keys
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-SHARED = os.path.abspath(os.path.join(REPO, "..", "shared"))
-CRD_DIR = os.path.join(SHARED, "schemas", "kuberay")
+CRD_DIR = os.path.join(REPO, "tests", "data", "kuberay-crds")
 LAUNCHER_FILES = ["cluster/aws.yaml", "cluster/gcp.yaml"]
 KUBERAY_FILES = {"cluster/kuberay/raycluster.yaml": "ray.io_rayclusters.yaml", "cluster/kuberay/rayjob.yaml": "ray.io_rayjobs.yaml"}
 RAY_PORTS = (8265, 6379, 10001)  # dashboard / Jobs API, GCS, Ray client
