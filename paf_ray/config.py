@@ -418,7 +418,29 @@ def from_dict(data: dict | None, source: str = "<config>", overrides: list[str] 
             path, value = parse_override(text)
             apply_override(data, path, value, f"--set {text}")
         source = f"{source} (with --set overrides)"
-    return _build(Config, data, "", source)
+    cfg = _build(Config, data, "", source)
+    check_rules(cfg, source)
+    return cfg
+
+
+# --------------------------------------------------------------------------- cross-field rules
+#
+# Rules that involve more than one key, checked when a config is loaded so that an impossible
+# combination fails before any Ray work starts. Each rule takes the built config and returns
+# a list of (key, reason) problems; the first problem is raised as one ConfigError naming the key.
+
+
+def _rule_stages_not_empty(cfg: "Config") -> list[tuple[str, str]]:
+    return [] if cfg.train.stages else [("train.stages", "at least one stage is needed")]
+
+
+RULES = [_rule_stages_not_empty]
+
+
+def check_rules(cfg: "Config", source: str = "<config>") -> None:
+    for rule in RULES:
+        for key, reason in rule(cfg):
+            raise ConfigError(f"{source}: {key}: {reason}")
 
 
 def _merge(defaults: dict, data: dict) -> dict:
