@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the end-to-end demo on synthetic BDD100K (pretrain, adapt, finetune, eval)")
     p.add_argument("--out", default="demo_out", help="output folder (default ./demo_out)")
-    p.add_argument("--config", default=None, help="demo config (default jobs/demo.yaml)")
+    p.add_argument("--config", default=None, help="demo config (default: the packaged jobs/demo.yaml)")
     _add_set(p)
     p.set_defaults(handler="paf_ray.train.demo:demo_command")
 

@@ -18,6 +18,7 @@ from paf_ray.cli import main
 from paf_ray.data.bdd100k import DET_CLASSES, DET_PALETTE, DRV_PALETTE, SEM_PALETTE
 
 PAF_RAY = os.path.join(os.path.dirname(sys.executable), "paf-ray")
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 STEMS = sorted(
     ["0ace96c3-48481887", "3c0e7240-96e390d2", "7dd9ef45-f197db95", "8e1c1ab0-a8b92173", "9aa94005-ff1d4c9a",
      "adb4871d-4d063244"]
@@ -211,6 +212,30 @@ def test_export_torchscript_loads_and_matches_on_another_frame(checkpoint, image
     assert got[3].shape == (1, 19, 720, 1280) and got[4].shape == (1, 3, 720, 1280)
     diffs = compare_outputs([w.numpy() for w in want], [g.numpy() for g in got])
     assert all(diffs[k] <= TOLERANCE[k] for k in TOLERANCE)
+
+
+def _readme_snippet() -> str:
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    after = text.split("<!-- exported-model-snippet", 1)[1]
+    return after.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_snippet_runs_an_exported_model_in_a_plain_process(checkpoint, images_dir, tmp_path, capsys):
+    """The README's lines for using an exported file run as written in a process without paf_ray,
+    and the `import torchvision` they insist on is really what makes the file load."""
+    model_file = tmp_path / "model.ts"
+    _run_export(checkpoint, str(model_file), "torchscript", os.path.join(images_dir, f"{STEMS[0]}.jpg"), capsys)
+    snippet = _readme_snippet().replace('"model.ts"', repr(str(model_file)))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    ran = subprocess.run([sys.executable, "-I", "-c", snippet], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert "boxes" in ran.stdout and "(720, 1280)" in ran.stdout
+    without = snippet.replace("import torchvision", "pass  # import torchvision")
+    failed = subprocess.run([sys.executable, "-I", "-c", without], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert failed.returncode != 0 and "torchvision" in failed.stderr
 
 
 def test_export_with_lv_adapter_bakes_class_embeddings(tmp_path, images_dir, capsys):

@@ -1,7 +1,7 @@
 """The one home of BDD100K facts: tasks, class lists, ignore rules, palettes, sizes.
 
 Sources: bdd100k/bdd100k `bdd100k/label/label.py`, `bdd100k/configs/det.toml`, and the
-official evaluation code (see ``shared/notes/bdd100k.md``). Everything else in paf_ray
+official evaluation code (docs/bdd100k.md says why each fact is what it is). Everything else in paf_ray
 imports these names instead of spelling a class list again.
 """
 

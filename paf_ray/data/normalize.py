@@ -2,7 +2,7 @@
 
 Images travel through the data pipeline as uint8 RGB; the model normalises them as its
 first operation (so predict/export see the same numbers as training). The checkpoint
-format picks the recipe (see ``shared/notes/checkpoints.md``).
+format picks the recipe (docs/checkpoints.md lists each published layout and its recipe).
 """
 
 from __future__ import annotations

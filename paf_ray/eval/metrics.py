@@ -2,7 +2,7 @@
 
 This module is the one place for metric keys and the model-selection ``score``.
 
-Detection follows the BDD100K/Scalabel toolkit (``shared/notes/bdd100k.md`` §5): GT frames
+Detection follows the BDD100K/Scalabel toolkit (docs/bdd100k.md, "Official scoring"): GT frames
 sorted by name with image ids 1..N, ``bbox = [x1, y1, x2 - x1 + 1, y2 - y1 + 1]``,
 ``iscrowd = crowd or ignore category``, the 10 categories in ``DET_CLASSES`` order, then a
 standard ``COCOeval`` over bounding boxes. Numbers are reported in percent.

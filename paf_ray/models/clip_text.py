@@ -4,7 +4,7 @@
 positional embeddings, transformer, final LayerNorm, projection, causal mask); it is
 frozen and always in eval mode. ``PromptLearner`` holds the learnable context vectors
 and turns them, placed before each class name, into one text embedding per class.
-See ``shared/notes/checkpoints.md`` §4 for the open_clip facts used here.
+docs/checkpoints.md ("open_clip facts") lists the open_clip facts used here.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Checkpoint zoo: published self-supervised / supervised / CLIP checkpoints into our backbones.
 
-Layouts and renaming rules follow ``shared/notes/checkpoints.md`` §1-3. After renaming,
+Layouts and renaming rules: docs/checkpoints.md. After renaming,
 the only keys allowed to be missing from the file or left over in it are the
 classifier / projection heads; anything else fails with the offending keys listed, so a
 wrong prefix can never load silently as a random backbone.

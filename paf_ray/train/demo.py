@@ -19,7 +19,9 @@ from dataclasses import replace
 from paf_ray.config import load_config
 
 PRETRAIN_MAX_STEPS = 288
-DEFAULT_DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "jobs", "demo.yaml")
+# The demo config ships inside the package (paf_ray/configs/demo.yaml links to jobs/demo.yaml in a
+# checkout; a wheel carries a copy), so `paf-ray demo` works from any folder and any install.
+DEFAULT_DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "demo.yaml")
 
 
 def run_demo(config_path: str | None, out: str, overrides: list[str] | tuple[str, ...] = ()) -> dict:
