@@ -143,17 +143,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_debug_flag(parser: argparse.ArgumentParser, top: bool = True) -> None:
+    """`--debug` before or after the command: show the traceback of an error instead of one line."""
+    parser.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
+                        help="on an error, show the full traceback instead of one line")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _add_debug_flag(sub, top=False)
+
+
+def error_line(error: BaseException) -> str:
+    """The one line a user sees for an error: its first non-empty message line, else its type."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    module_name, func_name = args.handler.split(":")
-    handler = getattr(importlib.import_module(module_name), func_name)
+    parser = build_parser()
+    _add_debug_flag(parser)
+    args = parser.parse_args(argv)
+    command = " ".join(filter(None, [args.command, getattr(args, "data_command", None)]))
     from paf_ray.config import ConfigError
 
     try:
+        module_name, func_name = args.handler.split(":")
+        handler = getattr(importlib.import_module(module_name), func_name)
         return int(handler(args) or 0)
-    except ConfigError as e:
-        print(f"paf-ray: config error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # every error is one line naming the file or key; --debug shows the rest
+        if args.debug:
+            raise
+        kind = "config error: " if isinstance(e, ConfigError) else ""
+        print(f"paf-ray {command}: {kind}{error_line(e)}  [--debug shows the traceback]", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
 
 
 if __name__ == "__main__":

@@ -146,6 +146,36 @@ def test_predict_bad_input_names_the_file(checkpoint, tmp_path, capsys):
     assert "nope*.jpg" in capsys.readouterr().err
 
 
+class _RunsCode:
+    """A pickle that would create a file when unpickled (what a hostile model.pt could carry)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_predict_refuses_a_checkpoint_carrying_code_in_one_line(checkpoint, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad_ckpt"
+    shutil.copytree(checkpoint, bad)
+    marker = tmp_path / "code_ran"
+    torch.save({"weight": torch.zeros(1), "payload": _RunsCode(str(marker))}, bad / "model.pt")
+    proc = subprocess.run([PAF_RAY, "predict", str(bad), os.path.join(REPO, "tests", "data", "bdd100k-images"),
+                           "--out", str(tmp_path / "o"), "--device", "cpu"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1
+    assert not marker.exists(), "loading the checkpoint ran code from it"
+    err = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and "model.pt" in err[0] and "refused" in err[0], proc.stderr
+    debug = subprocess.run([PAF_RAY, "--debug", "predict", str(bad), os.path.join(REPO, "tests", "data", "bdd100k-images"),
+                            "--out", str(tmp_path / "o")],
+                           capture_output=True, text=True, timeout=300)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and not marker.exists()
+
+
 def test_distributed_predict_on_ray_data_matches_local(ray_local, checkpoint, images_dir, predicted, tmp_path):
     from paf_ray.predict import predict_distributed, resolve_inputs
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from typing import Any
 
 import torch
@@ -27,6 +28,24 @@ MODEL_FILE = "model.pt"
 TRAIN_STATE_FILE = "train_state.pt"
 CONFIG_FILE = "config.yaml"
 META_FILE = "meta.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names the file and the reason."""
+
+
+def load_tensors(path: str, device: str | torch.device = "cpu") -> Any:
+    """``torch.load`` with ``weights_only=True``; a file holding more than tensors is refused in one line.
+
+    Nothing in such a file runs: torch stops at the first object that is not plain data.
+    """
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused: it holds Python objects besides tensors, which weights-only loading does not "
+            "run (it may carry code); save a plain state dict instead"
+        ) from e
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -91,7 +110,7 @@ def read_train_state(directory: str, device: str | torch.device = "cpu") -> dict
     path = os.path.join(directory, TRAIN_STATE_FILE)
     if not os.path.exists(path):
         return None
-    return torch.load(path, map_location=device, weights_only=True)
+    return load_tensors(path, device)
 
 
 def load_model_state(model: torch.nn.Module, directory: str, device: str | torch.device = "cpu") -> dict[str, Any]:
@@ -104,7 +123,7 @@ def load_model_state(model: torch.nn.Module, directory: str, device: str | torch
         net.normalization = meta["normalization"]
     if meta.get("adapters_merged") and not getattr(net, "adapters_merged", False):
         finish_stage(net, "adapt", StageConfig(kind="adapt", merge_adapters=True))
-    state = torch.load(os.path.join(directory, MODEL_FILE), map_location=device, weights_only=True)
+    state = load_tensors(os.path.join(directory, MODEL_FILE), device)
     result = net.load_state_dict(state, strict=False)
     problems = [k for k in result.missing_keys] + [k for k in result.unexpected_keys]
     if problems:
