@@ -430,11 +430,55 @@ def from_dict(data: dict | None, source: str = "<config>", overrides: list[str] 
 # a list of (key, reason) problems; the first problem is raised as one ConfigError naming the key.
 
 
-def _rule_stages_not_empty(cfg: "Config") -> list[tuple[str, str]]:
-    return [] if cfg.train.stages else [("train.stages", "at least one stage is needed")]
+def _rule_stages(cfg: "Config") -> list[tuple[str, str]]:
+    if not cfg.train.stages:
+        return [("train.stages", "at least one stage is needed")]
+    problems = []
+    for i, stage in enumerate(cfg.train.stages):
+        if stage.epochs < 1:
+            problems.append((f"train.stages[{i}].epochs", f"must be >= 1, got {stage.epochs}"))
+        if stage.accum_steps < 1:
+            problems.append((f"train.stages[{i}].accum_steps", f"must be >= 1, got {stage.accum_steps}"))
+        if not stage.lr > 0:
+            problems.append((f"train.stages[{i}].lr", f"must be > 0, got {stage.lr}"))
+    return problems
 
 
-RULES = [_rule_stages_not_empty]
+def _rule_model_shapes(cfg: "Config") -> list[tuple[str, str]]:
+    """What the model builder needs from the config, checked here so it fails before Ray starts."""
+    from paf_ray.data.bdd100k import SEG_TASKS, TASKS
+
+    m, problems = cfg.model, []
+    if not m.tasks or any(t not in TASKS for t in m.tasks) or len(set(m.tasks)) != len(m.tasks):
+        problems.append(("model.tasks", f"expected a non-empty subset of {list(TASKS)} without repeats, got {m.tasks}"))
+    width, height = cfg.data.input_size
+    if width % 32 or height % 32:
+        problems.append(("data.input_size", f"width and height must be multiples of 32, got {[width, height]}"))
+    if any(s not in (1, 2, 3, 4) for s in m.adapter.stages):
+        problems.append(("model.adapter.stages", f"stages are 1..4 (strides 4..32), got {m.adapter.stages}"))
+    if m.adapter.rank < 1:
+        problems.append(("model.adapter.rank", f"must be >= 1, got {m.adapter.rank}"))
+    unknown = sorted(set(m.loss.class_balance) - set(SEG_TASKS))
+    if unknown:
+        problems.append(("model.loss.class_balance", f"keys are the segmentation tasks {list(SEG_TASKS)}, got {unknown}"))
+    if m.backbone.name == "tiny" and m.backbone.tiny_width < 4:
+        problems.append(("model.backbone.tiny_width", f"must be >= 4, got {m.backbone.tiny_width}"))
+    if m.det.kind == "faster_rcnn" and len(m.det.anchor_sizes) != 5:
+        problems.append(("model.det.anchor_sizes", f"Faster R-CNN needs 5 sizes (P2-P6), got {len(m.det.anchor_sizes)}"))
+    if m.det.kind == "fcos" and m.fpn_channels % 32:
+        problems.append(("model.fpn_channels", f"FCOS needs a multiple of 32, got {m.fpn_channels}"))
+    lv = m.lv_adapter
+    if lv.enabled:
+        if not lv.levels or any(level not in (1, 2, 3, 4) for level in lv.levels):
+            problems.append(("model.lv_adapter.levels", f"a non-empty subset of the backbone stages 1..4, got {lv.levels}"))
+        if not lv.tau > 0:
+            problems.append(("model.lv_adapter.tau", f"must be > 0, got {lv.tau}"))
+        if lv.heads < 1:
+            problems.append(("model.lv_adapter.heads", f"must be >= 1, got {lv.heads}"))
+    return problems
+
+
+RULES = [_rule_stages, _rule_model_shapes]
 
 
 def check_rules(cfg: "Config", source: str = "<config>") -> None:

@@ -78,3 +78,29 @@ def test_set_flags_from_the_command_line_reach_the_config(tmp_path):
     args = cli.build_parser().parse_args(["run", path, "--set", "train.stages.0.epochs=3", "--set", "data.cpus=1"])
     cfg = load_config(args.config, args.overrides)
     assert cfg.train.stages[0].epochs == 3 and cfg.data.cpus == 1.0
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("data.input_size=[320, 190]", "data.input_size"),
+        ("model.tasks=[det, det]", "model.tasks"),
+        ("model.adapter.stages=[0, 2]", "model.adapter.stages"),
+        ("model.loss.class_balance={seg: 0.5}", "model.loss.class_balance"),
+        ("model.det.anchor_sizes=[32, 64]", "model.det.anchor_sizes"),
+        ("train.stages.1.epochs=0", r"train.stages\[1\].epochs"),
+    ],
+)
+def test_impossible_combinations_fail_at_load_naming_the_key(tmp_path, override, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(_write(tmp_path, "name: x\n"), [override])
+
+
+def test_run_refuses_a_bad_config_before_ray_starts(tmp_path, capsys):
+    import ray
+
+    path = _write(tmp_path, "data:\n  input_size: [320, 190]\n")
+    assert cli.main(["run", path, "--out", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.input_size" in err[0] and "c.yaml" in err[0]
+    assert not ray.is_initialized() and not (tmp_path / "runs").exists()

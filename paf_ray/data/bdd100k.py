@@ -13,6 +13,7 @@ IMAGE_SIZE = (IMAGE_WIDTH, IMAGE_HEIGHT)  # (width, height), as the official eva
 
 # Task keys, in the order metrics and heads are listed everywhere.
 TASKS = ("det", "sem", "drv")
+SEG_TASKS = ("sem", "drv")  # the tasks predicted as per-pixel classes
 
 # --- detection (labels/det_20) -----------------------------------------------------
 # Index i here is COCO category_id i + 1 in the official toolkit.

@@ -21,7 +21,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from paf_ray.config import ModelConfig
-from paf_ray.data.bdd100k import NUM_CLASSES, TASKS
+from paf_ray.data.bdd100k import NUM_CLASSES, SEG_TASKS, TASKS
 from paf_ray.data.normalize import FORMAT_NORMALIZATION, normalize_images
 from paf_ray.models.adapters import add_lora, build_bypass_adapters
 from paf_ray.models.backbones import STAGES, build_backbone, default_normalization
@@ -31,7 +31,6 @@ from paf_ray.models.zoo import load_backbone_weights, read_checkpoint, sniff_for
 
 log = logging.getLogger(__name__)
 
-SEG_TASKS = ("sem", "drv")
 LOSS_TASKS = TASKS + ("align",)  # the keys total_loss weighs; other loss keys are for logging
 
 

@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 
 import ray
+
+# Ray Train V2 re-routes print() in its workers through the root logger and, since Ray's own log
+# capture also replaced stdout there, every line of the loop reached the driver twice. The loop
+# prints to stdout, which Ray forwards once. The driver's value reaches the controller and workers.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+
+# Ray Train's and Ray Data's INFO lines ("Checkpoint successfully created", "Progress bars
+# disabled", per-dataset "execution finished") say nothing a user can act on; their warnings and
+# errors still show. Train takes the level from RunConfig (train/run.py); Ray Data from this
+# variable, which the processes of a local Ray inherit from the driver.
+RAY_LOG_LEVEL = "WARNING"
+os.environ.setdefault("RAY_DATA_LOG_LEVEL", RAY_LOG_LEVEL)
 
 
 def configure_data_context(data_cpus: float) -> None:
@@ -15,8 +29,29 @@ def configure_data_context(data_cpus: float) -> None:
     ctx.print_on_execution_start = False
 
 
+def quiet_ray_warnings() -> None:
+    """Ray's own deprecation warnings raised by Ray's internals (not by calls of ours)."""
+    # Ray Train's DatasetManager builds ExecutionOptions(exclude_resources=...) itself (Ray 2.60).
+    warnings.filterwarnings("ignore", message=".*exclude_resources.*", category=DeprecationWarning)
+
+
+# Loggers of Ray internals whose lines a user cannot act on, and the level they are kept at:
+# Ray Data warns on every dataset that progress bars are off (we turn them off on purpose);
+# Ray Train logs every report at INFO from the worker, past its own level setting.
+QUIET_LOGGERS = {"ray.data._internal.progress": logging.ERROR,
+                 "ray.train.v2._internal.execution.context": logging.WARNING}
+
+
+def worker_setup() -> None:
+    """Worker setup hook of a local Ray: quiet Ray's internal chatter, pin the cluster address."""
+    quiet_ray_warnings()
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+    pin_ray_address()
+
+
 def pin_ray_address() -> None:
-    """Worker setup hook: name this cluster in RAY_ADDRESS inside every worker process.
+    """Name this cluster in RAY_ADDRESS inside every worker process.
 
     Ray Train's PlacementGroupCleaner (it frees the resources of a Tune trial that ASHA stopped)
     finds the cluster through the State API, which refuses to guess when several Ray instances
@@ -41,7 +76,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, object_sto
         dashboard_host="127.0.0.1",
         configure_logging=True,
         logging_level="warning",
-        runtime_env={"worker_process_setup_hook": "paf_ray.train.ray_setup.pin_ray_address"},
+        runtime_env={"worker_process_setup_hook": "paf_ray.train.ray_setup.worker_setup"},
         # The raylet kills idle workers beyond this many (default: num_cpus). On a 2-CPU box the
         # Train and Data actors alone pass 2, so each epoch's decode tasks would start new
         # Python processes (importing torch) while the trainer runs.

@@ -134,7 +134,7 @@ def run_stage(
     from ray.train.torch import TorchTrainer
 
     from paf_ray.train.loop import train_loop
-    from paf_ray.train.ray_setup import configure_data_context
+    from paf_ray.train.ray_setup import RAY_LOG_LEVEL, configure_data_context
 
     stage = cfg.train.stages[index]
     configure_data_context(cfg.data.cpus)  # copied into the trainer when it is built
@@ -165,6 +165,7 @@ def run_stage(
             ),
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures, controller_failure_limit=3),
             callbacks=list(callbacks),
+            logging_config=ray.train.LoggingConfig(log_level=RAY_LOG_LEVEL),
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
