@@ -12,6 +12,7 @@ from PIL import Image, UnidentifiedImageError
 
 from paf_ray.data import bdd100k as B
 from paf_ray.data import storage
+from paf_ray.data.contracts import Record, Sample
 from paf_ray.data.index import DatasetError
 
 # Values a mask may hold, per task.
@@ -89,7 +90,7 @@ def box_problems(boxes, width: int, height: int, where: str) -> list[str]:
     return problems
 
 
-def load_sample(record: dict) -> dict:
+def load_sample(record: Record) -> Sample:
     """Decode one index record into numpy arrays (original resolution), checking everything."""
     image = decode_image(record["image"])
     h, w = image.shape[:2]

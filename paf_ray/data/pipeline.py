@@ -21,7 +21,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from paf_ray.config import DataConfig
 from paf_ray.data import synth
-from paf_ray.data.bdd100k import IGNORE_INDEX
+from paf_ray.data.contracts import Batch, Record, Row, empty_batch, placeholder_row
 from paf_ray.data.decode import load_sample
 from paf_ray.data.index import DatasetError, build_index
 from paf_ray.data.transforms import train_transform, val_transform
@@ -72,7 +72,7 @@ def resolve_root(data_cfg: DataConfig, cache_dir: str) -> str:
     return final
 
 
-def load_records(data_cfg: DataConfig, root: str, split: str, stats: dict | None = None) -> list[dict]:
+def load_records(data_cfg: DataConfig, root: str, split: str, stats: dict | None = None) -> list[Record]:
     """The split's index records (sorted by name), cut to max_{train,val}_samples if set."""
     records = build_index(root, splits=(split,), drop_overlap=data_cfg.drop_overlap,
                           on_bad_sample=data_cfg.on_bad_sample, stats=stats)[split]
@@ -85,24 +85,6 @@ def load_records(data_cfg: DataConfig, root: str, split: str, stats: dict | None
 
 
 # ----------------------------------------------------------------------------- rows
-
-
-def _placeholder_row(name: str, error: str) -> dict:
-    """A bad sample kept under on_bad_sample=skip: tiny arrays and the reason; the collate drops it."""
-    return {
-        "image": np.zeros((1, 1, 3), np.uint8),
-        "boxes": np.zeros((0, 4), np.float32),
-        "labels": np.zeros((0,), np.int64),
-        "ignore_boxes": np.zeros((0, 4), np.float32),
-        "ignore_labels": np.zeros((0,), np.int64),
-        "sem": np.full((1, 1), IGNORE_INDEX, np.uint8),
-        "drv": np.full((1, 1), IGNORE_INDEX, np.uint8),
-        "has_det": False, "has_sem": False, "has_drv": False,
-        "name": name,
-        "scale": np.float32(0.0),
-        "orig_size": np.zeros((2,), np.int64),
-        "error": error,
-    }
 
 
 def _lower_this_thread() -> None:
@@ -141,17 +123,17 @@ class LoadRow:
         self.skip = data_cfg.on_bad_sample == "skip"
         self.idle = data_cfg.decode_priority == "idle"
 
-    def __call__(self, item: dict) -> dict:
+    def __call__(self, item: dict) -> Row:
         return run_at_idle_priority(self.load, item) if self.idle else self.load(item)
 
-    def load(self, item: dict) -> dict:
-        record = json.loads(item["record"])
+    def load(self, item: dict) -> Row:
+        record: Record = json.loads(item["record"])
         try:
             sample = load_sample(record)
         except DatasetError as e:
             if not self.skip:
                 raise
-            return _placeholder_row(record["name"], str(e))
+            return placeholder_row(record["name"], str(e))
         if self.train:
             row = train_transform(sample, self.input_size, self.scale_range, self.hflip, self.color_jitter,
                                   np.random.default_rng())
@@ -198,7 +180,7 @@ def build_dataset(records: list[dict], data_cfg: DataConfig, train: bool,
 class BatchCollate(NumpyBatchCollateFn):
     """Numpy rows -> the training batch (docs/architecture.md §3); bad rows are dropped and counted."""
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict:
+    def __call__(self, batch: dict[str, np.ndarray]) -> Batch:
         errors = batch["error"]
         good = [i for i, e in enumerate(errors) if not e]
         skipped = len(errors) - len(good)
@@ -216,18 +198,13 @@ class BatchCollate(NumpyBatchCollateFn):
         images = stack("image")
         sem, drv = stack("sem"), stack("drv")
         if images is None:  # every row of this batch was bad
-            return {"image": torch.zeros((0, 3, 1, 1), dtype=torch.uint8), "boxes": [], "labels": [],
-                    "ignore_boxes": [], "ignore_labels": [], "sem": torch.zeros((0, 1, 1), dtype=torch.int64),
-                    "drv": torch.zeros((0, 1, 1), dtype=torch.int64), "has_det": torch.zeros(0, dtype=torch.bool),
-                    "has_sem": torch.zeros(0, dtype=torch.bool), "has_drv": torch.zeros(0, dtype=torch.bool),
-                    "name": [], "scale": torch.zeros(0), "orig_size": torch.zeros((0, 2), dtype=torch.int64),
-                    "skipped": skipped}
+            return empty_batch(skipped)
 
         def tensor(a, dtype=None):
             t = torch.from_numpy(a if a.flags.writeable else a.copy())
             return t if dtype is None else t.to(dtype)
 
-        return {
+        return Batch(**{
             "image": tensor(images).permute(0, 3, 1, 2),
             "boxes": [tensor(np.asarray(batch["boxes"][i], np.float32).reshape(-1, 4)) for i in good],
             "labels": [tensor(np.asarray(batch["labels"][i], np.int64).reshape(-1)) for i in good],
@@ -242,7 +219,7 @@ class BatchCollate(NumpyBatchCollateFn):
             "scale": torch.from_numpy(np.asarray([batch["scale"][i] for i in good], np.float32)),
             "orig_size": torch.from_numpy(np.stack([np.asarray(batch["orig_size"][i], np.int64) for i in good])),
             "skipped": skipped,
-        }
+        })
 
 
 def batch_to_device(batch: dict, device) -> dict:

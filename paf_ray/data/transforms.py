@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from paf_ray.data.bdd100k import IGNORE_INDEX
+from paf_ray.data.contracts import Sample
 
 MIN_BOX_SIZE = 2.0  # boxes narrower or lower than this (network pixels) are dropped
 
@@ -77,7 +78,8 @@ def jitter_colors(image: np.ndarray, strength: float, rng: np.random.Generator) 
     return out.astype(np.uint8).reshape(image.shape)
 
 
-def _transform(sample: dict, input_size, scale: float, flip: bool, offset: tuple[int, int]) -> dict:
+def _transform(sample: Sample, input_size, scale: float, flip: bool, offset: tuple[int, int]) -> dict:
+    """The Row of `sample` (all of contracts.Row but `name` and `error`, which LoadRow adds)."""
     image = sample["image"]
     h0, w0 = image.shape[:2]
     new_w, new_h = max(1, int(round(w0 * scale))), max(1, int(round(h0 * scale)))
@@ -128,13 +130,13 @@ def _transform(sample: dict, input_size, scale: float, flip: bool, offset: tuple
     }
 
 
-def val_transform(sample: dict, input_size) -> dict:
+def val_transform(sample: Sample, input_size) -> dict:
     """Resize to fit input_size keeping aspect; content at the top-left, padded."""
     h0, w0 = sample["image"].shape[:2]
     return _transform(sample, input_size, fit_scale(w0, h0, input_size), False, (0, 0))
 
 
-def train_transform(sample: dict, input_size, scale_range=(0.75, 1.25), hflip: float = 0.5, color_jitter: float = 0.2,
+def train_transform(sample: Sample, input_size, scale_range=(0.75, 1.25), hflip: float = 0.5, color_jitter: float = 0.2,
                     rng: np.random.Generator | None = None) -> dict:
     """Fit, then a random scale in scale_range, a random crop (or pad), a flip and photometric jitter."""
     rng = rng if rng is not None else np.random.default_rng()

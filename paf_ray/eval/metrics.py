@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
@@ -39,12 +39,17 @@ from paf_ray.data.bdd100k import (
     det_category_to_index,
 )
 
+if TYPE_CHECKING:  # the scorer runs without torch
+    from paf_ray.data.contracts import Batch
+
 # The twelve COCO summary numbers, in COCOeval.stats order.
 DET_METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 # The subset that goes into the flat training metrics as det/<name>.
 DET_FLAT_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
 # The metric of each task that enters `score`.
 SCORE_KEYS = {"det": "det/AP", "sem": "sem/mIoU", "drv": "drv/mIoU"}
+# The headline metrics, in the order tables, logs, curves and Tune results show them.
+HEADLINE_METRICS = ("det/AP", "det/AP50", "det/AP75", "det/AR100", "sem/mIoU", "drv/mIoU", "drv/mIoU3", "score")
 
 
 class MetricsInputError(ValueError):
@@ -348,7 +353,7 @@ class Evaluator:
         self.pred_frames: list[dict] = []
         self.counts = {t: 0 for t in TASKS}
 
-    def update(self, outputs: dict, batch: dict) -> None:
+    def update(self, outputs: dict, batch: "Batch") -> None:
         names = list(batch["name"])
         for task, conf in (("sem", self.sem_conf), ("drv", self.drv_conf)):
             if task not in self.tasks or task not in outputs:

@@ -14,6 +14,7 @@ import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray.train
@@ -23,50 +24,15 @@ import torch.distributed as dist
 
 from paf_ray.config import Config, StageConfig, from_dict
 from paf_ray.train.checkpoint import load_model_state, read_train_state, save_checkpoint, unwrap
-
-
-def _dist_on() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if _dist_on():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
+from paf_ray.train.step import StepCounter, Trainee, all_reduce_sum, dist_on, make_trainee, train_step
 
 
 def _all_gather(obj: Any) -> list[Any]:
-    if not _dist_on():
+    if not dist_on():
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
-    """Multiplier on the base lr: linear warm-up, then cosine / poly(0.9) / constant."""
-
-    def f(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant" or total_steps <= warmup_steps:
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        if schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return (1.0 - progress) ** 0.9
-
-    return f
-
-
-def build_optimizer(net: torch.nn.Module, stage: StageConfig) -> torch.optim.Optimizer:
-    from paf_ray.models.stages import param_groups
-
-    groups = param_groups(net, stage)
-    if stage.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=stage.lr, momentum=stage.momentum, weight_decay=stage.weight_decay)
-    return torch.optim.AdamW(groups, lr=stage.lr, weight_decay=stage.weight_decay)
 
 
 def evaluate(net: torch.nn.Module, batches, cfg: Config, device: torch.device, amp: bool) -> dict:
@@ -167,221 +133,240 @@ class _RunLog:
             self.tb.close()
 
 
-def train_loop(config: dict) -> None:
-    """Ray Train entry point. `config` keys: cfg (dict), stage_index, init_checkpoint (a
-    ray.train.Checkpoint or None), steps_per_epoch, step_offset, log_dir, stage_name."""
-    from paf_ray.data.pipeline import iter_train_batches
-    from paf_ray.models import build_model
-    from paf_ray.models.stages import apply_stage, finish_stage
+@dataclass
+class Progress:
+    """Where a stage stands: restored from a checkpoint's train state, advanced by the loop."""
 
-    cfg: Config = from_dict(config["cfg"], "<train_loop_config>")
-    stage_index: int = config["stage_index"]
-    stage = cfg.train.stages[stage_index]
-    stage_name = config.get("stage_name", f"stage{stage_index}-{stage.kind}")
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    on_gpu = device.type == "cuda"
-    amp = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and on_gpu)
-    torch.manual_seed(cfg.train.seed + 1000 * stage_index + rank)
-    if cfg.train.torch_threads:
-        torch.set_num_threads(cfg.train.torch_threads)
+    epoch: int = 0  # epochs completed
+    skip_steps: int = 0  # steps of the current epoch already in the restored checkpoint
+    global_step: int = 0  # optimizer updates in this stage
+    best_score: float | None = None
+    last_metrics: dict = field(default_factory=dict)  # the latest evaluation
+
+
+@dataclass
+class StageRun:
+    """One worker's view of the stage it trains."""
+
+    cfg: Config
+    index: int
+    name: str
+    spec: StageConfig
+    rank: int
+    world: int
+    trainee: Trainee
+    steps_per_epoch: int
+    step_offset: int  # global steps of the stages before this one (TensorBoard x axis)
+    log: _RunLog
+
+
+def build_and_restore(cfg: Config, init_checkpoint) -> tuple[torch.nn.Module, dict | None]:
+    """The model, with weights from Ray's latest checkpoint (a restarted worker or a resumed run),
+    else from the previous stage's checkpoint, else as the config names them."""
+    from paf_ray.models import build_model
 
     resumed = ray.train.get_checkpoint()
-    from_checkpoint = resumed is not None or config.get("init_checkpoint") is not None
     # Weights named in the config are read only when no checkpoint supplies them.
-    model = build_model(cfg.model, input_size=cfg.data.input_size, load_weights=not from_checkpoint)
-    start_epoch, skip_steps, global_step, train_state = 0, 0, 0, None
+    model = build_model(cfg.model, input_size=cfg.data.input_size,
+                        load_weights=resumed is None and init_checkpoint is None)
     if resumed is not None:
         with resumed.as_directory() as d:
             load_model_state(model, d)
-            train_state = read_train_state(d)
-    elif config.get("init_checkpoint") is not None:
-        with config["init_checkpoint"].as_directory() as d:
+            return model, read_train_state(d)
+    if init_checkpoint is not None:
+        with init_checkpoint.as_directory() as d:
             load_model_state(model, d)
+    return model, None
 
-    apply_stage(model, stage.kind, cfg)
+
+def place_model(model: torch.nn.Module, cfg: Config, kind: str, device: torch.device, world: int):
+    """Apply the stage policy, move to the device, wrap in DDP: (model to call, plain module)."""
+    from paf_ray.models.stages import apply_stage
+
+    apply_stage(model, kind, cfg)
     model.to(device)
-    if cfg.train.channels_last == "on" or (cfg.train.channels_last == "auto" and on_gpu):
+    if cfg.train.channels_last == "on" or (cfg.train.channels_last == "auto" and device.type == "cuda"):
         model.to(memory_format=torch.channels_last)
-    net = model
-    if world > 1:
-        model = ray.train.torch.prepare_model(model, move_to_device=False)
-        net = unwrap(model)
+    if world == 1:
+        return model, model
+    wrapped = ray.train.torch.prepare_model(model, move_to_device=False)
+    return wrapped, unwrap(wrapped)
 
+
+def restore_progress(trainee: Trainee, train_state: dict | None) -> Progress:
+    if train_state is None:
+        return Progress()
+    trainee.optimizer.load_state_dict(train_state["optimizer"])
+    trainee.scheduler.load_state_dict(train_state["scheduler"])
+    return Progress(epoch=int(train_state["epoch"]), skip_steps=int(train_state["step_in_epoch"]),
+                    global_step=int(train_state["global_step"]), best_score=train_state.get("best_score"))
+
+
+def setup_stage(config: dict) -> tuple[StageRun, Progress] | None:
+    """Everything a worker needs before its first step; None when the stage is already complete.
+
+    `config` keys: cfg (dict), stage_index, init_checkpoint (a ray.train.Checkpoint or None),
+    steps_per_epoch, step_offset, log_dir, stage_name."""
+    cfg: Config = from_dict(config["cfg"], "<train_loop_config>")
+    index: int = config["stage_index"]
+    spec = cfg.train.stages[index]
+    name = config.get("stage_name", f"stage{index}-{spec.kind}")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.train.seed + 1000 * index + rank)
+    if cfg.train.torch_threads:
+        torch.set_num_threads(cfg.train.torch_threads)
+
+    model, train_state = build_and_restore(cfg, config.get("init_checkpoint"))
+    model, net = place_model(model, cfg, spec.kind, device, world)
     steps_per_epoch = int(config["steps_per_epoch"])
-    if stage.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, stage.max_steps_per_epoch)
-    accum = max(1, stage.accum_steps)
-    total_updates = max(1, stage.epochs * steps_per_epoch // accum)
-    optimizer = build_optimizer(net, stage)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(stage.schedule, stage.warmup_steps, total_updates)
-    )
-    best_score = None
-    if train_state is not None and int(train_state["epoch"]) >= stage.epochs:
+    if spec.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, spec.max_steps_per_epoch)
+    amp = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and device.type == "cuda")
+    trainee = make_trainee(model, net, spec, device, amp=amp,
+                           total_updates=max(1, spec.epochs * steps_per_epoch // max(1, spec.accum_steps)),
+                           max_bad_steps=cfg.train.max_bad_steps, name=name)
+    if train_state is not None and int(train_state["epoch"]) >= spec.epochs:
         if rank == 0:
-            print(f"[{stage_name}] already complete in the restored checkpoint; nothing to do")
-        return
-    if train_state is not None:
-        optimizer.load_state_dict(train_state["optimizer"])
-        scheduler.load_state_dict(train_state["scheduler"])
-        start_epoch = int(train_state["epoch"])
-        skip_steps = int(train_state["step_in_epoch"])
-        global_step = int(train_state["global_step"])
-        best_score = train_state.get("best_score")
-        if rank == 0:
-            print(f"[{stage_name}] resumed at epoch {start_epoch} step {skip_steps} (global step {global_step})")
-
+            print(f"[{name}] already complete in the restored checkpoint; nothing to do")
+        return None
+    progress = restore_progress(trainee, train_state)
+    if train_state is not None and rank == 0:
+        print(f"[{name}] resumed at epoch {progress.epoch} step {progress.skip_steps} "
+              f"(global step {progress.global_step})")
     log = _RunLog(config.get("log_dir"), enabled=rank == 0)
-    log.forget_after(stage_name, global_step if train_state is not None else 0)
-    step_offset = int(config.get("step_offset", 0))
-    trainable = [p for p in net.parameters() if p.requires_grad]
-    last_metrics: dict = {}
-    bad_in_a_row = 0
+    log.forget_after(name, progress.global_step)
+    run = StageRun(cfg, index, name, spec, rank, world, trainee, steps_per_epoch,
+                   int(config.get("step_offset", 0)), log)
+    return run, progress
 
-    def report(epoch: int, step_in_epoch: int, metrics: dict, final: bool) -> None:
-        """All ranks call this together (ray.train.report is a barrier)."""
-        nonlocal best_score
-        score = metrics.get("score")
-        if isinstance(score, (int, float)) and math.isfinite(score):
-            best_score = score if best_score is None else max(best_score, score)
-        row = {
-            "stage": stage_name,
-            "stage_index": stage_index,
-            "stage_kind": stage.kind,
-            "epoch": epoch,
-            "step": global_step,
-            **metrics,
-        }
-        row.setdefault("score", last_metrics.get("score", 0.0))
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as d:
-                save_checkpoint(
-                    d,
-                    net,
-                    cfg,
-                    meta={"stage": stage.kind, "stage_index": stage_index, "epoch": epoch, "step": global_step,
-                          "final": final, "metrics": metrics},
-                    train_state={
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "epoch": epoch,
-                        "step_in_epoch": step_in_epoch,
-                        "global_step": global_step,
-                        "best_score": best_score,
-                    },
-                )
-                ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(d))
-        else:
-            ray.train.report(row, checkpoint=None)
-        log.record(row)
-        log.scalars({k: v for k, v in row.items() if "/" in k or k == "score"}, step_offset + global_step)
 
-    model.train()
-    for epoch in range(start_epoch, stage.epochs):
-        shard = ray.train.get_dataset_shard("train")
-        sums: dict[str, float] = {}
-        n_loss, skipped, images_seen = 0, 0, 0
-        t_epoch = t_log = time.perf_counter()
-        imgs_since_log = 0
-        micro = 0
-        waits = _WaitClock()
-        for step_in_epoch, batch in enumerate(waits.timed(iter_train_batches(shard, cfg.data.batch_size, device=device))):
-            if step_in_epoch >= steps_per_epoch:
-                break
-            skipped += int(batch.get("skipped", 0))
-            if step_in_epoch < skip_steps:  # resumed mid-epoch: these steps are in the checkpoint already
-                continue
-            batch_size = int(batch["image"].shape[0])
-            losses, total = {}, None
-            if batch_size > 0:
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-                    losses = model(batch["image"], batch)
-                    total = net.total_loss(losses) / accum
-            nonfinite = float(total is not None and not bool(torch.isfinite(total.detach())))
-            empty = float(batch_size == 0)
-            nonfinite, empty = _all_reduce_sum([nonfinite, empty], device)
-            if nonfinite or empty:
-                optimizer.zero_grad(set_to_none=True)
-                micro = 0
-                if nonfinite:
-                    bad_in_a_row += 1
-                    if rank == 0:
-                        print(f"[{stage_name}] non-finite loss at step {global_step}: step skipped on every rank "
-                              f"({bad_in_a_row} in a row): {({k: float(v.detach()) for k, v in losses.items()})}")
-                    if bad_in_a_row >= cfg.train.max_bad_steps:
-                        raise RuntimeError(
-                            f"{stage_name}: {bad_in_a_row} non-finite steps in a row (train.max_bad_steps="
-                            f"{cfg.train.max_bad_steps}); lower the learning rate or check the data"
-                        )
-                continue
-            micro += 1
-            boundary = micro == accum
-            if world > 1 and not boundary:
-                with model.no_sync():
-                    total.backward()
-            else:
-                total.backward()
-            images_seen += batch_size
-            imgs_since_log += batch_size
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            n_loss += 1
-            if not boundary:
-                continue
-            micro = 0
-            # the total norm is needed for the finiteness check even when nothing is clipped
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, stage.grad_clip or float("inf"))
-            if not torch.isfinite(grad_norm):  # gradients are all-reduced: every rank sees the same norm
-                optimizer.zero_grad(set_to_none=True)
-                bad_in_a_row += 1
-                if bad_in_a_row >= cfg.train.max_bad_steps:
-                    raise RuntimeError(f"{stage_name}: {bad_in_a_row} non-finite gradient steps in a row")
-                continue
-            bad_in_a_row = 0
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            global_step += 1
-            if rank == 0 and cfg.train.log_every and global_step % cfg.train.log_every == 0:
-                now = time.perf_counter()
-                img_s = imgs_since_log * world / max(1e-9, now - t_log)
-                done = step_in_epoch + 1
-                eta = (now - t_epoch) / max(1, done - skip_steps) * (steps_per_epoch - done)
-                eta += (stage.epochs - epoch - 1) * (now - t_epoch) / max(1, done - skip_steps) * steps_per_epoch
-                lr = scheduler.get_last_lr()[0]
-                parts = " ".join(f"{k} {float(v.detach()):.4f}" for k, v in losses.items())
-                print(f"[{stage_name}] epoch {epoch + 1}/{stage.epochs} step {done}/{steps_per_epoch} "
-                      f"loss {float(total.detach()) * accum:.4f} ({parts}) lr {lr:.2e} {img_s:.1f} img/s "
-                      f"data wait {waits.take() / max(1e-9, now - t_log):.0%} ETA {eta:.0f}s", flush=True)
-                log.scalars({f"loss/{k}": float(v.detach()) for k, v in losses.items()}, step_offset + global_step)
-                log.scalars({"train/lr": lr, "train/img_s": img_s}, step_offset + global_step)
-                t_log, imgs_since_log = now, 0
-            if cfg.train.checkpoint_every_steps and global_step % cfg.train.checkpoint_every_steps == 0:
-                report(epoch, step_in_epoch + 1, {**last_metrics}, final=False)
-        skip_steps = 0
+def log_step(run: StageRun, progress: Progress, epoch: int, done: int, outcome, clock: dict, waits: _WaitClock) -> None:
+    """Rank 0's progress line every `train.log_every` updates: losses, lr, img/s, data wait, ETA."""
+    now = time.perf_counter()
+    img_s = clock["images"] * run.world / max(1e-9, now - clock["t_log"])
+    per_step = (now - clock["t_epoch"]) / max(1, done - clock["first_step"])
+    eta = per_step * (run.steps_per_epoch - done) + (run.spec.epochs - epoch - 1) * per_step * run.steps_per_epoch
+    lr = run.trainee.scheduler.get_last_lr()[0]
+    parts = " ".join(f"{k} {v:.4f}" for k, v in outcome.losses.items())
+    print(f"[{run.name}] epoch {epoch + 1}/{run.spec.epochs} step {done}/{run.steps_per_epoch} "
+          f"loss {outcome.total:.4f} ({parts}) lr {lr:.2e} {img_s:.1f} img/s "
+          f"data wait {waits.take() / max(1e-9, now - clock['t_log']):.0%} ETA {eta:.0f}s", flush=True)
+    step = run.step_offset + progress.global_step
+    run.log.scalars({f"loss/{k}": v for k, v in outcome.losses.items()}, step)
+    run.log.scalars({"train/lr": lr, "train/img_s": img_s}, step)
+    clock["t_log"], clock["images"] = now, 0
 
-        # ---- end of epoch: losses, skipped samples, evaluation, checkpoint
-        keys = sorted(sums)
-        totals = _all_reduce_sum([sums[k] for k in keys] + [n_loss, skipped, images_seen], device)
-        n_all = max(1.0, totals[len(keys)])
-        epoch_metrics = {f"train/loss_{k}": totals[i] / n_all for i, k in enumerate(keys)}
-        epoch_metrics["data/skipped"] = int(totals[len(keys) + 1])
-        wall = time.perf_counter() - t_epoch
-        epoch_metrics["train/img_s"] = totals[len(keys) + 2] / max(1e-9, wall)
-        epoch_metrics["train/epoch_s"] = wall
-        last_epoch = epoch == stage.epochs - 1
-        if last_epoch or (cfg.train.eval_every_epochs and (epoch + 1) % cfg.train.eval_every_epochs == 0):
-            val_shard = ray.train.get_dataset_shard(f"val_{rank}")
-            state = evaluate(net, iter_train_batches(val_shard, cfg.data.batch_size, device=device), cfg, device, amp)
-            eval_metrics = gather_metrics(state, list(cfg.model.tasks))
-            last_metrics = {k: v for k, v in eval_metrics.items()}
-            epoch_metrics.update(eval_metrics)
-            if rank == 0:
-                shown = {k: round(v, 2) for k, v in eval_metrics.items() if k.count("/") <= 1 and isinstance(v, float)}
-                print(f"[{stage_name}] epoch {epoch + 1}/{stage.epochs} eval: {shown}", flush=True)
-        if last_epoch:
-            finish_stage(net, stage.kind, stage)  # LoRA merge at the end of adapt, per the stage policy
-        report(epoch + 1, 0, epoch_metrics, final=last_epoch)
-    log.close()
+
+def train_one_epoch(run: StageRun, progress: Progress, epoch: int) -> dict:
+    """Train one epoch of this worker's shard; return the epoch's loss means and counts (all ranks)."""
+    from paf_ray.data.pipeline import iter_train_batches
+
+    device = run.trainee.device
+    shard = ray.train.get_dataset_shard("train")
+    counter = StepCounter()
+    sums: dict[str, float] = {}
+    n_loss = skipped = images_seen = 0
+    clock = {"t_epoch": time.perf_counter(), "t_log": time.perf_counter(), "images": 0,
+             "first_step": progress.skip_steps}
+    waits = _WaitClock()
+    for step_in_epoch, batch in enumerate(waits.timed(iter_train_batches(shard, run.cfg.data.batch_size, device=device))):
+        if step_in_epoch >= run.steps_per_epoch:
+            break
+        skipped += int(batch.get("skipped", 0))
+        if step_in_epoch < progress.skip_steps:  # resumed mid-epoch: these steps are in the checkpoint already
+            continue
+        outcome = train_step(run.trainee, batch, counter)
+        if outcome.skipped == "nonfinite loss" and run.rank == 0:
+            print(f"[{run.name}] non-finite loss at step {progress.global_step}: step skipped on every rank "
+                  f"({counter.bad_in_a_row} in a row): {outcome.losses}")
+        if outcome.skipped in ("empty", "nonfinite loss"):
+            continue
+        images_seen += outcome.images
+        clock["images"] += outcome.images
+        for k, v in outcome.losses.items():
+            sums[k] = sums.get(k, 0.0) + v
+        n_loss += 1
+        if not outcome.updated:
+            continue
+        progress.global_step += 1
+        if run.rank == 0 and run.cfg.train.log_every and progress.global_step % run.cfg.train.log_every == 0:
+            log_step(run, progress, epoch, step_in_epoch + 1, outcome, clock, waits)
+        if run.cfg.train.checkpoint_every_steps and progress.global_step % run.cfg.train.checkpoint_every_steps == 0:
+            report(run, progress, epoch, step_in_epoch + 1, dict(progress.last_metrics), final=False)
+    progress.skip_steps = 0
+
+    keys = sorted(sums)
+    totals = all_reduce_sum([sums[k] for k in keys] + [n_loss, skipped, images_seen], device)
+    n_all = max(1.0, totals[len(keys)])
+    wall = time.perf_counter() - clock["t_epoch"]
+    metrics = {f"train/loss_{k}": totals[i] / n_all for i, k in enumerate(keys)}
+    metrics["data/skipped"] = int(totals[len(keys) + 1])
+    metrics["train/img_s"] = totals[len(keys) + 2] / max(1e-9, wall)
+    metrics["train/epoch_s"] = wall
+    return metrics
+
+
+def evaluate_epoch(run: StageRun, progress: Progress, epoch: int) -> dict:
+    """Validation metrics after `epoch` when one is due (every `eval_every_epochs` and the last)."""
+    from paf_ray.data.pipeline import iter_train_batches
+
+    last = epoch == run.spec.epochs - 1
+    every = run.cfg.train.eval_every_epochs
+    if not (last or (every and (epoch + 1) % every == 0)):
+        return {}
+    val_shard = ray.train.get_dataset_shard(f"val_{run.rank}")
+    batches = iter_train_batches(val_shard, run.cfg.data.batch_size, device=run.trainee.device)
+    state = evaluate(run.trainee.net, batches, run.cfg, run.trainee.device, run.trainee.amp)
+    metrics = gather_metrics(state, list(run.cfg.model.tasks))
+    progress.last_metrics = dict(metrics)
+    if run.rank == 0:
+        shown = {k: round(v, 2) for k, v in metrics.items() if k.count("/") <= 1 and isinstance(v, float)}
+        print(f"[{run.name}] epoch {epoch + 1}/{run.spec.epochs} eval: {shown}", flush=True)
+    return metrics
+
+
+def report(run: StageRun, progress: Progress, epoch: int, step_in_epoch: int, metrics: dict, final: bool) -> None:
+    """Metrics and, from rank 0, a checkpoint. All ranks call this together (ray.train.report is a barrier)."""
+    score = metrics.get("score")
+    if isinstance(score, (int, float)) and math.isfinite(score):
+        progress.best_score = score if progress.best_score is None else max(progress.best_score, score)
+    row = {"stage": run.name, "stage_index": run.index, "stage_kind": run.spec.kind, "epoch": epoch,
+           "step": progress.global_step, **metrics}
+    row.setdefault("score", progress.last_metrics.get("score", 0.0))
+    if run.rank == 0:
+        t = run.trainee
+        with tempfile.TemporaryDirectory() as d:
+            save_checkpoint(
+                d, t.net, run.cfg,
+                meta={"stage": run.spec.kind, "stage_index": run.index, "epoch": epoch, "step": progress.global_step,
+                      "final": final, "metrics": metrics},
+                train_state={"optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
+                             "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": progress.global_step,
+                             "best_score": progress.best_score},
+            )
+            ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(d))
+    else:
+        ray.train.report(row, checkpoint=None)
+    run.log.record(row)
+    run.log.scalars({k: v for k, v in row.items() if "/" in k or k == "score"}, run.step_offset + progress.global_step)
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train entry point: one stage on this worker (keys of `config`: see `setup_stage`)."""
+    from paf_ray.models.stages import finish_stage
+
+    started = setup_stage(config)
+    if started is None:
+        return
+    run, progress = started
+    run.trainee.model.train()
+    for epoch in range(progress.epoch, run.spec.epochs):
+        metrics = train_one_epoch(run, progress, epoch)
+        metrics.update(evaluate_epoch(run, progress, epoch))
+        last = epoch == run.spec.epochs - 1
+        if last:
+            finish_stage(run.trainee.net, run.spec.kind, run.spec)  # LoRA merge at the end of adapt
+        report(run, progress, epoch + 1, 0, metrics, final=last)
+    run.log.close()

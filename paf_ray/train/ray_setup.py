@@ -42,11 +42,21 @@ QUIET_LOGGERS = {"ray.data._internal.progress": logging.ERROR,
                  "ray.train.v2._internal.execution.context": logging.WARNING}
 
 
+class _AtLeast(logging.Filter):
+    # A filter rather than a level: Ray Train's logging set-up resets the levels of its child loggers.
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level
+
+
 def worker_setup() -> None:
     """Worker setup hook of a local Ray: quiet Ray's internal chatter, pin the cluster address."""
     quiet_ray_warnings()
     for name, level in QUIET_LOGGERS.items():
-        logging.getLogger(name).setLevel(level)
+        logging.getLogger(name).addFilter(_AtLeast(level))
     pin_ray_address()
 
 

@@ -23,7 +23,9 @@ def plot_curves(rows: list[dict], path: str) -> str | None:
             last_stage = row["stage"]
         last_step = row.get("step", 0)
     loss_keys = sorted({k for r in rows for k in r if k.startswith("train/loss_")})
-    metric_keys = [k for k in ("det/AP50", "det/AP", "sem/mIoU", "drv/mIoU", "drv/mIoU3", "score") if any(k in r for r in rows)]
+    from paf_ray.eval.metrics import HEADLINE_METRICS
+
+    metric_keys = [k for k in HEADLINE_METRICS if any(k in r for r in rows)]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for key in loss_keys:
         pts = [(offsets[r["stage"]] + r["step"], r[key]) for r in rows if _finite(r.get(key))]

@@ -344,13 +344,16 @@ def evaluate_initial_model(cfg: Config, run_dir: str, val_records: list[dict]) -
 
 
 def format_metrics_line(metrics: dict) -> str:
-    keys = ("det/AP", "det/AP50", "sem/mIoU", "drv/mIoU", "drv/mIoU3", "score")
-    return ", ".join(f"{k} {metrics[k]:.2f}" for k in keys if isinstance(metrics.get(k), (int, float)))
+    from paf_ray.eval.metrics import HEADLINE_METRICS
+
+    return ", ".join(f"{k} {metrics[k]:.2f}" for k in HEADLINE_METRICS if isinstance(metrics.get(k), (int, float)))
 
 
 def metrics_table(columns: dict[str, dict]) -> str:
     """A markdown table: one row per headline metric, one column per named metrics dict."""
-    keys = ["det/AP", "det/AP50", "det/AP75", "det/AR100", "sem/mIoU", "drv/mIoU", "drv/mIoU3", "score"]
+    from paf_ray.eval.metrics import HEADLINE_METRICS
+
+    keys = HEADLINE_METRICS
     names = list(columns)
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for k in keys:

@@ -23,10 +23,10 @@ from typing import Any
 
 from paf_ray.config import Config, ConfigError, dump_config, from_dict, load_config, to_dict
 from paf_ray.data import storage
+from paf_ray.eval.metrics import HEADLINE_METRICS
 from paf_ray.tune import space
 
 TRIALS_DIR = "trials"
-RESULT_KEYS = ("score", "det/AP", "det/AP50", "sem/mIoU", "drv/mIoU")
 RUN_SHEBANG = "#!/usr/bin/env -S python -m paf_ray run"
 
 
@@ -206,7 +206,7 @@ def result_rows(results, dims: list[space.Dimension], runs_dir: str, metric: str
         for d in dims:
             if d.kind != "fixed":
                 row[d.key] = space.decode_choice((r.config or {}).get(d.key), d)
-        for key in dict.fromkeys((metric,) + RESULT_KEYS):
+        for key in dict.fromkeys((metric,) + HEADLINE_METRICS):
             row[key] = _number(metrics.get(key))
         row["epochs"] = metrics.get("training_iteration", 0)
         row["wall_s"] = round(float(metrics.get("time_total_s", 0.0)), 1)
