@@ -17,7 +17,7 @@ CHANNELS = {1: 8, 2: 16, 3: 32, 4: 64}
 
 
 def tiny_cfg(**kw) -> LVAdapterConfig:
-    base = dict(enabled=True, clip_model=TINY_CLIP, n_ctx=4, heads=2)
+    base = dict(enabled=True, clip_model=TINY_CLIP, random_init=True, n_ctx=4, heads=2)
     base.update(kw)
     return LVAdapterConfig(**base)
 
@@ -52,7 +52,8 @@ def test_tokenizer_and_real_rn50_text_tower_work_offline(no_network):
 
     # The default config: the real RN50 text tower (random weights), encoded once through the adapter.
     torch.manual_seed(0)
-    adapter = LVAdapter(LVAdapterConfig(enabled=True), ["det", "sem", "drv"], {1: 256, 2: 512, 3: 1024, 4: 2048})
+    adapter = LVAdapter(LVAdapterConfig(enabled=True, random_init=True), ["det", "sem", "drv"],
+                        {1: 256, 2: 512, 3: 1024, 4: 2048})
     assert adapter.text_encoder.width == 512 and adapter.text_encoder.embed_dim == 1024
     assert len(adapter.text_encoder.transformer.resblocks) == 12
     feats = {1: torch.randn(1, 256, 16, 16), 2: torch.randn(1, 512, 8, 8), 3: torch.randn(1, 1024, 4, 4), 4: torch.randn(1, 2048, 2, 2)}
@@ -99,11 +100,11 @@ def test_clip_weights_file_is_loaded_and_missing_file_is_named(tmp_path):
     reference = open_clip.CLIP(**TINY_CLIP_CONFIG)
     path = tmp_path / "clip.pt"
     torch.save(reference.state_dict(), path)
-    adapter = LVAdapter(tiny_cfg(clip_weights=str(path)), ["sem"], CHANNELS)
+    adapter = LVAdapter(tiny_cfg(clip_weights=str(path), random_init=False), ["sem"], CHANNELS)
     assert torch.equal(adapter.text_encoder.token_embedding.weight, reference.token_embedding.weight)
     assert torch.equal(adapter.text_encoder.text_projection, reference.text_projection)
 
-    missing = tiny_cfg(clip_weights=str(tmp_path / "missing.safetensors"))
+    missing = tiny_cfg(clip_weights=str(tmp_path / "missing.safetensors"), random_init=False)
     with pytest.raises(FileNotFoundError, match="model.lv_adapter.clip_weights"):
         LVAdapter(missing, ["sem"], CHANNELS)
     # Before a paf_ray checkpoint (which holds the text tower) is loaded, the file is not needed.
@@ -302,7 +303,7 @@ def tiny_model_config(**lv):
             "det": {"kind": "faster_rcnn", "rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 50,
                     "rpn_pre_nms_top_n_test": 50, "rpn_post_nms_top_n_test": 20, "box_batch_size_per_image": 32,
                     "representation_size": 32},
-            "lv_adapter": {"enabled": True, "clip_model": TINY_CLIP, "n_ctx": 4, "heads": 2, **lv},
+            "lv_adapter": {"enabled": True, "clip_model": TINY_CLIP, "random_init": True, "n_ctx": 4, "heads": 2, **lv},
         },
         "train": {"stages": [{"kind": "adapt"}, {"kind": "finetune"}]},
     })
