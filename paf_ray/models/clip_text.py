@@ -141,12 +141,16 @@ def load_clip(
         model = open_clip.create_model(clip_model, pretrained=None)
     set_text_activation(model, resolve_activation(activation, uses_quick_gelu(model), layout, weights or ""))
     if sd is not None:
-        result = model.load_state_dict(sd, strict=False)
-        if result.missing_keys or result.unexpected_keys:
+        own = model.state_dict()
+        missing = [k for k in own if k not in sd]
+        unexpected = [k for k in sd if k not in own]
+        mismatched = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd if k in own and sd[k].shape != own[k].shape]
+        if missing or unexpected or mismatched:
             raise ValueError(
                 f"model.lv_adapter.clip_weights: {weights} does not fit model.lv_adapter.clip_model {clip_model!r} "
-                f"({layout} layout): missing {result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}"
+                f"({layout} layout): missing {missing[:8]}, unexpected {unexpected[:8]}, shapes {mismatched[:8]}"
             )
+        model.load_state_dict(sd)
     return model
 
 
