@@ -93,8 +93,8 @@ def set_text_activation(model: nn.Module, activation: str) -> None:
 def resolve_activation(setting: str, named_quick_gelu: bool, layout: Optional[str], path: str = "") -> str:
     """The text tower's activation from the config and, when weights are read, their layout.
 
-    OpenAI trained CLIP with QuickGELU, so OpenAI's layout decides: an explicit `gelu` (or a
-    GELU-only model) is an error. open_clip's layout is what open_clip trains (GELU), but it is
+    OpenAI trained CLIP with QuickGELU, so OpenAI's layout decides (whatever the model name
+    says) and an explicit `gelu` is an error. open_clip's layout is what open_clip trains (GELU), but it is
     also how OpenAI's weights are republished (e.g. timm/resnet50_clip.openai): the tensors cannot
     tell, so there an explicit `quick_gelu` (or a `-quickgelu` model name) is honoured.
     """

@@ -3,9 +3,10 @@
 Text side (``clip_text.py``): a frozen open_clip text tower encodes, per task, learnable
 context vectors followed by each class name (``PROMPT_NAMES``) into one embedding per class.
 Vision side: at each configured backbone level, a 1x1 projection maps the features into the
-text space (on CLIP's image tower, level 4 starts from CLIP's own projection: ``init_from_attnpool``); pixels attend to each task's class embeddings (cross-attention), and the result,
-projected back, is added to the features through a zero-initialised scale (an untrained
-LV-Adapter changes nothing). At the finest configured level, pixel-text cosine scores / tau
+text space (on CLIP's image tower, level 4 starts from CLIP's own: ``init_from_attnpool``);
+pixels attend to each task's class embeddings (cross-attention), and the result, projected back,
+is added to the features through a zero-initialised scale (an untrained LV-Adapter changes
+nothing). At the finest configured level, pixel-text cosine scores / tau
 give per-task score maps, which the heads may take as extra input channels and which
 ``alignment_loss`` supervises with the masks (sem, drv) and image-level labels (det).
 """
@@ -226,10 +227,10 @@ def is_prompt_parameter(name: str) -> bool:
 
 
 def _overhead_report(argv: list[str] | None = None) -> None:
-    """Parameter counts and the per-step CPU overhead of the LV-Adapter, side by side.
+    """Parameter counts and the per-step overhead of the LV-Adapter (CPU or CUDA), side by side.
 
     python -m paf_ray.models.lv_adapter [--backbone resnet18] [--size 320x192] [--batch 2] [--steps 5]
-                                        [--device cpu|cuda]
+                                        [--device cpu|cuda] [--heads small|reference]
     Times one adapt-stage training step (forward, backward, AdamW step) of the same multi-task
     model without and with the LV-Adapter, alternating, and reports medians and their ratio.
     "with, prompts frozen" caches the class embeddings (no text tower in the step), so
@@ -253,6 +254,8 @@ def _overhead_report(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--heads", default="small", choices=["small", "reference"],
+                   help="small: FPN 64, 128 RoIs (CPU); reference: the config defaults (R50-FPN reference detector)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -261,14 +264,17 @@ def _overhead_report(argv: list[str] | None = None) -> None:
     width, height = (int(v) for v in args.size.lower().split("x"))
 
     def build(enabled: bool, prompts_trainable: bool = True):
+        small_heads = {
+            "fpn_channels": 64,
+            "seg_channels": 32,
+            "det": {"rpn_pre_nms_top_n_train": 300, "rpn_post_nms_top_n_train": 300,
+                    "box_batch_size_per_image": 128, "representation_size": 256},
+        }
         cfg = from_dict({
             "data": {"input_size": [width, height]},
             "model": {
-                "backbone": {"name": args.backbone},
-                "fpn_channels": 64,
-                "seg_channels": 32,
-                "det": {"rpn_pre_nms_top_n_train": 300, "rpn_post_nms_top_n_train": 300,
-                        "box_batch_size_per_image": 128, "representation_size": 256},
+                "backbone": {"name": args.backbone, "random_init": True},
+                **(small_heads if args.heads == "small" else {}),
                 "lv_adapter": {"enabled": enabled, "clip_model": args.clip_model, "random_init": True},
             },
         })
@@ -325,7 +331,7 @@ def _overhead_report(argv: list[str] | None = None) -> None:
     print(f"LV-Adapter ({args.clip_model}): trainable {trainable:,} parameters "
           f"(prompts {sum(q.numel() for q in lv.prompts.parameters()):,}), frozen text tower {frozen:,}")
     where = torch.cuda.get_device_name(device) + ", bf16 autocast" if on_cuda else f"CPU, {args.threads} threads"
-    print(f"adapt step, {args.backbone} {width}x{height} batch {b}, {where}, median of {args.steps}:")
+    print(f"adapt step, {args.backbone} ({args.heads} heads) {width}x{height} batch {b}, {where}, median of {args.steps}:")
     for name in runs:
         print(f"  {name:<22} wall {med[name]:7.3f} s ({med[name] / med['without']:.2f}x)   "
               f"CPU {cpu[name]:7.3f} s ({cpu[name] / cpu['without']:.2f}x)")
