@@ -81,6 +81,7 @@ class BackboneConfig:
     trust_checkpoint: bool = False  # allow plain pickles (detectron2 .pkl)
     normalization: Literal["auto", "imagenet", "swav", "clip", "none"] = "auto"
     tiny_width: int = 16  # channels of the first stage of the `tiny` backbone
+    random_init: bool = False  # no weights on purpose (tests, the CPU demo); see the rules below
 
 
 @dataclass
@@ -126,7 +127,12 @@ class LossConfig:
 class LVAdapterConfig:
     enabled: bool = False
     clip_model: str = "RN50"  # any open_clip model name
-    clip_weights: Optional[str] = None  # local file (.safetensors / state dict); None = random init
+    # OpenAI's TorchScript archive (RN50.pt), its state dict, or open_clip's .safetensors / state dict
+    # (path or URI); required unless `random_init`
+    clip_weights: Optional[str] = None
+    random_init: bool = False  # a randomly initialised CLIP on purpose (tests, the CPU demo)
+    # text-tower MLP activation: auto = from the weights (OpenAI's layout: quick_gelu, open_clip's: gelu)
+    activation: Literal["auto", "quick_gelu", "gelu"] = "auto"
     n_ctx: int = 8
     ctx_init: str = "a photo of a"  # "" = random init
     task_specific: bool = True  # one context per task, or one shared by all tasks
@@ -478,7 +484,42 @@ def _rule_model_shapes(cfg: "Config") -> list[tuple[str, str]]:
     return problems
 
 
-RULES = [_rule_stages, _rule_model_shapes]
+def _rule_lv_adapter_has_clip_weights(cfg: "Config") -> list[tuple[str, str]]:
+    lv = cfg.model.lv_adapter
+    if not lv.enabled:
+        return []
+    if lv.clip_weights is None and not lv.random_init:
+        return [("model.lv_adapter.clip_weights",
+                 "the LV-Adapter carries CLIP's language prior and needs CLIP's weights (e.g. OpenAI's RN50.pt "
+                 "or open_clip's .safetensors, a path or URI); set model.lv_adapter.random_init: true only for a "
+                 "deliberately random text tower (tests, demos)")]
+    if lv.clip_weights is not None and lv.random_init:
+        return [("model.lv_adapter.random_init", "true, but model.lv_adapter.clip_weights names a file: choose one")]
+    return []
+
+
+def _rule_lv_adapter_activation(cfg: "Config") -> list[tuple[str, str]]:
+    # open_clip's `-quickgelu` model names are QuickGELU by definition (its model configs say so).
+    lv = cfg.model.lv_adapter
+    if lv.enabled and lv.activation == "gelu" and lv.clip_model.endswith("-quickgelu"):
+        return [("model.lv_adapter.activation", f"gelu contradicts clip_model {lv.clip_model!r} (QuickGELU)")]
+    return []
+
+
+def _rule_clip_backbone_has_weights(cfg: "Config") -> list[tuple[str, str]]:
+    # The CLIP image tower is only worth its cost with CLIP's weights; its attention pool also seeds
+    # the LV-Adapter's pixel->text projection (models/lv_adapter.py).
+    bb = cfg.model.backbone
+    if bb.name == "clip_rn50" and bb.weights is None and not bb.random_init:
+        return [("model.backbone.weights",
+                 "backbone clip_rn50 needs CLIP's weights (the same file as model.lv_adapter.clip_weights, e.g. "
+                 "OpenAI's RN50.pt with trust_checkpoint: true, or open_clip's .safetensors); set "
+                 "model.backbone.random_init: true only for a deliberately random backbone (tests, demos)")]
+    return []
+
+
+RULES = [_rule_stages, _rule_model_shapes, _rule_lv_adapter_has_clip_weights, _rule_lv_adapter_activation,
+         _rule_clip_backbone_has_weights]
 
 
 def check_rules(cfg: "Config", source: str = "<config>") -> None:

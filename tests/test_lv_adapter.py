@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import zipfile
 
 import open_clip
 import pytest
@@ -17,7 +19,7 @@ CHANNELS = {1: 8, 2: 16, 3: 32, 4: 64}
 
 
 def tiny_cfg(**kw) -> LVAdapterConfig:
-    base = dict(enabled=True, clip_model=TINY_CLIP, n_ctx=4, heads=2)
+    base = dict(enabled=True, clip_model=TINY_CLIP, random_init=True, n_ctx=4, heads=2)
     base.update(kw)
     return LVAdapterConfig(**base)
 
@@ -52,7 +54,8 @@ def test_tokenizer_and_real_rn50_text_tower_work_offline(no_network):
 
     # The default config: the real RN50 text tower (random weights), encoded once through the adapter.
     torch.manual_seed(0)
-    adapter = LVAdapter(LVAdapterConfig(enabled=True), ["det", "sem", "drv"], {1: 256, 2: 512, 3: 1024, 4: 2048})
+    adapter = LVAdapter(LVAdapterConfig(enabled=True, random_init=True), ["det", "sem", "drv"],
+                        {1: 256, 2: 512, 3: 1024, 4: 2048})
     assert adapter.text_encoder.width == 512 and adapter.text_encoder.embed_dim == 1024
     assert len(adapter.text_encoder.transformer.resblocks) == 12
     feats = {1: torch.randn(1, 256, 16, 16), 2: torch.randn(1, 512, 8, 8), 3: torch.randn(1, 1024, 4, 4), 4: torch.randn(1, 2048, 2, 2)}
@@ -99,11 +102,11 @@ def test_clip_weights_file_is_loaded_and_missing_file_is_named(tmp_path):
     reference = open_clip.CLIP(**TINY_CLIP_CONFIG)
     path = tmp_path / "clip.pt"
     torch.save(reference.state_dict(), path)
-    adapter = LVAdapter(tiny_cfg(clip_weights=str(path)), ["sem"], CHANNELS)
+    adapter = LVAdapter(tiny_cfg(clip_weights=str(path), random_init=False), ["sem"], CHANNELS)
     assert torch.equal(adapter.text_encoder.token_embedding.weight, reference.token_embedding.weight)
     assert torch.equal(adapter.text_encoder.text_projection, reference.text_projection)
 
-    missing = tiny_cfg(clip_weights=str(tmp_path / "missing.safetensors"))
+    missing = tiny_cfg(clip_weights=str(tmp_path / "missing.safetensors"), random_init=False)
     with pytest.raises(FileNotFoundError, match="model.lv_adapter.clip_weights"):
         LVAdapter(missing, ["sem"], CHANNELS)
     # Before a paf_ray checkpoint (which holds the text tower) is loaded, the file is not needed.
@@ -302,7 +305,7 @@ def tiny_model_config(**lv):
             "det": {"kind": "faster_rcnn", "rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 50,
                     "rpn_pre_nms_top_n_test": 50, "rpn_post_nms_top_n_test": 20, "box_batch_size_per_image": 32,
                     "representation_size": 32},
-            "lv_adapter": {"enabled": True, "clip_model": TINY_CLIP, "n_ctx": 4, "heads": 2, **lv},
+            "lv_adapter": {"enabled": True, "clip_model": TINY_CLIP, "random_init": True, "n_ctx": 4, "heads": 2, **lv},
         },
         "train": {"stages": [{"kind": "adapt"}, {"kind": "finetune"}]},
     })
@@ -371,3 +374,312 @@ def test_inspect_lists_lv_adapter_trainable_and_text_encoder_frozen(capsys):
     assert modules["lv_adapter"]["trainable"] > 0
     assert modules["text_encoder"]["total"] > 0 and modules["text_encoder"]["trainable"] == 0
     assert modules["backbone"]["trainable"] == 0
+
+
+# --------------------------------------------------------------------------- CLIP's prior: weights, activation, projection
+
+REPO = os.path.join(os.path.dirname(__file__), "..")
+
+
+def test_lv_adapter_or_clip_backbone_without_weights_is_refused_at_load(tmp_path, capsys):
+    import ray
+
+    from paf_ray.cli import main
+    from paf_ray.config import ConfigError, from_dict
+
+    def cfg(lv=None, backbone=None):
+        return from_dict({"model": {"backbone": {"name": "tiny", **(backbone or {})},
+                                    "lv_adapter": {"enabled": True, **(lv or {})}}})
+
+    with pytest.raises(ConfigError, match=r"model\.lv_adapter\.clip_weights: the LV-Adapter carries CLIP"):
+        cfg()
+    assert cfg({"random_init": True}).model.lv_adapter.random_init
+    assert cfg({"clip_weights": "s3://bucket/weights/RN50.pt"}).model.lv_adapter.clip_weights
+    with pytest.raises(ConfigError, match=r"model\.lv_adapter\.random_init: true, but"):
+        cfg({"clip_weights": "RN50.pt", "random_init": True})
+    with pytest.raises(ConfigError, match=r"model\.lv_adapter\.activation: gelu contradicts"):
+        cfg({"random_init": True, "clip_model": "RN50-quickgelu", "activation": "gelu"})
+    with pytest.raises(ConfigError, match=r"model\.backbone\.weights: backbone clip_rn50 needs CLIP"):
+        cfg({"random_init": True}, {"name": "clip_rn50"})
+    assert cfg({"random_init": True}, {"name": "clip_rn50", "random_init": True}).model.backbone.random_init
+    assert not from_dict({}).model.lv_adapter.random_init  # the default refuses
+
+    # From the command line: refused before any Ray work.
+    job = tmp_path / "lv.yaml"
+    job.write_text("model:\n  backbone: {name: tiny}\n  lv_adapter: {enabled: true}\n")
+    assert main(["run", str(job)]) == 2
+    assert "model.lv_adapter.clip_weights" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+    # Every job file with the LV-Adapter on names CLIP's weights in the bucket.
+    from paf_ray.config import load_config
+
+    with_lv = []
+    for name in sorted(os.listdir(os.path.join(REPO, "jobs"))):
+        if name.endswith(".yaml"):
+            job_cfg = load_config(os.path.join(REPO, "jobs", name))
+            if job_cfg.model.lv_adapter.enabled:
+                with_lv.append(name)
+                assert job_cfg.model.lv_adapter.clip_weights.startswith("s3://"), name
+    assert {"adapt_lv.yaml", "tune.yaml"} <= set(with_lv)
+
+
+def _tree_module(state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """An nn.Module holding `state` under the same dotted names (as buffers), for torch.jit.script."""
+
+    class Node(torch.nn.Module):
+        def forward(self) -> int:
+            return 0
+
+    root = Node()
+    for key, value in state.items():
+        *path, leaf = key.split(".")
+        node = root
+        for part in path:
+            if not hasattr(node, part):
+                node.add_module(part, Node())
+            node = getattr(node, part)
+        node.register_buffer(leaf, value.detach().clone())
+    return root
+
+
+def save_openai_archive(model: torch.nn.Module, path) -> dict[str, torch.Tensor]:
+    """Save `model` as OpenAI publishes CLIP: a TorchScript archive, conv/linear/attention weights and the
+    text projection in float16 (OpenAI's convert_weights), plus the archive's input_resolution,
+    context_length and vocab_size. Returns the float32 state dict a faithful loader must give back."""
+    from open_clip.model import convert_weights_to_lp
+
+    convert_weights_to_lp(model, torch.float16)
+    state = dict(model.state_dict())
+    expected = {k: v.float() for k, v in state.items()}
+    state.update(input_resolution=torch.tensor(224), context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
+    torch.jit.save(torch.jit.script(_tree_module(state)), str(path))
+    model.float()
+    return expected
+
+
+def _assert_same_state(model: torch.nn.Module, expected: dict[str, torch.Tensor]):
+    got = model.state_dict()
+    assert set(got) == set(expected)
+    for k, v in expected.items():
+        assert torch.equal(got[k], v), k
+
+
+def test_openai_torchscript_rn50_loads_into_quickgelu_exactly(tmp_path):
+    from open_clip.transformer import QuickGELU
+
+    from paf_ray.models.clip_text import load_clip
+
+    torch.manual_seed(7)
+    reference = open_clip.create_model("RN50-quickgelu")
+    path = tmp_path / "RN50.pt"
+    expected = save_openai_archive(reference, path)
+    assert zipfile.is_zipfile(path)
+    with pytest.raises(RuntimeError):  # what a plain weights_only load says about TorchScript
+        torch.load(path, weights_only=True)
+
+    # `clip_model: RN50` (GELU in open_clip's config): the file decides, QuickGELU.
+    model = load_clip("RN50", str(path)).eval()
+    assert isinstance(model.transformer.resblocks[0].mlp.gelu, QuickGELU)
+    _assert_same_state(model, expected)
+    # The fixture is what open_clip's own OpenAI reader takes, and both give the same text embedding.
+    openai_reader = open_clip.load_openai_model(str(path), precision="fp32", device="cpu").eval()
+    tokens = get_tokenizer("RN50")(["a photo of a car", "road"])
+    with torch.no_grad():
+        ours = model.encode_text(tokens)
+        torch.testing.assert_close(ours, openai_reader.encode_text(tokens), atol=0, rtol=0)
+        torch.testing.assert_close(ours, reference.eval().encode_text(tokens), atol=0, rtol=0)
+        # ... and the activation matters: the GELU tower gives another embedding.
+        gelu = open_clip.create_model("RN50")
+        gelu.load_state_dict(expected)
+        assert not torch.allclose(gelu.eval().encode_text(tokens), ours, atol=1e-4)
+
+    encoder = ClipTextEncoder("RN50", str(path))
+    assert encoder.activation == "quick_gelu"
+    with pytest.raises(ValueError, match=r"model\.lv_adapter\.activation: gelu, but .*QuickGELU"):
+        ClipTextEncoder("RN50", str(path), activation="gelu")
+
+
+def test_openai_state_dict_and_open_clip_files_round_trip_with_their_activation(tmp_path):
+    from safetensors.torch import save_file
+
+    from paf_ray.models.clip_text import load_clip, read_clip_weights
+
+    tokens = get_tokenizer(TINY_CLIP)(["a photo of a bus", "sky"])
+
+    # OpenAI's layout as a state dict: what torch.jit.load(RN50.pt).state_dict() gives, saved with torch.save.
+    torch.manual_seed(3)
+    quick = open_clip.CLIP(**TINY_CLIP_CONFIG, quick_gelu=True)
+    archive = tmp_path / "tiny_openai.pt"
+    expected = save_openai_archive(quick, archive)
+    openai_sd = tmp_path / "tiny_openai_state_dict.pt"
+    torch.save(torch.jit.load(str(archive)).state_dict(), openai_sd)
+    assert read_clip_weights(str(openai_sd))[1] == "openai"
+    model = load_clip(TINY_CLIP, str(openai_sd)).eval()
+    assert ClipTextEncoder(TINY_CLIP, str(openai_sd)).activation == "quick_gelu"
+    _assert_same_state(model, expected)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(tokens), quick.eval().encode_text(tokens), atol=0, rtol=0)
+
+    # open_clip's layouts: its .safetensors and its training checkpoint ({"state_dict": {"module.…"}}).
+    torch.manual_seed(4)
+    gelu = open_clip.CLIP(**TINY_CLIP_CONFIG).eval()
+    expected = {k: v.clone() for k, v in gelu.state_dict().items()}
+    safetensors = tmp_path / "open_clip_model.safetensors"
+    save_file({k: v.contiguous() for k, v in expected.items()}, str(safetensors))
+    training = tmp_path / "epoch_32.pt"
+    torch.save({"epoch": 32, "name": "tiny", "state_dict": {f"module.{k}": v for k, v in expected.items()}}, training)
+    with torch.no_grad():
+        reference = gelu.encode_text(tokens)
+    for path in (safetensors, training):
+        assert read_clip_weights(str(path))[1] == "open_clip", path
+        model = load_clip(TINY_CLIP, str(path)).eval()
+        assert isinstance(model.transformer.resblocks[0].mlp.gelu, torch.nn.GELU), path
+        _assert_same_state(model, expected)
+        with torch.no_grad():
+            torch.testing.assert_close(model.encode_text(tokens), reference, atol=0, rtol=0)
+
+    # open_clip's layout is also how OpenAI's weights are republished (timm/resnet50_clip.openai) and
+    # how open_clip's RN50 yfcc15m/cc12m ship: the file cannot tell, so an explicit quick_gelu is honoured.
+    explicit = load_clip(TINY_CLIP, str(safetensors), activation="quick_gelu").eval()
+    as_quick = open_clip.CLIP(**TINY_CLIP_CONFIG, quick_gelu=True).eval()
+    as_quick.load_state_dict(expected)
+    with torch.no_grad():
+        torch.testing.assert_close(explicit.encode_text(tokens), as_quick.encode_text(tokens), atol=0, rtol=0)
+
+    # A file of another CLIP is refused with both keys named.
+    with pytest.raises(ValueError, match=r"model\.lv_adapter\.clip_weights: .* does not fit model\.lv_adapter\.clip_model"):
+        load_clip(TINY_CLIP, str(_other_clip(tmp_path)))
+
+
+def _other_clip(tmp_path):
+    from safetensors.torch import save_file
+
+    other = dict(TINY_CLIP_CONFIG, embed_dim=32)
+    path = tmp_path / "other.safetensors"
+    save_file({k: v.contiguous() for k, v in open_clip.CLIP(**other).state_dict().items()}, str(path))
+    return path
+
+
+def _pool_attention(pool, tokens: torch.Tensor) -> torch.Tensor:
+    """The attention weights of CLIP's pool for its query, the mean token: [B, heads, 1 + hw]."""
+    import torch.nn.functional as F
+
+    x = tokens.transpose(0, 1)  # [L, B, C], as open_clip's AttentionPool2d runs it
+    _, weights = F.multi_head_attention_forward(
+        x[:1], x, x, x.shape[-1], pool.num_heads, None,
+        torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]), None, None, False, 0.0,
+        pool.c_proj.weight, pool.c_proj.bias, training=False, need_weights=True, use_separate_proj_weight=True,
+        q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
+        average_attn_weights=False)
+    return weights[:, :, 0]
+
+
+def _pool_tokens(pool, x: torch.Tensor) -> torch.Tensor:
+    """The tokens CLIP's pool attends over: the mean of the pixels, then the pixels, each + its position."""
+    flat = x.flatten(2).transpose(1, 2)
+    return torch.cat([flat.mean(1, keepdim=True), flat], 1) + pool.positional_embedding
+
+
+def test_one_head_pool_embedding_is_the_attention_weighted_average_of_the_pixel_embeddings():
+    from open_clip.modified_resnet import AttentionPool2d
+
+    from paf_ray.models.lv_adapter import FROM_CLIP, FROM_SCRATCH
+
+    torch.manual_seed(0)
+    pool = AttentionPool2d(spacial_dim=3, embed_dim=CHANNELS[4], num_heads=1, output_dim=TINY_CLIP_CONFIG["embed_dim"])
+    adapter = LVAdapter(tiny_cfg(levels=[3, 4]), ["sem"], CHANNELS, attnpool=pool)
+    assert adapter.projection_source == {3: FROM_SCRATCH, 4: FROM_CLIP}
+    x = torch.randn(2, CHANNELS[4], 3, 3)
+    with torch.no_grad():
+        pooled = pool(x)  # open_clip's own forward: [B, D]
+        pixels = adapter.pixel_embeddings(4, x).flatten(2).transpose(1, 2)  # [B, 9, D]
+        mean = x.mean((2, 3), keepdim=True) + pool.positional_embedding[0].view(1, -1, 1, 1)
+        tokens = torch.cat([adapter.proj["4"](mean).flatten(2).transpose(1, 2), pixels], 1)  # [B, 10, D]
+        weights = _pool_attention(pool, _pool_tokens(pool, x))[:, 0]  # one head: [B, 10]
+    torch.testing.assert_close(pooled, torch.einsum("bj,bjd->bd", weights, tokens), atol=1e-5, rtol=1e-5)
+    # The score maps at level 3 (the finest) still come from the learned projection; level 4 feeds
+    # the cross-attention from CLIP's.
+    _, scores = adapter(features())
+    assert scores["sem"].shape[-2:] == (4, 6)
+
+
+def test_clip_rn50_model_starts_its_pixel_text_projection_from_clip_attnpool(capsys):
+    from paf_ray.config import from_dict
+    from paf_ray.data.normalize import normalize_images
+    from paf_ray.models.backbones import build_backbone
+    from paf_ray.models.inspect import _text, inspect_model
+    from paf_ray.models.lv_adapter import FROM_CLIP, FROM_SCRATCH
+    from paf_ray.models.multitask import build_model
+
+    cfg = from_dict({
+        "data": {"input_size": [224, 224]},
+        "model": {"tasks": ["sem"], "backbone": {"name": "clip_rn50", "random_init": True},
+                  "fpn_channels": 16, "seg_channels": 8,
+                  "lv_adapter": {"enabled": True, "random_init": True, "n_ctx": 2}},
+        "train": {"stages": [{"kind": "adapt"}]},
+    })
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.data.input_size)
+    torch.manual_seed(0)
+    clip_visual = build_backbone("clip_rn50")  # the same random CLIP image tower, pool kept
+    # BatchNorm on batch statistics: features of order 1 (random running statistics give ~1e-3),
+    # so the pixels, not only the positional embedding, carry the embeddings compared below.
+    model.backbone.train()
+    clip_visual.train()
+    pool = clip_visual.attnpool
+    assert not hasattr(model.backbone, "attnpool")  # no idle parameters in the backbone (DDP)
+    assert model.lv_adapter.projection_source == {4: FROM_CLIP}
+
+    images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x = normalize_images(images, model.normalization)
+        c5 = model.backbone(x)[4]  # [2, 2048, 7, 7]: the pool's own 7x7 grid
+        torch.testing.assert_close(c5, clip_visual(x)[4])
+        pooled = pool(c5)  # CLIP's image embedding, [2, 1024]
+        pixels = model.lv_adapter.pixel_embeddings(4, c5).flatten(2).transpose(1, 2)  # [2, 49, 1024]
+
+        # Per head h: E[j, h] = c_proj restricted to head h's value channels, applied to v_proj(t_j).
+        tokens = _pool_tokens(pool, c5)  # [2, 50, 2048]
+        heads, width = pool.num_heads, c5.shape[1] // pool.num_heads
+        values = pool.v_proj(tokens).view(2, 50, heads, width)
+        w_out = pool.c_proj.weight.view(-1, heads, width)  # [1024, heads, width]
+        per_head = torch.einsum("bjhc,dhc->bjhd", values, w_out)  # [2, 50, heads, 1024]
+        # The adapter's pixel embedding is c_proj(v_proj(t_j)): the heads' parts plus c_proj's bias.
+        torch.testing.assert_close(pixels, per_head[:, 1:].sum(2) + pool.c_proj.bias, atol=2e-5, rtol=1e-5)
+        # CLIP's pooled embedding is their average weighted by the pool's own attention, head by head.
+        weights = _pool_attention(pool, tokens)  # [2, heads, 50]
+        weighted = torch.einsum("bhj,bjhd->bd", weights, per_head) + pool.c_proj.bias
+    torch.testing.assert_close(pooled, weighted, atol=2e-5, rtol=1e-5)
+    assert c5.abs().mean() > 0.1 and pooled.abs().mean() > 0.1  # not an identity between near-zeros
+
+    # paf-ray inspect says where the projection starts.
+    report = inspect_model(cfg, flops=False)
+    assert report["lv_projection"] == {"4": FROM_CLIP}
+    assert "pixel→text projection (level 4): from CLIP attnpool (v_proj, c_proj)" in _text(report)
+    plain = from_dict({"model": {"backbone": {"name": "tiny", "tiny_width": 8}, "fpn_channels": 16, "seg_channels": 8,
+                                 "lv_adapter": {"enabled": True, "clip_model": TINY_CLIP, "random_init": True,
+                                                "n_ctx": 2, "heads": 2}},
+                       "data": {"input_size": [64, 64]}})
+    assert inspect_model(plain, flops=False)["lv_projection"] == {"4": FROM_SCRATCH}
+
+
+def test_checkpoint_keeps_the_text_towers_activation_without_the_clip_file(tmp_path):
+    from paf_ray.models.multitask import build_model
+    from paf_ray.train.checkpoint import load_model, save_checkpoint
+
+    torch.manual_seed(3)
+    archive = tmp_path / "tiny_openai.pt"
+    save_openai_archive(open_clip.CLIP(**TINY_CLIP_CONFIG, quick_gelu=True), archive)
+    cfg = tiny_model_config(clip_weights=str(archive), random_init=False)
+    model = build_model(cfg.model, cfg.data.input_size).eval()
+    assert model.lv_adapter.text_encoder.activation == "quick_gelu"
+    expected = model.lv_adapter.class_embeddings()["sem"]
+    save_checkpoint(str(tmp_path / "ckpt"), model, cfg, {"stage": "adapt"})
+    os.remove(archive)  # inference never needs the CLIP file: the checkpoint holds the tower
+
+    # Rebuilt from the config alone the tower would be GELU (the tiny CLIP's default); meta.json says QuickGELU.
+    loaded, _, meta = load_model(str(tmp_path / "ckpt"))
+    assert meta["clip_activation"] == "quick_gelu"
+    assert loaded.lv_adapter.text_encoder.activation == "quick_gelu"
+    torch.testing.assert_close(loaded.lv_adapter.class_embeddings()["sem"], expected, atol=0, rtol=0)

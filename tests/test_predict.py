@@ -36,7 +36,7 @@ def _tiny_cfg(lv: bool = False):
         "det": {"representation_size": 32, "rpn_pre_nms_top_n_test": 200, "rpn_post_nms_top_n_test": 50},
     }
     if lv:
-        model["lv_adapter"] = {"enabled": True, "clip_model": "paf-tiny-clip", "n_ctx": 2, "heads": 2}
+        model["lv_adapter"] = {"enabled": True, "clip_model": "paf-tiny-clip", "random_init": True, "n_ctx": 2, "heads": 2}
     return from_dict({"data": {"input_size": [320, 192]}, "model": model})
 
 

@@ -120,6 +120,8 @@ def case_config(model: dict, input_size, batch: int, adapter: str | None = None,
     if adapter is not None:
         model.setdefault("adapter", {})["kind"] = adapter
     model.setdefault("lv_adapter", {})["enabled"] = lv
+    if lv:  # the step's cost does not depend on CLIP's weights
+        model["lv_adapter"]["random_init"] = True
     data = {"input_size": list(input_size), "batch_size": batch}
     train = {
         "stages": [{"kind": "adapt", "lr": 1e-3}, {"kind": "finetune", "lr": 1e-4}],

@@ -36,10 +36,13 @@ class ResNetFeatures(nn.Module):
 
 
 class ClipResNetFeatures(nn.Module):
-    """open_clip ModifiedResNet (CLIP RN50 image tower) without its attention pool.
+    """open_clip ModifiedResNet (CLIP RN50 image tower); its attention pool only until the model takes it.
 
-    The attention pool (14.8 M parameters) is left out: no head here uses the pooled
-    embedding, and parameters that never take part would stall DDP in finetuning.
+    The attention pool (14.8 M parameters) holds CLIP's projection from pixels into the joint
+    image-text space. It stays here while the weights load (so a CLIP file must supply it), then
+    the multi-task model takes it out (``take_attnpool``) and the LV-Adapter starts its pixel->text
+    projection from it. It never stays in the backbone: no head uses the pooled embedding, and
+    parameters that never take part would stall DDP in finetuning.
     """
 
     def __init__(self, visual: nn.Module):
@@ -47,8 +50,15 @@ class ClipResNetFeatures(nn.Module):
         for name in ("conv1", "bn1", "act1", "conv2", "bn2", "act2", "conv3", "bn3", "act3", "avgpool"):
             setattr(self, name, getattr(visual, name))
         self.layer1, self.layer2, self.layer3, self.layer4 = visual.layer1, visual.layer2, visual.layer3, visual.layer4
+        self.attnpool = visual.attnpool
         width = visual.layer1[0].conv1.in_channels
         self.out_channels = {k: width * 4 * 2 ** (k - 1) for k in STAGES}
+
+    def take_attnpool(self) -> nn.Module:
+        """Remove the attention pool from the backbone and return it (open_clip's AttentionPool2d)."""
+        pool = self.attnpool
+        del self.attnpool
+        return pool
 
     def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
         x = self.act1(self.bn1(self.conv1(x)))

@@ -28,11 +28,98 @@ TINY_CLIP_CONFIG = {
 PLACEHOLDER = "X"  # stands in for each context vector while tokenizing "X X X X <class>."
 
 
-def load_clip(clip_model: str, clip_weights: Optional[str] = None, load_weights: bool = True) -> nn.Module:
+# Entries of OpenAI's TorchScript archives (RN50.pt ...) that no open_clip model has: OpenAI's
+# `build_model` and open_clip's `build_model_from_openai_state_dict` delete exactly these before
+# loading. They are the signal that a state dict was taken from OpenAI's archive.
+OPENAI_ARCHIVE_ENTRIES = ("input_resolution", "context_length", "vocab_size")
+ACTIVATIONS = ("quick_gelu", "gelu")
+
+
+def read_clip_weights(path: str) -> tuple[dict[str, torch.Tensor], str]:
+    """A CLIP weights file -> (float32 state dict in open_clip's names, layout "openai" | "open_clip").
+
+    OpenAI layout: a TorchScript archive (only OpenAI publishes CLIP that way), or a state dict
+    taken from one (it still holds ``OPENAI_ARCHIVE_ENTRIES``). Everything else - open_clip's
+    .safetensors, ``torch.save(model.state_dict())``, its training checkpoints
+    ``{"state_dict": {"module.…"}}`` - is open_clip's layout. The key names are the same in both.
+    """
+    from paf_ray.models.zoo import is_torchscript
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"model.lv_adapter.clip_weights: {path!r} is not a file "
+            "(OpenAI's TorchScript RN50.pt, a state dict or open_clip's .safetensors)"
+        )
+    if is_torchscript(path):
+        # TorchScript, not pickle: torch.load(weights_only=True) refuses it, torch.jit.load reads it.
+        sd, layout = dict(torch.jit.load(path, map_location="cpu").state_dict()), "openai"
+    elif path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        sd, layout = load_file(path, device="cpu"), None
+    else:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        sd, layout = (obj["state_dict"] if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) else obj), None
+        if not isinstance(sd, dict):
+            raise ValueError(f"model.lv_adapter.clip_weights: {path}: expected a state dict, got {type(sd).__name__}")
+        if sd and all(k.startswith("module.") for k in sd):  # saved from DDP (open_clip's training)
+            sd = {k[len("module."):]: v for k, v in sd.items()}
+    if layout is None:
+        layout = "openai" if any(k in sd for k in OPENAI_ARCHIVE_ENTRIES) else "open_clip"
+    # OpenAI's files are partly float16; attn_mask is derived (a scripted open_clip model saves it).
+    skip = set(OPENAI_ARCHIVE_ENTRIES) | {"attn_mask"}
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items() if k not in skip}
+    return sd, layout
+
+
+def uses_quick_gelu(model: nn.Module) -> bool:
+    """Whether an open_clip model's text MLPs use QuickGELU (the only parameterless part that differs)."""
+    from open_clip.transformer import QuickGELU
+
+    tower = getattr(model, "text", model)
+    return any(isinstance(block.mlp.gelu, QuickGELU) for block in tower.transformer.resblocks)
+
+
+def set_text_activation(model: nn.Module, activation: str) -> None:
+    """Swap the text tower's MLP activation: same parameters, so weights and state dicts are untouched."""
+    from open_clip.transformer import QuickGELU
+
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"model.lv_adapter.activation: expected one of {ACTIVATIONS}, got {activation!r}")
+    tower = getattr(model, "text", model)
+    for block in tower.transformer.resblocks:
+        block.mlp.gelu = QuickGELU() if activation == "quick_gelu" else nn.GELU()
+
+
+def resolve_activation(setting: str, named_quick_gelu: bool, layout: Optional[str], path: str = "") -> str:
+    """The text tower's activation from the config and, when weights are read, their layout.
+
+    OpenAI trained CLIP with QuickGELU, so OpenAI's layout decides (whatever the model name
+    says) and an explicit `gelu` is an error. open_clip's layout is what open_clip trains (GELU), but it is
+    also how OpenAI's weights are republished (e.g. timm/resnet50_clip.openai): the tensors cannot
+    tell, so there an explicit `quick_gelu` (or a `-quickgelu` model name) is honoured.
+    """
+    if setting == "gelu" and named_quick_gelu:
+        raise ValueError("model.lv_adapter.activation: gelu contradicts model.lv_adapter.clip_model (a QuickGELU model)")
+    explicit = setting if setting != "auto" else ("quick_gelu" if named_quick_gelu else None)
+    if layout == "openai":
+        if explicit == "gelu":
+            raise ValueError(
+                f"model.lv_adapter.activation: gelu, but {path} holds OpenAI's CLIP weights (TorchScript archive "
+                "or its state dict), which were trained with QuickGELU: set it to auto or quick_gelu"
+            )
+        return "quick_gelu"
+    return explicit or "gelu"
+
+
+def load_clip(
+    clip_model: str, clip_weights: Optional[str] = None, load_weights: bool = True, activation: str = "auto"
+) -> nn.Module:
     """An open_clip CLIP model: random init, or weights from a local file (never the network).
 
-    `load_weights=False` builds the architecture only (inspect, or before a paf_ray
-    checkpoint's state dict, which holds the text tower, is loaded over the model).
+    The architecture comes from `clip_model`; the text tower's activation from `activation` and the
+    weights (``resolve_activation``). `load_weights=False` builds the architecture only (inspect, or
+    before a paf_ray checkpoint's state dict, which holds the text tower, is loaded over the model).
     """
     import open_clip
 
@@ -48,19 +135,24 @@ def load_clip(clip_model: str, clip_weights: Optional[str] = None, load_weights:
                 f"(e.g. 'RN50', 'RN50-quickgelu', 'ViT-B-32', 'local-dir:<folder>', or {TINY_CLIP!r})"
             )
     weights = clip_weights if load_weights else None
-    if weights and not os.path.isfile(weights):
-        raise FileNotFoundError(
-            f"model.lv_adapter.clip_weights: {weights!r} is not a file "
-            "(CLIP weights must be a local .safetensors or state-dict file)"
-        )
+    sd, layout = read_clip_weights(weights) if weights else (None, None)
     if clip_model == TINY_CLIP:
         model = open_clip.CLIP(**TINY_CLIP_CONFIG)
-        if weights:
-            open_clip.load_checkpoint(model, weights, strict=True, weights_only=True)
-        return model
-    if weights:
-        return open_clip.create_model(clip_model, pretrained=weights, require_pretrained=True)
-    return open_clip.create_model(clip_model, pretrained=None)
+    else:
+        model = open_clip.create_model(clip_model, pretrained=None)
+    set_text_activation(model, resolve_activation(activation, uses_quick_gelu(model), layout, weights or ""))
+    if sd is not None:
+        own = model.state_dict()
+        missing = [k for k in own if k not in sd]
+        unexpected = [k for k in sd if k not in own]
+        mismatched = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd if k in own and sd[k].shape != own[k].shape]
+        if missing or unexpected or mismatched:
+            raise ValueError(
+                f"model.lv_adapter.clip_weights: {weights} does not fit model.lv_adapter.clip_model {clip_model!r} "
+                f"({layout} layout): missing {missing[:8]}, unexpected {unexpected[:8]}, shapes {mismatched[:8]}"
+            )
+        model.load_state_dict(sd)
+    return model
 
 
 def get_tokenizer(clip_model: str):
@@ -79,9 +171,10 @@ class ClipTextEncoder(nn.Module):
     causal mask the output at the end-of-text token does not depend on later positions.
     """
 
-    def __init__(self, clip_model: str = "RN50", clip_weights: Optional[str] = None, load_weights: bool = True):
+    def __init__(self, clip_model: str = "RN50", clip_weights: Optional[str] = None, load_weights: bool = True,
+                 activation: str = "auto"):
         super().__init__()
-        model = load_clip(clip_model, clip_weights, load_weights)
+        model = load_clip(clip_model, clip_weights, load_weights, activation)
         # CustomTextCLIP keeps its text tower under `.text`; CLIP puts the parts on itself.
         tower = getattr(model, "text", model)
         if not hasattr(tower, "token_embedding") or not hasattr(tower, "transformer"):
@@ -92,6 +185,7 @@ class ClipTextEncoder(nn.Module):
         if getattr(tower, "cls_emb", None) is not None or getattr(tower, "use_pad_mask", False):
             raise ValueError(f"model.lv_adapter.clip_model: {clip_model!r}: text towers with a CLS token are not supported")
         self.clip_model = clip_model
+        self.activation = "quick_gelu" if uses_quick_gelu(model) else "gelu"
         self.token_embedding = tower.token_embedding
         self.positional_embedding = tower.positional_embedding
         self.transformer = tower.transformer
@@ -118,6 +212,11 @@ class ClipTextEncoder(nn.Module):
 
     def train(self, mode: bool = True):
         return super().train(False)  # frozen: always eval, whatever the parent does
+
+    def set_activation(self, activation: str) -> None:
+        """Used when a paf_ray checkpoint says which activation its text tower was trained with."""
+        set_text_activation(self, activation)
+        self.activation = activation
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         return get_tokenizer(self.clip_model)(list(texts))

@@ -59,6 +59,9 @@ def inspect_model(cfg, stage: str | None = None, flops: bool = True) -> dict:
     report = {"stage": stage, **trainable_summary(model)}
     report["adapters_merged"] = bool(model.adapters_merged)
     report["input_size"] = list(cfg.data.input_size)
+    lv = getattr(model, "lv_adapter", None)
+    if lv is not None:  # where the LV-Adapter's pixel->text projection starts, per backbone level
+        report["lv_projection"] = {str(level): source for level, source in lv.projection_source.items()}
     if flops:
         try:
             total, per_module = forward_gflops(model, cfg.data.input_size)
@@ -75,6 +78,8 @@ def _text(report: dict) -> str:
     for name, c in report["modules"].items():
         lines.append(f"{name:<14}{c['total']:>14,}{c['trainable']:>14,}")
     lines.append(f"{'all':<14}{report['total']:>14,}{report['trainable']:>14,}")
+    for level, source in report.get("lv_projection", {}).items():
+        lines.append(f"pixel→text projection (level {level}): {source}")
     if "gflops" in report:
         parts = ", ".join(f"{k} {v:.2f}" for k, v in report["gflops_modules"].items())
         lines.append(f"forward GFLOPs (batch 1): {report['gflops']:.2f}  ({parts})")

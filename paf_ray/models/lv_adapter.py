@@ -3,9 +3,10 @@
 Text side (``clip_text.py``): a frozen open_clip text tower encodes, per task, learnable
 context vectors followed by each class name (``PROMPT_NAMES``) into one embedding per class.
 Vision side: at each configured backbone level, a 1x1 projection maps the features into the
-text space; pixels attend to each task's class embeddings (cross-attention), and the result,
-projected back, is added to the features through a zero-initialised scale (an untrained
-LV-Adapter changes nothing). At the finest configured level, pixel-text cosine scores / tau
+text space (on CLIP's image tower, level 4 starts from CLIP's own: ``init_from_attnpool``);
+pixels attend to each task's class embeddings (cross-attention), and the result, projected back,
+is added to the features through a zero-initialised scale (an untrained LV-Adapter changes
+nothing). At the finest configured level, pixel-text cosine scores / tau
 give per-task score maps, which the heads may take as extra input channels and which
 ``alignment_loss`` supervises with the masks (sem, drv) and image-level labels (det).
 """
@@ -25,10 +26,15 @@ from paf_ray.models.clip_text import ClipTextEncoder, PromptLearner
 
 # Parameter-name marker of the prompt context vectors (the stage policy freezes them by name).
 PROMPT_PARAM_PREFIX = "prompts.ctx."
+CLIP_POOL_LEVEL = 4  # CLIP's attention pool sits on layer4 (stride 32)
+FROM_CLIP = "from CLIP attnpool (v_proj, c_proj)"
+FROM_SCRATCH = "learned from scratch"
 
 class LVAdapter(nn.Module):
-    def __init__(self, cfg: LVAdapterConfig, tasks: list[str], in_channels: dict[int, int], load_weights: bool = True):
-        """`load_weights=False`: do not read `cfg.clip_weights` (the caller loads a state dict next)."""
+    def __init__(self, cfg: LVAdapterConfig, tasks: list[str], in_channels: dict[int, int], load_weights: bool = True,
+                 attnpool: Optional[nn.Module] = None):
+        """`load_weights=False`: do not read `cfg.clip_weights` (the caller loads a state dict next).
+        `attnpool`: CLIP's attention pool when the backbone is CLIP's image tower (``init_from_attnpool``)."""
         super().__init__()
         unknown = [t for t in tasks if t not in PROMPT_NAMES]
         if unknown or not tasks:
@@ -50,7 +56,7 @@ class LVAdapter(nn.Module):
             assert len(PROMPT_NAMES[t]) == NUM_CLASSES[t], t
         self.score_channels = {t: NUM_CLASSES[t] for t in self.tasks}
 
-        self.text_encoder = ClipTextEncoder(cfg.clip_model, cfg.clip_weights, load_weights)
+        self.text_encoder = ClipTextEncoder(cfg.clip_model, cfg.clip_weights, load_weights, cfg.activation)
         self.prompts = PromptLearner(
             self.text_encoder,
             {t: PROMPT_NAMES[t] for t in self.tasks},
@@ -65,6 +71,10 @@ class LVAdapter(nn.Module):
             )
         self.text_norm = nn.LayerNorm(dim)
         self.proj = nn.ModuleDict({str(lv): nn.Conv2d(in_channels[lv], dim, 1) for lv in levels})
+        self.pixel_pos = nn.ParameterDict()  # CLIP's positional embedding, where the projection is CLIP's
+        self.projection_source = {lv: FROM_SCRATCH for lv in levels}
+        if attnpool is not None and CLIP_POOL_LEVEL in levels:
+            self.init_from_attnpool(attnpool, cfg.clip_model)
         self.query_norm = nn.ModuleDict({str(lv): nn.LayerNorm(dim) for lv in levels})
         self.cross_attn = nn.ModuleDict(
             {str(lv): nn.MultiheadAttention(dim, cfg.heads, batch_first=True) for lv in levels}
@@ -76,6 +86,45 @@ class LVAdapter(nn.Module):
         else:
             self.register_buffer("log_tau", torch.tensor(math.log(cfg.tau)), persistent=False)
         self._cache: Optional[tuple[tuple, dict[str, torch.Tensor]]] = None
+
+    def init_from_attnpool(self, pool: nn.Module, clip_model: str = "") -> None:
+        """Start the level-4 pixel->text projection from CLIP's attention pool (DenseCLIP's reading).
+
+        The pool embeds the image as c_proj(sum_j a_j v_proj(t_j)), t_0 = the mean of the layer4
+        pixels, t_j = pixel j, each plus its positional embedding, a_j the attention weights of
+        the mean token (per head). Applied per pixel with the grid part of the positional
+        embedding resized to the feature map (as DenseCLIP), the pixel embeddings
+        c_proj(v_proj(t_j)) are points of CLIP's image-text space, and at initialisation CLIP's
+        pooled embedding is their attention-weighted average, head by head. v_proj and c_proj
+        are linear, so they are folded into the one 1x1 conv every backbone has: the same
+        function, a third of the parameters and FLOPs of keeping both.
+        """
+        level = str(CLIP_POOL_LEVEL)
+        conv = self.proj[level]
+        v, c = pool.v_proj, pool.c_proj
+        if c.out_features != conv.out_channels or v.in_features != conv.in_channels:
+            raise ValueError(
+                f"model.lv_adapter.clip_model: {clip_model!r} embeds text in {conv.out_channels} dimensions, but "
+                f"the CLIP image tower's attention pool projects {v.in_features} channels into {c.out_features}: "
+                "use the text tower of the same CLIP model"
+            )
+        with torch.no_grad():
+            weight = c.weight.double() @ v.weight.double()
+            bias = c.weight.double() @ v.bias.double() + c.bias.double()
+            conv.weight.copy_(weight[:, :, None, None])
+            conv.bias.copy_(bias)
+            grid = pool.positional_embedding[1:].detach()  # row 0 is the mean token's
+            side = math.isqrt(grid.shape[0])
+            pos = grid.t().reshape(1, grid.shape[1], side, side).float().clone()
+        self.pixel_pos[level] = nn.Parameter(pos)
+        self.projection_source[CLIP_POOL_LEVEL] = FROM_CLIP
+
+    def pixel_embeddings(self, level: int, x: torch.Tensor) -> torch.Tensor:
+        """Features [B, C, h, w] at `level` -> pixel embeddings [B, D, h, w] in the text space."""
+        pos = self.pixel_pos[str(level)] if str(level) in self.pixel_pos else None
+        if pos is not None:
+            x = x + F.interpolate(pos, size=x.shape[-2:], mode="bilinear", align_corners=False).to(x.dtype)
+        return self.proj[str(level)](x)
 
     # ------------------------------------------------------------------ text side
 
@@ -115,7 +164,7 @@ class LVAdapter(nn.Module):
         for lv in self.levels:
             x = feats[lv]
             b, _, h, w = x.shape
-            pixels = self.proj[str(lv)](x)  # [B, D, h, w], in the text space
+            pixels = self.pixel_embeddings(lv, x)  # [B, D, h, w], in the text space
             queries = self.query_norm[str(lv)](pixels.flatten(2).transpose(1, 2))  # [B, hw, D]
             context = 0
             for t in self.tasks:
@@ -178,11 +227,16 @@ def is_prompt_parameter(name: str) -> bool:
 
 
 def _overhead_report(argv: list[str] | None = None) -> None:
-    """Parameter counts and the per-step CPU overhead of the LV-Adapter, side by side.
+    """Parameter counts and the per-step overhead of the LV-Adapter (CPU or CUDA), side by side.
 
     python -m paf_ray.models.lv_adapter [--backbone resnet18] [--size 320x192] [--batch 2] [--steps 5]
+                                        [--device cpu|cuda] [--heads small|reference]
     Times one adapt-stage training step (forward, backward, AdamW step) of the same multi-task
     model without and with the LV-Adapter, alternating, and reports medians and their ratio.
+    "with, prompts frozen" caches the class embeddings (no text tower in the step), so
+    with - frozen is the text tower's share and frozen - without the vision side's. CLIP is
+    randomly initialised (`random_init`): the step's cost does not depend on the weights.
+    On CUDA the step runs under bf16 autocast with channels_last, as training does.
     """
     import argparse
     import statistics
@@ -199,24 +253,35 @@ def _overhead_report(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--heads", default="small", choices=["small", "reference"],
+                   help="small: FPN 64, 128 RoIs (CPU); reference: the config defaults (R50-FPN reference detector)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    on_cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
     width, height = (int(v) for v in args.size.lower().split("x"))
 
     def build(enabled: bool, prompts_trainable: bool = True):
+        small_heads = {
+            "fpn_channels": 64,
+            "seg_channels": 32,
+            "det": {"rpn_pre_nms_top_n_train": 300, "rpn_post_nms_top_n_train": 300,
+                    "box_batch_size_per_image": 128, "representation_size": 256},
+        }
         cfg = from_dict({
             "data": {"input_size": [width, height]},
             "model": {
-                "backbone": {"name": args.backbone},
-                "fpn_channels": 64,
-                "seg_channels": 32,
-                "det": {"rpn_pre_nms_top_n_train": 300, "rpn_post_nms_top_n_train": 300,
-                        "box_batch_size_per_image": 128, "representation_size": 256},
-                "lv_adapter": {"enabled": enabled, "clip_model": args.clip_model},
+                "backbone": {"name": args.backbone, "random_init": True},
+                **(small_heads if args.heads == "small" else {}),
+                "lv_adapter": {"enabled": enabled, "clip_model": args.clip_model, "random_init": True},
             },
         })
         torch.manual_seed(0)
-        model = build_model(cfg.model, cfg.data.input_size)
+        model = build_model(cfg.model, cfg.data.input_size).to(device)
+        if on_cuda:
+            model.to(memory_format=torch.channels_last)
         apply_stage(model, "adapt", cfg)
         if enabled and not prompts_trainable:
             model.lv_adapter.set_prompts_trainable(False)  # class embeddings cached: vision side only
@@ -236,14 +301,18 @@ def _overhead_report(argv: list[str] | None = None) -> None:
         "has_sem": torch.ones(b, dtype=torch.bool),
         "has_drv": torch.ones(b, dtype=torch.bool),
     }
-    images = torch.randint(0, 256, (b, 3, height, width), dtype=torch.uint8, generator=g)
+    images = torch.randint(0, 256, (b, 3, height, width), dtype=torch.uint8, generator=g).to(device)
+    batch = {k: [t.to(device) for t in v] if isinstance(v, list) else v.to(device) for k, v in batch.items()}
 
     def step(model, opt) -> tuple[float, float]:
+        sync()
         start, start_cpu = time.perf_counter(), time.process_time()
-        loss = model.total_loss(model(images, batch))
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on_cuda):
+            loss = model.total_loss(model(images, batch))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sync()
         return time.perf_counter() - start, time.process_time() - start_cpu
 
     runs = {"without": build(False), "with": build(True), "with, prompts frozen": build(True, False)}
@@ -261,10 +330,15 @@ def _overhead_report(argv: list[str] | None = None) -> None:
     cpu = {k: statistics.median(c for _, c in v) for k, v in times.items()}
     print(f"LV-Adapter ({args.clip_model}): trainable {trainable:,} parameters "
           f"(prompts {sum(q.numel() for q in lv.prompts.parameters()):,}), frozen text tower {frozen:,}")
-    print(f"adapt step, {args.backbone} {width}x{height} batch {b}, {args.threads} threads, median of {args.steps}:")
+    where = torch.cuda.get_device_name(device) + ", bf16 autocast" if on_cuda else f"CPU, {args.threads} threads"
+    print(f"adapt step, {args.backbone} ({args.heads} heads) {width}x{height} batch {b}, {where}, median of {args.steps}:")
     for name in runs:
         print(f"  {name:<22} wall {med[name]:7.3f} s ({med[name] / med['without']:.2f}x)   "
               f"CPU {cpu[name]:7.3f} s ({cpu[name] / cpu['without']:.2f}x)")
+    text = med["with"] - med["with, prompts frozen"]
+    vision = med["with, prompts frozen"] - med["without"]
+    print(f"  LV-Adapter wall overhead {med['with'] - med['without']:.3f} s: text tower with trained prompts "
+          f"{text:.3f} s, vision side (projection, cross-attention, score maps, alignment loss, wider heads) {vision:.3f} s")
 
 
 if __name__ == "__main__":

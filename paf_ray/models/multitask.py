@@ -84,6 +84,8 @@ class MultiTaskModel(nn.Module):
                                            cfg.backbone.trust_checkpoint)
         self.normalization = resolve_normalization(cfg, recipe)
         channels = dict(self.backbone.out_channels)
+        # CLIP's attention pool leaves the backbone; the LV-Adapter starts its projection from it.
+        attnpool = self.backbone.take_attnpool() if hasattr(self.backbone, "take_attnpool") else None
 
         self.adapter_kind = cfg.adapter.kind
         if cfg.adapter.kind == "bypass":
@@ -97,7 +99,7 @@ class MultiTaskModel(nn.Module):
         if cfg.lv_adapter.enabled:
             from paf_ray.models.lv_adapter import LVAdapter
 
-            self.lv_adapter = LVAdapter(cfg.lv_adapter, self.tasks, channels, load_weights=load_weights)
+            self.lv_adapter = LVAdapter(cfg.lv_adapter, self.tasks, channels, load_weights=load_weights, attnpool=attnpool)
             score_channels = dict(self.lv_adapter.score_channels)
 
         fpn_in = [channels[k] for k in STAGES]

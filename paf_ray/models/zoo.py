@@ -43,7 +43,7 @@ class CheckpointError(ValueError):
 # --------------------------------------------------------------------------- reading
 
 
-def _is_torchscript(path: str) -> bool:
+def is_torchscript(path: str) -> bool:
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as z:
@@ -86,7 +86,7 @@ def read_checkpoint(path: str, trust_checkpoint: bool = False) -> Any:
         with open(path, "rb") as f:
             obj = pickle.load(f, encoding="latin1")
         return obj
-    if _is_torchscript(path):
+    if is_torchscript(path):
         if not trust_checkpoint:
             raise CheckpointError(
                 f"{path}: a TorchScript archive (e.g. OpenAI's RN50.pt); use the .safetensors copy, or set "

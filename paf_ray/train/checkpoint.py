@@ -5,7 +5,7 @@ A checkpoint is a directory:
     model.pt        the model state dict (DDP wrapper removed)
     train_state.pt  optimizer, scheduler, epoch, step, stage index (absent in exported/final-only dirs)
     config.yaml     the resolved config the model was built from
-    meta.json       stage, epoch, step, adapters_merged, normalization, metrics
+    meta.json       stage, epoch, step, adapters_merged, normalization, clip_activation, metrics
 
 Everything loads with ``torch.load(..., weights_only=True)``. A run directory
 (``<storage>/<name>``, holding ``summary.json``) is accepted wherever a checkpoint is,
@@ -66,6 +66,9 @@ def save_checkpoint(
     # the input normalisation the weights expect: a checkpoint must not depend on the
     # pretrained file it started from still being around to be sniffed
     meta.setdefault("normalization", getattr(net, "normalization", None))
+    lv = getattr(net, "lv_adapter", None)
+    if lv is not None:  # the text tower's activation is no parameter: it travels here, like normalization
+        meta.setdefault("clip_activation", lv.text_encoder.activation)
     torch.save(net.state_dict(), os.path.join(directory, MODEL_FILE))
     if train_state is not None:
         torch.save(train_state, os.path.join(directory, TRAIN_STATE_FILE))
@@ -121,6 +124,8 @@ def load_model_state(model: torch.nn.Module, directory: str, device: str | torch
     net = unwrap(model)
     if meta.get("normalization"):
         net.normalization = meta["normalization"]
+    if meta.get("clip_activation") and hasattr(net, "lv_adapter"):
+        net.lv_adapter.text_encoder.set_activation(meta["clip_activation"])
     if meta.get("adapters_merged") and not getattr(net, "adapters_merged", False):
         finish_stage(net, "adapt", StageConfig(kind="adapt", merge_adapters=True))
     state = load_tensors(os.path.join(directory, MODEL_FILE), device)
