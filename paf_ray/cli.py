@@ -63,8 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     # --- training ---------------------------------------------------------------
     p = sub.add_parser("run", help="train: run the config's stages on Ray Train")
     p.add_argument("config")
-    p.add_argument("--out", default=None, help="storage path for runs (made absolute); default ./runs")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run of the same name")
+    p.add_argument("--out", default=None,
+                   help="storage for runs, a path or URI (default: ray.storage_path, else ~/paf_ray_runs)")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN",
+                   help="continue the run named RUN (a folder under the storage); bare: the newest run of "
+                        "this config's name. Without it every run gets a new folder <name>-<time>-<id>")
     _add_set(p)
     p.set_defaults(handler="paf_ray.train.run:run_command")
 
@@ -98,8 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     # --- tuning -----------------------------------------------------------------
     p = sub.add_parser("tune", help="Ray Tune + Optuna search over adapters, prompts and backbones")
     p.add_argument("config")
-    p.add_argument("--out", default=None)
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--out", default=None,
+                   help="the sweep folder, a path or URI (default: a new <name>-<time>-<id> under ray.storage_path, "
+                        "else ~/paf_ray_runs)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the sweep in --out (without --out: the newest sweep of this config's name)")
     _add_set(p)
     p.set_defaults(handler="paf_ray.tune.search:tune_command")
 

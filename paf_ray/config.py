@@ -63,7 +63,10 @@ class DataConfig:
 @dataclass
 class BackboneConfig:
     name: Literal["resnet18", "resnet34", "resnet50", "clip_rn50", "tiny"] = "resnet50"
-    weights: Optional[str] = None  # local checkpoint file; None = random init
+    # the pretrained checkpoint: a local path or a URI (s3://, gs://, file://), fetched once per node
+    # into its cache; None = random init, which an adapt stage accepts only with random_init: true
+    weights: Optional[str] = None
+    random_init: bool = False  # say so to adapt (freeze) a randomly initialised backbone on purpose
     format: Literal[
         "auto",
         "torchvision",
@@ -126,7 +129,7 @@ class LossConfig:
 class LVAdapterConfig:
     enabled: bool = False
     clip_model: str = "RN50"  # any open_clip model name
-    clip_weights: Optional[str] = None  # local file (.safetensors / state dict); None = random init
+    clip_weights: Optional[str] = None  # .safetensors / state dict, local path or URI; None = random init
     n_ctx: int = 8
     ctx_init: str = "a photo of a"  # "" = random init
     task_specific: bool = True  # one context per task, or one shared by all tasks
@@ -177,7 +180,8 @@ class StageConfig:
 @dataclass
 class TrainConfig:
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig(kind="adapt"), StageConfig(kind="finetune")])
-    init_checkpoint: Optional[str] = None  # a paf_ray checkpoint dir/file to start the first stage from
+    # a paf_ray checkpoint dir, model.pt or run dir (summary.json), local path or URI, to start the first stage from
+    init_checkpoint: Optional[str] = None
     amp: Literal["auto", "bf16", "off"] = "auto"  # auto = bf16 on GPU, off on CPU
     channels_last: Literal["auto", "on", "off"] = "auto"
     log_every: int = 10
@@ -195,10 +199,15 @@ class RayConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
-    storage_path: Optional[str] = None  # absolute path or URI; default ./runs made absolute
+    # where runs land (<storage_path>/<name>-<stamp>/): a path or URI; on a cluster a URI every node can
+    # reach (s3://, gs://). None = ~/paf_ray_runs of the user running the driver, never the working dir
+    storage_path: Optional[str] = None
     keep_checkpoints: int = 2
     max_failures: int = 0
     object_store_mb: int = 512
+    # how long a stage (in `run` and in every Tune trial) waits for its training workers' resources,
+    # e.g. while an autoscaler boots GPU nodes; after that it fails naming this key
+    worker_start_timeout_s: float = 1800.0
 
 
 # --------------------------------------------------------------------------- tune
@@ -223,7 +232,6 @@ class TuneConfig:
     startup_trials: int = 10  # tpe: random trials before TPE takes over (Optuna's n_startup_trials)
     study_name: Optional[str] = None  # Optuna study name; default: the config's `name`
     max_failures: int = 0  # restarts of a failed trial (it resumes its Train runs)
-    worker_start_timeout_s: float = 600.0  # how long a trial's Train run waits for its workers' resources
     total_epochs: Optional[int] = None  # epoch budget split between adapt and finetune by `adapt_fraction`
     scheduler: TuneSchedulerConfig = field(default_factory=TuneSchedulerConfig)
     storage_url: Optional[str] = None  # Optuna study storage; default sqlite in the output dir
@@ -406,7 +414,10 @@ def to_dict(cfg: Any) -> dict:
     return plain(cfg)
 
 
-def from_dict(data: dict | None, source: str = "<config>", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def from_dict(data: dict | None, source: str = "<config>", overrides: list[str] | tuple[str, ...] = (),
+              rules: bool = True) -> Config:
+    """Build and validate a Config. `rules=False` skips the cross-field RULES: for a config that was
+    checked when its run started (a checkpoint's), or a caller that uses one section only."""
     data = copy.deepcopy(data or {})
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
@@ -419,7 +430,8 @@ def from_dict(data: dict | None, source: str = "<config>", overrides: list[str] 
             apply_override(data, path, value, f"--set {text}")
         source = f"{source} (with --set overrides)"
     cfg = _build(Config, data, "", source)
-    check_rules(cfg, source)
+    if rules:
+        check_rules(cfg, source)
     return cfg
 
 
@@ -434,7 +446,23 @@ def _rule_stages_not_empty(cfg: "Config") -> list[tuple[str, str]]:
     return [] if cfg.train.stages else [("train.stages", "at least one stage is needed")]
 
 
-RULES = [_rule_stages_not_empty]
+def _rule_adapt_needs_weights(cfg: "Config") -> list[tuple[str, str]]:
+    bb = cfg.model.backbone
+    if cfg.tune.backbones:  # a sweep's trials take their backbone from there; each trial config is checked
+        return []
+    if bb.weights is None and not bb.random_init and any(s.kind == "adapt" for s in cfg.train.stages):
+        return [("model.backbone.weights", "an adapt stage freezes the backbone, and no pretrained weights are "
+                 "named: set the checkpoint (a path or URI), or model.backbone.random_init: true if a randomly "
+                 "initialised frozen backbone is really meant")]
+    return []
+
+
+def _rule_worker_start_timeout_positive(cfg: "Config") -> list[tuple[str, str]]:
+    t = cfg.ray.worker_start_timeout_s
+    return [] if t > 0 else [("ray.worker_start_timeout_s", f"must be > 0 seconds, got {t:g}")]
+
+
+RULES = [_rule_stages_not_empty, _rule_adapt_needs_weights, _rule_worker_start_timeout_positive]
 
 
 def check_rules(cfg: "Config", source: str = "<config>") -> None:

@@ -279,11 +279,12 @@ def predict_distributed(
     """Batch inference with Ray Data: read the files, an actor pool of `workers` models, write outputs here."""
     import ray
 
-    from paf_ray.train.checkpoint import read_config, resolve_checkpoint_dir
+    from paf_ray.train.checkpoint import checkpoint_location, read_config, resolve_checkpoint_dir
     from paf_ray.train.ray_setup import configure_data_context, init_ray
 
-    checkpoint = resolve_checkpoint_dir(checkpoint)  # absolute: actors do not share our working directory
-    tasks = read_config(checkpoint).model.tasks
+    # absolute path or URI: the actors do not share our working directory (nor, on other nodes, our cache)
+    checkpoint = checkpoint_location(checkpoint)
+    tasks = read_config(resolve_checkpoint_dir(checkpoint)).model.tasks
     init_ray(address=address)
     configure_data_context(data_cpus=max(1.0, float(ray.cluster_resources().get("CPU", 1))))
     use_gpu = device == "cuda" or (device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)

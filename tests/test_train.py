@@ -25,7 +25,7 @@ def tiny_config(root: str, **sections) -> dict:
         "name": "t",
         "data": {"root": root, "input_size": [256, 160], "batch_size": 2, "cpus": 0.5},
         "model": {
-            "backbone": {"name": "tiny", "tiny_width": 8},
+            "backbone": {"name": "tiny", "tiny_width": 8, "random_init": True},
             "adapter": {"kind": "lora", "rank": 2},
             "fpn_channels": 32,
             "seg_channels": 16,

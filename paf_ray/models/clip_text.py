@@ -29,7 +29,8 @@ PLACEHOLDER = "X"  # stands in for each context vector while tokenizing "X X X X
 
 
 def load_clip(clip_model: str, clip_weights: Optional[str] = None, load_weights: bool = True) -> nn.Module:
-    """An open_clip CLIP model: random init, or weights from a local file (never the network).
+    """An open_clip CLIP model: random init, or weights from a file (a local path or a URI read
+    through this node's cache; never a model hub).
 
     `load_weights=False` builds the architecture only (inspect, or before a paf_ray
     checkpoint's state dict, which holds the text tower, is loaded over the model).
@@ -48,11 +49,18 @@ def load_clip(clip_model: str, clip_weights: Optional[str] = None, load_weights:
                 f"(e.g. 'RN50', 'RN50-quickgelu', 'ViT-B-32', 'local-dir:<folder>', or {TINY_CLIP!r})"
             )
     weights = clip_weights if load_weights else None
-    if weights and not os.path.isfile(weights):
-        raise FileNotFoundError(
-            f"model.lv_adapter.clip_weights: {weights!r} is not a file "
-            "(CLIP weights must be a local .safetensors or state-dict file)"
-        )
+    if weights:
+        from paf_ray.data import storage
+
+        try:
+            weights = storage.local_file(weights)
+        except (FileNotFoundError, IsADirectoryError):
+            pass  # the check below names the key
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(
+                f"model.lv_adapter.clip_weights: {clip_weights!r} is not a file "
+                "(CLIP weights must be a .safetensors or state-dict file: a local path or a URI)"
+            )
     if clip_model == TINY_CLIP:
         model = open_clip.CLIP(**TINY_CLIP_CONFIG)
         if weights:

@@ -207,7 +207,7 @@ def _overhead_report(argv: list[str] | None = None) -> None:
         cfg = from_dict({
             "data": {"input_size": [width, height]},
             "model": {
-                "backbone": {"name": args.backbone},
+                "backbone": {"name": args.backbone, "random_init": True},
                 "fpn_channels": 64,
                 "seg_channels": 32,
                 "det": {"rpn_pre_nms_top_n_train": 300, "rpn_post_nms_top_n_train": 300,

@@ -34,11 +34,12 @@ RUN_SHEBANG = "#!/usr/bin/env -S python -m paf_ray run"
 
 
 def sweep_dir(cfg: Config, out: str | None) -> str:
-    """Absolute path (or URI) of the sweep folder: --out, else <ray.storage_path or ./runs>/<name>."""
+    """Absolute path (or URI) of the sweep folder: --out, else <ray.storage_path or ~/paf_ray_runs>/<name>."""
+    from paf_ray.train.run import resolve_storage
+
     if out:
         return storage.normalize_root(os.path.expanduser(out))
-    root = storage.normalize_root(os.path.expanduser(cfg.ray.storage_path or "runs"))
-    return storage.join(root, cfg.name)
+    return storage.join(resolve_storage(cfg, None), cfg.name)
 
 
 def study_storage_url(cfg: Config, out_dir: str) -> str:
@@ -86,10 +87,9 @@ def run_trial(params: dict, base: dict, runs_dir: str, source: str) -> None:
     from paf_ray.train.run import run_pipeline
 
     trial_id = ray.tune.get_context().get_trial_id()
-    base_cfg = from_dict(base, source)
     # Tune does not count the Train workers of a trial, so a trial may wait for them while other
-    # trials hold the CPUs/GPUs; Train reads this in the process that calls fit().
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(base_cfg.tune.worker_start_timeout_s))
+    # trials hold the CPUs/GPUs: up to ray.worker_start_timeout_s, as every stage does.
+    base_cfg = from_dict(base, source)
     dims = space.parse_space(base_cfg.tune, source)
     cfg = space.trial_config(base_cfg, dims, params, name=trial_id, source=source)
     run_pipeline(cfg, out=runs_dir, resume=True, callbacks=[TuneReportCallback()])
@@ -310,7 +310,17 @@ def run_sweep(cfg: Config, out: str | None = None, resume: bool = False, source:
 
 
 def tune_command(args) -> int:
+    from dataclasses import replace
+
+    from paf_ray.train.run import RunExistsError, resolve_storage, run_name_for
+
     cfg = load_config(args.config, args.overrides)
+    if args.out is None:  # a new sweep folder <name>-<time>-<id> under the storage, or the newest to resume
+        try:
+            cfg = replace(cfg, name=run_name_for(cfg, resolve_storage(cfg, None), "" if args.resume else None))
+        except RunExistsError as e:
+            print(f"paf-ray tune: {e}")
+            return 2
     summary = run_sweep(cfg, out=args.out, resume=args.resume, source=args.config)
     out_dir = summary["out_dir"]
     text = rows_markdown(summary["rows"], f"Sweep {cfg.name}: trials by {cfg.tune.metric}")

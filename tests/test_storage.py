@@ -1,0 +1,130 @@
+"""Every path a URI: weights, checkpoints and run folders on a real S3 endpoint (moto_server on
+loopback, the `s3_endpoint` fixture), read through each node's cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import pyarrow.fs as pafs
+import pytest
+import torch
+
+from paf_ray.data import storage
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+
+def s3_prefix(s3_endpoint) -> str:
+    """A fresh folder in the test bucket."""
+    return f"s3://{s3_endpoint[1]}/{uuid.uuid4().hex[:12]}"
+
+
+def upload_dir(local: str, uri: str) -> None:
+    fs, inner = storage.resolve(uri)
+    pafs.copy_files(local, inner, destination_filesystem=fs)
+
+
+def tiny_backbone_state() -> dict:
+    from paf_ray.models.backbones import build_backbone
+
+    torch.manual_seed(1)
+    return build_backbone("tiny", tiny_width=8).state_dict()
+
+
+def fetched_entries(cache: str) -> list[str]:
+    folder = os.path.join(cache, "fetched")
+    return sorted(n for n in os.listdir(folder) if not n.endswith(".lock"))
+
+
+def test_weights_from_s3_are_fetched_once_per_node_even_when_asked_at_once(s3_endpoint, tmp_path):
+    """Four processes of one node ask for the same weights URI together: one cached copy, all complete;
+    a changed object is fetched again; a missing one is an error naming the URI."""
+    uri = s3_prefix(s3_endpoint) + "/weights/tiny.pth"
+    state = tiny_backbone_state()
+    local = tmp_path / "tiny.pth"
+    torch.save(state, local)
+    storage.upload_file(str(local), uri)
+    cache = tmp_path / "node_cache"
+    env = {**os.environ, "PAF_RAY_CACHE": str(cache), "PYTHONPATH": REPO}
+    code = "import sys; from paf_ray.data.storage import local_file; print(local_file(sys.argv[1]))"
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    paths = {p.communicate(timeout=120)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    assert len(paths) == 1, paths
+    (path,) = paths
+    assert path.startswith(str(cache)) and path.endswith("tiny.pth")
+    assert open(path, "rb").read() == local.read_bytes()
+    assert len(fetched_entries(str(cache))) == 1
+    assert os.listdir(os.path.dirname(path)) == ["tiny.pth"]  # no partial file left behind
+
+    # the model builder reads the URI through the cache
+    from paf_ray.config import from_dict
+    from paf_ray.models import build_model
+
+    os.environ["PAF_RAY_CACHE"] = str(cache)
+    try:
+        cfg = from_dict({"model": {"backbone": {"name": "tiny", "tiny_width": 8, "weights": uri, "format": "torchvision"},
+                                   "fpn_channels": 16, "seg_channels": 8}})
+        model = build_model(cfg.model, input_size=(128, 96))
+        assert torch.equal(model.backbone.state_dict()["conv1.weight"], state["conv1.weight"])
+
+        # the object changes: a new cache entry with the new content
+        state2 = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
+        torch.save(state2, local)
+        storage.upload_file(str(local), uri)
+        path2 = storage.local_file(uri)
+        assert path2 != path and torch.equal(torch.load(path2, weights_only=True)["conv1.weight"], state2["conv1.weight"])
+        with pytest.raises(Exception, match="no such file"):
+            build_model(from_dict({"model": {"backbone": {"name": "tiny", "tiny_width": 8, "weights": uri + ".gone",
+                                                          "format": "torchvision"}}}).model, input_size=(128, 96))
+    finally:
+        os.environ.pop("PAF_RAY_CACHE")
+
+
+def _tiny_checkpoint(directory: str) -> str:
+    from paf_ray.config import from_dict
+    from paf_ray.models import build_model
+    from paf_ray.train.checkpoint import save_checkpoint
+
+    cfg = from_dict({"data": {"input_size": [128, 96]},
+                     "model": {"backbone": {"name": "tiny", "tiny_width": 8, "random_init": True},
+                               "fpn_channels": 16, "seg_channels": 8, "adapter": {"kind": "none"}},
+                     "train": {"stages": [{"kind": "finetune"}]}})
+    torch.manual_seed(0)
+    model = build_model(cfg.model, input_size=cfg.data.input_size)
+    save_checkpoint(directory, model, cfg, {"stage": "finetune", "epoch": 1, "step": 3})
+    return directory
+
+
+def test_checkpoint_dir_run_dir_and_model_file_on_s3_load_anywhere(s3_endpoint, tmp_path):
+    """train.init_checkpoint, eval, predict, export and paf_ray.load take a checkpoint dir, a run dir
+    (summary.json) or a model.pt as an s3:// URI."""
+    import paf_ray
+    from paf_ray.train.checkpoint import checkpoint_location, load_model, resolve_checkpoint_dir
+
+    prefix = s3_prefix(s3_endpoint)
+    ckpt_uri = f"{prefix}/runs/r1/stage0-finetune/checkpoint_000001"
+    upload_dir(_tiny_checkpoint(str(tmp_path / "ckpt")), ckpt_uri)
+    storage.write_bytes(f"{prefix}/runs/r1/summary.json", json.dumps({"checkpoint": ckpt_uri}).encode())
+    os.environ["PAF_RAY_CACHE"] = str(tmp_path / "cache")
+    try:
+        for given in (ckpt_uri, ckpt_uri + "/", f"{prefix}/runs/r1", ckpt_uri + "/model.pt"):
+            assert checkpoint_location(given) == ckpt_uri, given
+        local = resolve_checkpoint_dir(f"{prefix}/runs/r1")
+        assert local.startswith(str(tmp_path / "cache"))
+        assert sorted(os.listdir(local)) == ["config.yaml", "meta.json", "model.pt"]
+        assert resolve_checkpoint_dir(ckpt_uri) == local  # fetched once
+        model, cfg, meta = load_model(f"{prefix}/runs/r1")
+        assert meta["step"] == 3 and cfg.model.backbone.name == "tiny"
+        predictor = paf_ray.load(ckpt_uri)
+        out = predictor.predict(torch.zeros(96, 128, 3, dtype=torch.uint8).numpy())
+        assert set(out) >= {"sem", "drv"}
+        with pytest.raises(FileNotFoundError, match="not a paf_ray checkpoint"):
+            checkpoint_location(f"{prefix}/runs/nothing-here")
+    finally:
+        os.environ.pop("PAF_RAY_CACHE")
