@@ -128,3 +128,42 @@ def test_checkpoint_dir_run_dir_and_model_file_on_s3_load_anywhere(s3_endpoint, 
             checkpoint_location(f"{prefix}/runs/nothing-here")
     finally:
         os.environ.pop("PAF_RAY_CACHE")
+
+
+def test_run_with_data_init_checkpoint_and_storage_in_s3_leaves_its_logs_in_the_bucket(
+        ray_local, synth_root, s3_endpoint, tmp_path):
+    """A 1-worker run whose dataset, init checkpoint and run storage are all in S3: the logs rank 0
+    writes (metrics.jsonl, TensorBoard), curves.png, summary.json and the skipped counts land in
+    <storage>/<name>/ in the bucket, and the run's checkpoint loads from there."""
+    from test_train import tiny_config
+
+    from paf_ray.config import from_dict
+    from paf_ray.models import build_model
+    from paf_ray.train.checkpoint import load_model, save_checkpoint
+    from paf_ray.train.run import run_pipeline
+
+    prefix = s3_prefix(s3_endpoint)
+    upload_dir(synth_root, f"{prefix}/bdd100k")
+    cfg_dict = tiny_config(
+        f"{prefix}/bdd100k",
+        train={"stages": [{"kind": "finetune", "epochs": 1, "lr": 1e-3, "max_steps_per_epoch": 2}], "log_every": 1},
+        ray={"num_workers": 1, "cpus_per_worker": 1.0, "storage_path": f"{prefix}/runs"},
+    )
+    cfg_dict["data"]["max_val_samples"] = 4
+    cfg = from_dict(cfg_dict)
+    model = build_model(cfg.model, input_size=cfg.data.input_size)
+    save_checkpoint(str(tmp_path / "init"), model, cfg, {"stage": "adapt", "epoch": 1, "step": 1})
+    upload_dir(str(tmp_path / "init"), f"{prefix}/init/checkpoint_000000")
+    cfg_dict["train"]["init_checkpoint"] = f"{prefix}/init/checkpoint_000000"
+
+    summary = run_pipeline(from_dict(cfg_dict))
+    run_dir = f"{prefix}/runs/t"
+    assert summary["run_dir"] == run_dir and summary["checkpoint"].startswith(run_dir + "/stage0-finetune/")
+    rows = [json.loads(line) for line in storage.read_bytes(f"{run_dir}/metrics.jsonl").decode().splitlines()]
+    assert [(r["stage"], r["epoch"]) for r in rows] == [("stage0-finetune", 1)]
+    assert any(n.startswith("events.out.tfevents.") for n in storage.list_files(f"{run_dir}/tb"))
+    assert storage.file_size(f"{run_dir}/curves.png") > 1000
+    on_s3 = json.loads(storage.read_bytes(f"{run_dir}/summary.json"))
+    assert on_s3["skipped_samples"] == {"stage0-finetune": 0, "index": {"train": 0, "val": 0}, "total": 0}
+    _, _, meta = load_model(run_dir)
+    assert meta["stage"] == "finetune" and meta["final"] is True
