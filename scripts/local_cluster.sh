@@ -2,14 +2,15 @@
 # A multi-node Ray cluster on this machine that behaves like separate machines, plus an S3
 # endpoint. Everything runs in a private network namespace with only a loopback interface: Ray's
 # servers listen on all interfaces, and there "all" is 127.0.0.1, reachable from nothing outside.
-# A head (no CPUs) and worker nodes started with `ray start`, token auth on. Each worker node has
-# its own HOME, TMPDIR, --temp-dir and ports and runs in its own mount namespace where the head's
-# folder, the driver's folder and the other nodes' folders are hidden under an empty tmpfs: what
-# one node writes to its disk no other node sees, so object storage is the only thing they share.
+# A head (no CPUs) and worker nodes started with `ray start`, token auth on. Each node has its own
+# HOME, TMPDIR, --temp-dir and ports and runs in its own mount namespace where the other nodes'
+# folders (and, on a worker node, the driver's folder) are hidden under an empty tmpfs: what one
+# node writes to its disk no other node sees, so object storage is the only thing they share.
 # Needs root (unshare, nsenter, mount) and `ray`, `python` (with moto[server] and boto3) on PATH.
 #
 #   scripts/local_cluster.sh start DIR        head + worker nodes a, b + moto_server; writes DIR/cluster.env
-#   scripts/local_cluster.sh exec DIR CMD...  run CMD inside the cluster's network, with DIR/cluster.env set
+#   scripts/local_cluster.sh exec DIR CMD...  run CMD on the "head machine": in the cluster's network, with the
+#                                             head's view of the disks, DIR/cluster.env set
 #   scripts/local_cluster.sh add-node DIR N   one more worker node (N: c or d)
 #   scripts/local_cluster.sh kill-node DIR N  SIGKILL node N's whole process group (raylet + workers): a node loss
 #   scripts/local_cluster.sh stop DIR         stop every process started in DIR (by process group, never `ray stop`)
@@ -31,7 +32,7 @@ HEAD_PORT=20000       # slot k: ports 20000 + 200k + (0..9), its Ray workers 200
 SLOT_PORTS=200        # clear of Ray's defaults (6379, 8265, 10001) as Ray requires
 S3_PORT=20009
 
-usage() { sed -n '2,27p' "$0" >&2; exit 2; }
+usage() { awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0" >&2; exit 2; }
 die() { echo "local_cluster.sh: $*" >&2; exit 1; }
 
 [ $# -ge 2 ] || usage
@@ -123,7 +124,10 @@ start)
     trap '"$0" stop "$dir" >/dev/null 2>&1' ERR
     setsid "${netns[@]}" python -m moto.server -H 127.0.0.1 -p "$S3_PORT" >"$dir/s3.log" 2>&1 </dev/null &
     echo $! >"$dir/s3.pgid"
-    HOME="$dir/head/home" TMPDIR="$dir/head/tmp" setsid "${netns[@]}" ray start --head --node-ip-address=127.0.0.1 \
+    hide=""
+    for name in "${NODE_SLOTS[@]}"; do hide="$hide mount -t tmpfs -o size=1m tmpfs '$dir/$name' &&"; done
+    HOME="$dir/head/home" TMPDIR="$dir/head/tmp" setsid "${netns[@]}" unshare -m --propagation private sh -c \
+        "$hide exec ray start --head --node-ip-address=127.0.0.1 \
         --port=$HEAD_PORT --dashboard-host=127.0.0.1 --dashboard-port=$((HEAD_PORT + 1)) --include-dashboard=true \
         --ray-client-server-port=$((HEAD_PORT + 2)) --dashboard-agent-listen-port=$((HEAD_PORT + 3)) \
         --dashboard-agent-grpc-port=$((HEAD_PORT + 4)) --runtime-env-agent-port=$((HEAD_PORT + 5)) \
@@ -131,7 +135,7 @@ start)
         --object-manager-port=$((HEAD_PORT + 8)) \
         --min-worker-port=$((HEAD_PORT + 100)) --max-worker-port=$((HEAD_PORT + 199)) \
         --num-cpus=0 --num-gpus=0 --object-store-memory=$((${LOCAL_CLUSTER_STORE_MB:-200} * 1048576)) \
-        --temp-dir="$dir/head/ray" --disable-usage-stats >"$dir/head.log" 2>&1 </dev/null &
+        --temp-dir='$dir/head/ray' --disable-usage-stats" >"$dir/head.log" 2>&1 </dev/null &
     echo $! >"$dir/head.pgid"
     wait "$(cat "$dir/head.pgid")" || die "head did not start: $(tail -n 20 "$dir/head.log")"
     echo "head: pgid $(cat "$dir/head.pgid"), GCS $LOCAL_CLUSTER_GCS, dashboard $RAY_API_SERVER_ADDRESS"
@@ -155,7 +159,10 @@ exec)
     [ $# -ge 3 ] || usage
     load_env
     shift 2
-    exec "${netns[@]}" "$@"
+    # The head's view of the disks (the worker nodes' folders hidden), as on the head machine.
+    head_pid=$(pgrep -g "$(cat "$dir/head.pgid")" | head -n 1)
+    [ -n "$head_pid" ] || die "the head is not running"
+    exec "${netns[@]}" --mount="/proc/$head_pid/ns/mnt" --wd="$PWD" "$@"
     ;;
 add-node)
     [ $# -eq 3 ] || usage
