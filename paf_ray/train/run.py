@@ -201,8 +201,8 @@ def run_stage(
     )
     try:
         return trainer.fit()
-    except ray.train.TrainingFailedError as e:
-        if "WorkerGroupStartupTimeoutError" in repr(e) or "WorkerGroupStartupTimeoutError" in str(e):
+    except ray.train.ControllerError as e:
+        if type(getattr(e, "controller_failure", None)).__name__ == "WorkerGroupStartupTimeoutError":
             raise WorkersDidNotStartError(
                 f"{stage_run_name(index, stage.kind)}: {cfg.ray.num_workers} training worker(s) with {resources} each "
                 f"did not start within ray.worker_start_timeout_s={cfg.ray.worker_start_timeout_s:g} s: the cluster "
