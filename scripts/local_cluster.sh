@@ -12,8 +12,8 @@
 #   scripts/local_cluster.sh exec DIR CMD...  run CMD on the "head machine": in the cluster's network, with the
 #                                             head's view of the disks, DIR/cluster.env set
 #   scripts/local_cluster.sh add-node DIR N   one more worker node (N: c or d)
-#   scripts/local_cluster.sh kill-node DIR N  SIGKILL node N's whole process group (raylet + workers): a node loss
-#   scripts/local_cluster.sh stop DIR         stop every process started in DIR (by process group, never `ray stop`)
+#   scripts/local_cluster.sh kill-node DIR N  SIGKILL every process of node N (raylet, workers): a node loss
+#   scripts/local_cluster.sh stop DIR         stop every process started in DIR (by session id, never `ray stop`)
 #
 # For example (DIR/driver is a working folder no worker node sees):
 #   scripts/local_cluster.sh exec DIR ray job submit --working-dir . -- jobs/smoke.yaml \
@@ -46,7 +46,7 @@ load_env() {
     # shellcheck disable=SC1090
     . "$env_file"
     set +a
-    netns=(nsenter --net="/proc/$(cat "$dir/net.pgid")/ns/net")
+    netns=(nsenter --net="/proc/$(cat "$dir/net.sid")/ns/net")
 }
 
 slot_of() {
@@ -58,12 +58,12 @@ slot_of() {
 }
 
 # `setsid CMD &` from a script: setsid execs in place (the script's job is no group leader), and
-# so do nsenter, unshare and `sh -c "... exec"`: $! is the session and process-group id of
-# everything CMD starts, Ray's daemons included, and killing that group stops them all.
+# so do nsenter, unshare and `sh -c "... exec"`: $! is the id of the session of everything CMD
+# starts (Ray's daemons and worker processes), saved in DIR/NAME.sid.
 start_worker() {
     local name=$1 slot p hide mounts="" path
     slot=$(slot_of "$name")
-    [ ! -f "$dir/$name.pgid" ] || die "node $name already started (pgid $(cat "$dir/$name.pgid"))"
+    [ ! -f "$dir/$name.sid" ] || die "node $name already started (session $(cat "$dir/$name.sid"))"
     p=$((HEAD_PORT + slot * SLOT_PORTS))
     hide="$dir/head $dir/driver ${LOCAL_CLUSTER_HIDE:-}"
     for other in "${NODE_SLOTS[@]}"; do [ "$other" = "$name" ] || hide="$hide $dir/$other"; done
@@ -78,22 +78,28 @@ start_worker() {
         --metrics-export-port=$((p + 4)) --runtime-env-agent-port=$((p + 5)) \
         --min-worker-port=$((p + 100)) --max-worker-port=$((p + 199)) --disable-usage-stats" \
         >"$dir/$name.log" 2>&1 </dev/null &
-    local pgid=$!
-    echo "$pgid" >"$dir/$name.pgid"
-    wait "$pgid" || die "node $name did not start: $(tail -n 20 "$dir/$name.log")"
-    echo "node $name: pgid $pgid, ports $p..$((p + SLOT_PORTS - 1))"
+    local sid=$!
+    echo "$sid" >"$dir/$name.sid"
+    wait "$sid" || die "node $name did not start: $(tail -n 20 "$dir/$name.log")"
+    echo "node $name: session $sid, ports $p..$((p + SLOT_PORTS - 1))"
 }
 
-kill_group() {  # kill_group NAME SIGNAL: the process group in DIR/NAME.pgid, then wait until it is gone
-    local f="$dir/$1.pgid" pgid
+session_pids() { ps -eo pid=,sid= | awk -v sid="$1" '$2 == sid { print $1 }'; }
+
+# kill_group NAME SIGNAL: every process of the session in DIR/NAME.sid, then wait until none is left.
+# (Ray starts its worker processes in process groups of their own, but in the node's session.)
+kill_group() {
+    local f="$dir/$1.sid" sid pids
     [ -f "$f" ] || return 0
-    pgid=$(cat "$f")
-    kill "-$2" -- "-$pgid" 2>/dev/null || true
+    sid=$(cat "$f")
+    pids=$(session_pids "$sid")
+    [ -z "$pids" ] || kill "-$2" $pids 2>/dev/null || true
     for _ in $(seq 1 50); do
-        kill -0 -- "-$pgid" 2>/dev/null || break
+        pids=$(session_pids "$sid")
+        [ -n "$pids" ] || break
         sleep 0.2
     done
-    kill -KILL -- "-$pgid" 2>/dev/null || true
+    [ -z "$pids" ] || kill -KILL $pids 2>/dev/null || true
     rm -f "$f"
 }
 
@@ -104,9 +110,9 @@ start)
     for name in "${NODE_SLOTS[@]}"; do mkdir -p "$dir/$name"; done
     # The network namespace lives as long as this process: a sleep, with the loopback up.
     setsid unshare -n sh -c 'ip link set lo up && exec sleep infinity' </dev/null >/dev/null 2>&1 &
-    echo $! >"$dir/net.pgid"
+    echo $! >"$dir/net.sid"
     for _ in $(seq 1 50); do
-        nsenter --net="/proc/$(cat "$dir/net.pgid")/ns/net" ip -o link show lo 2>/dev/null | grep -q UP && break
+        nsenter --net="/proc/$(cat "$dir/net.sid")/ns/net" ip -o link show lo 2>/dev/null | grep -q UP && break
         sleep 0.1
     done
     {
@@ -123,7 +129,7 @@ start)
     load_env
     trap '"$0" stop "$dir" >/dev/null 2>&1' ERR
     setsid "${netns[@]}" python -m moto.server -H 127.0.0.1 -p "$S3_PORT" >"$dir/s3.log" 2>&1 </dev/null &
-    echo $! >"$dir/s3.pgid"
+    echo $! >"$dir/s3.sid"
     hide=""
     for name in "${NODE_SLOTS[@]}"; do hide="$hide mount -t tmpfs -o size=1m tmpfs '$dir/$name' &&"; done
     HOME="$dir/head/home" TMPDIR="$dir/head/tmp" setsid "${netns[@]}" unshare -m --propagation private sh -c \
@@ -136,9 +142,9 @@ start)
         --min-worker-port=$((HEAD_PORT + 100)) --max-worker-port=$((HEAD_PORT + 199)) \
         --num-cpus=0 --num-gpus=0 --object-store-memory=$((${LOCAL_CLUSTER_STORE_MB:-200} * 1048576)) \
         --temp-dir='$dir/head/ray' --disable-usage-stats" >"$dir/head.log" 2>&1 </dev/null &
-    echo $! >"$dir/head.pgid"
-    wait "$(cat "$dir/head.pgid")" || die "head did not start: $(tail -n 20 "$dir/head.log")"
-    echo "head: pgid $(cat "$dir/head.pgid"), GCS $LOCAL_CLUSTER_GCS, dashboard $RAY_API_SERVER_ADDRESS"
+    echo $! >"$dir/head.sid"
+    wait "$(cat "$dir/head.sid")" || die "head did not start: $(tail -n 20 "$dir/head.log")"
+    echo "head: session $(cat "$dir/head.sid"), GCS $LOCAL_CLUSTER_GCS, dashboard $RAY_API_SERVER_ADDRESS"
     for name in a b; do start_worker "$name"; done
     "${netns[@]}" python -c '
 import time, boto3
@@ -160,7 +166,7 @@ exec)
     load_env
     shift 2
     # The head's view of the disks (the worker nodes' folders hidden), as on the head machine.
-    head_pid=$(pgrep -g "$(cat "$dir/head.pgid")" | head -n 1)
+    head_pid=$(session_pids "$(cat "$dir/head.sid")" | head -n 1)
     [ -n "$head_pid" ] || die "the head is not running"
     exec "${netns[@]}" --mount="/proc/$head_pid/ns/mnt" --wd="$PWD" "$@"
     ;;
@@ -176,9 +182,9 @@ kill-node)
     echo "node $3: killed"
     ;;
 stop)
-    for f in "$dir"/*.pgid; do
+    for f in "$dir"/*.sid; do
         [ -e "$f" ] || continue
-        name=$(basename "$f" .pgid)
+        name=$(basename "$f" .sid)
         case "$name" in head | s3 | net) ;; *) kill_group "$name" TERM ;; esac
     done
     kill_group head TERM

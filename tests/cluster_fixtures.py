@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "local_cluster.sh"
 VENV_BIN = Path(sys.executable).parent
@@ -138,7 +140,7 @@ class LocalCluster:
     # ------------------------------------------------------------------ nodes
 
     def kill_node(self, name: str) -> None:
-        """SIGKILL the node's whole process group (raylet, its workers, agents): a node loss."""
+        """SIGKILL every process of the node (raylet, its workers, agents): a node loss."""
         done = subprocess.run([str(SCRIPT), "kill-node", str(self.dir), name], env=self.env, capture_output=True,
                               text=True, timeout=60)
         assert done.returncode == 0, done.stderr
@@ -148,8 +150,12 @@ class LocalCluster:
                               text=True, timeout=180)
         assert done.returncode == 0, done.stdout + done.stderr
 
-    def process_groups(self) -> dict[str, int]:
-        return {p.stem: int(p.read_text()) for p in self.dir.glob("*.pgid")}
+    def sessions(self) -> dict[str, int]:
+        """{node or service name: id of the session all its processes run in}."""
+        return {p.stem: int(p.read_text()) for p in self.dir.glob("*.sid")}
+
+    def pids(self) -> list[int]:
+        return session_pids(set(self.sessions().values()))
 
     def log_tail(self, name: str, n: int = 40) -> str:
         path = self.dir / f"{name}.log"
@@ -179,13 +185,25 @@ def start_cluster(root: Path, hide: list[str] = ()) -> LocalCluster:
     return LocalCluster(root, env)
 
 
-def stop_cluster(root: Path, env: dict[str, str] | None = None) -> None:
-    """Stop what `start_cluster` started, by process group; then make sure no group is left."""
-    subprocess.run([str(SCRIPT), "stop", str(root)], env=env or dict(os.environ), capture_output=True, timeout=120)
-    for pgid_file in root.glob("*.pgid"):  # only left when the script itself failed
+def session_pids(sessions: set[int]) -> list[int]:
+    pids = []
+    for pid in psutil.pids():
         try:
-            os.killpg(int(pgid_file.read_text()), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
+            if os.getsid(pid) in sessions:
+                pids.append(pid)
+        except OSError:
+            continue
+    return pids
+
+
+def stop_cluster(root: Path, env: dict[str, str] | None = None) -> None:
+    """Stop what `start_cluster` started, by session id; then make sure no process of it is left."""
+    subprocess.run([str(SCRIPT), "stop", str(root)], env=env or dict(os.environ), capture_output=True, timeout=120)
+    left = {int(f.read_text()) for f in root.glob("*.sid")}  # only when the script itself failed
+    for pid in session_pids(left):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
             pass
 
 

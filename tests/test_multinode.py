@@ -149,16 +149,9 @@ print(json.dumps(out))
     addresses = [line.split()[3] for line in listeners if line.strip()]
     assert len(addresses) >= 10, addresses  # GCS, dashboard, raylets, agents, S3, ...
     assert all(a.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:", "[::1]:")) for a in addresses), addresses
-    ours = {p.pid for p in psutil.process_iter() if _pgid(p.pid) in set(cluster.process_groups().values())}
+    ours = set(cluster.pids())
     assert len(ours) >= 10
     assert not [c for c in psutil.net_connections(kind="inet") if c.pid in ours]
-
-
-def _pgid(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except OSError:
-        return None
 
 
 # --------------------------------------------------------------------------- jobs
