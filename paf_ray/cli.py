@@ -39,9 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.25)
     p.set_defaults(handler="paf_ray.data.commands:synth_command")
 
-    p = dsub.add_parser("index", help="build the dataset index (one JSON line per image)")
+    p = dsub.add_parser("index", help="build the dataset index once; runs and Tune trials reuse it")
     p.add_argument("root", help="dataset root (path or URI, e.g. file:///data/bdd100k, s3://bucket/bdd100k)")
-    p.add_argument("--out", required=True, help="index file to write (.jsonl)")
+    p.add_argument("--index-dir", default=None,
+                   help="where to keep the index (path or URI; default ROOT/.paf_ray_index); runs read it "
+                        "from there when data.index_dir names the same place")
+    p.add_argument("--out", default=None, help="also write the records as JSON lines to this file")
     p.add_argument("--split", action="append", choices=["train", "val"], help="splits (default both)")
     p.add_argument("--keep-overlap", action="store_true", help="keep 10k/100k frames that cross splits")
     p.set_defaults(handler="paf_ray.data.commands:index_command")

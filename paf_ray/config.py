@@ -38,6 +38,9 @@ class SynthConfig:
 @dataclass
 class DataConfig:
     root: Optional[str] = None  # dataset root in the official layout (path or URI); None = synthetic
+    # where the dataset index is kept once built (path or URI); None = <root>/.paf_ray_index (or, where
+    # the root is read-only, this node's cache). Reused while the root's listing is unchanged
+    index_dir: Optional[str] = None
     synth: SynthConfig = field(default_factory=SynthConfig)
     train_split: str = "train"
     val_split: str = "val"

@@ -73,6 +73,21 @@ def list_files(path: str) -> list[str]:
     return sorted(os.path.basename(i.path) for i in infos if i.type == pafs.FileType.File)
 
 
+def list_file_infos(path: str) -> list[tuple[str, int, int]]:
+    """(name, size, mtime_ns) of the files directly under a folder, sorted; [] if it does not exist."""
+    fs, inner = resolve(path)
+    infos = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True, recursive=False))
+    return sorted((os.path.basename(i.path), int(i.size), int(i.mtime_ns or 0))
+                  for i in infos if i.type == pafs.FileType.File)
+
+
+def file_info(path: str) -> tuple[int, int] | None:
+    """(size, mtime_ns) of a file, None when there is none."""
+    fs, inner = resolve(path)
+    info = fs.get_file_info(inner)
+    return (int(info.size), int(info.mtime_ns or 0)) if info.type == pafs.FileType.File else None
+
+
 def exists(path: str) -> bool:
     fs, inner = resolve(path)
     return fs.get_file_info(inner).type != pafs.FileType.NotFound
