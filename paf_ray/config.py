@@ -50,7 +50,9 @@ class DataConfig:
     hflip: float = 0.5
     color_jitter: float = 0.2  # strength of brightness/contrast/saturation jitter (train only)
     batch_size: int = 4  # per training worker
-    cpus: float = 1.0  # CPU budget for Ray Data decode/transform
+    # CPUs Ray Data may use in all to decode and augment a stage's rows: one cap for the whole cluster
+    # (the executor's limit; decode tasks on every node count against it), not per node
+    cpus: float = 1.0
     # "idle": each decode task runs its rows on a thread at idle CPU priority (Linux SCHED_IDLE),
     # so on a machine without spare cores decoding fills the trainer's gaps instead of
     # preempting its threads (docs/benchmarks.md); "normal": the worker's own priority
