@@ -101,12 +101,13 @@ def _tiny_checkpoint(directory: str) -> str:
     return directory
 
 
-def test_checkpoint_dir_run_dir_and_model_file_on_s3_load_anywhere(s3_endpoint, tmp_path):
+def test_checkpoint_dir_run_dir_and_model_file_on_s3_load_anywhere(s3_endpoint, tmp_path, testdata_dir):
     """train.init_checkpoint, eval, predict, export and paf_ray.load take a checkpoint dir, a run dir
     (summary.json) or a model.pt as an s3:// URI."""
     import paf_ray
     from paf_ray.train.checkpoint import checkpoint_location, load_model, resolve_checkpoint_dir
 
+    testdata = testdata_dir
     prefix = s3_prefix(s3_endpoint)
     ckpt_uri = f"{prefix}/runs/r1/stage0-finetune/checkpoint_000001"
     upload_dir(_tiny_checkpoint(str(tmp_path / "ckpt")), ckpt_uri)
@@ -126,6 +127,13 @@ def test_checkpoint_dir_run_dir_and_model_file_on_s3_load_anywhere(s3_endpoint, 
         assert set(out) >= {"sem", "drv"}
         with pytest.raises(FileNotFoundError, match="not a paf_ray checkpoint"):
             checkpoint_location(f"{prefix}/runs/nothing-here")
+        # paf-ray predict with the run and the images in S3
+        from paf_ray import cli
+
+        frame = sorted(os.listdir(os.path.join(testdata, "bdd100k-images")))[0]
+        storage.upload_file(os.path.join(testdata, "bdd100k-images", frame), f"{prefix}/frames/{frame}")
+        assert cli.main(["predict", f"{prefix}/runs/r1", f"{prefix}/frames", "--out", str(tmp_path / "preds")]) == 0
+        assert os.listdir(tmp_path / "preds" / "sem") == [frame.rsplit(".", 1)[0] + ".png"]
     finally:
         os.environ.pop("PAF_RAY_CACHE")
 
