@@ -194,3 +194,29 @@ def test_a_row_decoded_from_s3_equals_the_same_row_from_disk(s3_endpoint, synth_
     a, b = load_sample(local), load_sample(remote)
     for key in ("image", "sem", "drv", "boxes"):
         assert np.array_equal(a[key], b[key]), key
+
+
+def test_a_sweep_folder_in_s3_keeps_its_optuna_study_there(s3_endpoint, tmp_path):
+    """The default SQLite study of a sweep on object storage: a working copy on the driver's node,
+    kept in the sweep folder after the sweep and fetched again to continue it."""
+    import optuna
+
+    from paf_ray.config import load_config
+    from paf_ray.tune import search
+
+    cfg = load_config(os.path.join(REPO, "jobs", "tune_smoke.yaml"))
+    out_dir = s3_prefix(s3_endpoint) + "/sweeps/s1"
+    os.environ["PAF_RAY_CACHE"] = str(tmp_path / "cache")
+    try:
+        search.fetch_study(cfg, out_dir)
+        url = search.study_storage_url(cfg, out_dir)
+        assert url.startswith("sqlite:///" + str(tmp_path / "cache"))
+        study = optuna.create_study(study_name="s", storage=url)
+        study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=1.0))
+        search.keep_study(cfg, out_dir)
+        assert storage.exists(out_dir + "/optuna.db")
+        os.remove(search.local_study_path(out_dir))  # another driver, another node
+        search.fetch_study(cfg, out_dir)
+        assert len(optuna.load_study(study_name="s", storage=url).trials) == 1
+    finally:
+        os.environ.pop("PAF_RAY_CACHE")

@@ -15,6 +15,7 @@ adapt/finetune boundary. A sweep folder holds:
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import math
 import os
@@ -42,15 +43,42 @@ def sweep_dir(cfg: Config, out: str | None) -> str:
     return storage.join(resolve_storage(cfg, None), cfg.name)
 
 
+STUDY_FILE = "optuna.db"
+
+
+def local_study_path(out_dir: str) -> str:
+    """The default SQLite study: in the sweep folder, or for a sweep folder on object storage, a working
+    copy on the driver's node that is uploaded to the sweep folder (and fetched again to continue)."""
+    if not storage.is_remote(out_dir):
+        return os.path.join(storage.local_path(out_dir), STUDY_FILE)
+    key = hashlib.sha256(out_dir.encode()).hexdigest()[:16]
+    return os.path.join(storage.cache_dir(), "studies", key, STUDY_FILE)
+
+
 def study_storage_url(cfg: Config, out_dir: str) -> str:
     if cfg.tune.storage_url:
         return cfg.tune.storage_url
-    if storage.is_uri(out_dir):
-        raise ConfigError(
-            f"tune.storage_url: the sweep folder {out_dir} is not local, so the default SQLite study "
-            f"cannot live there; give a database URL (e.g. postgresql://... or sqlite:////abs/path.db)"
-        )
-    return "sqlite:///" + os.path.join(out_dir, "optuna.db")
+    return "sqlite:///" + local_study_path(out_dir)
+
+
+def fetch_study(cfg: Config, out_dir: str) -> None:
+    """Before a sweep on object storage: the study kept in its folder becomes the working copy."""
+    if cfg.tune.storage_url or not storage.is_remote(out_dir):
+        return
+    local = local_study_path(out_dir)
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    kept = storage.join(out_dir, STUDY_FILE)
+    if storage.exists(kept):
+        with open(local, "wb") as f:
+            f.write(storage.read_bytes(kept))
+    elif os.path.exists(local):
+        os.remove(local)
+
+
+def keep_study(cfg: Config, out_dir: str) -> None:
+    """After a sweep on object storage: its study goes to the sweep folder."""
+    if not cfg.tune.storage_url and storage.is_remote(out_dir) and os.path.exists(local_study_path(out_dir)):
+        storage.upload_file(local_study_path(out_dir), storage.join(out_dir, STUDY_FILE))
 
 
 def check_sweep_config(cfg: Config, source: str) -> list[space.Dimension]:
@@ -302,8 +330,12 @@ def run_sweep(cfg: Config, out: str | None = None, resume: bool = False, source:
         os.makedirs(out_dir, exist_ok=True)
     init_ray(cfg.ray.address, object_store_mb=cfg.ray.object_store_mb)
     warm_data_cache(cfg)
+    fetch_study(cfg, out_dir)
     tuner = build_tuner(cfg, out_dir, dims, source, resume)
-    results = tuner.fit()
+    try:
+        results = tuner.fit()
+    finally:
+        keep_study(cfg, out_dir)
     rows = result_rows(results, dims, storage.join(out_dir, TRIALS_DIR), cfg.tune.metric, cfg.tune.mode)
     best = write_results(cfg, dims, rows, out_dir)
     return {"out_dir": out_dir, "rows": rows, "best": best, "wall_s": round(time.perf_counter() - t0, 1)}
