@@ -24,7 +24,8 @@ import yaml
 
 from cluster_fixtures import BUCKET, REPO, kill_process_group, start_cluster, stop_cluster, wait_until
 
-pytestmark = pytest.mark.cluster
+# Bounded, but generous: a 2-core machine shared with other work runs a job in 2-7 minutes.
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(2400)]
 
 DATA = f"s3://{BUCKET}/data/synth"
 WEIGHTS = f"s3://{BUCKET}/weights/tiny16.pth"
@@ -38,7 +39,7 @@ CLUSTER_SETS = [
     "ray.cpus_per_worker=1.5",
     "data.input_size=[160, 96]",
 ]
-JOB_TIMEOUT = 600  # one job on the cluster; ~1-3 min on an idle 2-core machine
+JOB_TIMEOUT = 900  # one job on the cluster
 
 
 def sets(items: list[str]) -> list[str]:
@@ -283,37 +284,44 @@ def start_driver(cluster, config: Path, log: Path, *args: str):
                          home=cluster.driver_dir / "driver_home")
 
 
-def test_resume_from_s3_after_the_driver_is_killed(cluster):
-    stages = [{"kind": "finetune", "epochs": 2, "lr": 1.0e-4, "max_steps_per_epoch": 2}]
-    config = write_config(cluster, "resume", stages, ray__num_workers=1)
-    first = start_driver(cluster, config, cluster.driver_dir / "resume1.log")
+@pytest.fixture(scope="module")
+def interrupted_adapt_run(cluster):
+    """An adapt run (2 epochs) whose driver is killed after the first epoch's checkpoint reached S3,
+    then continued with `paf-ray run --resume NAME`. Returns (run URI, the resumed driver's output)."""
+    stages = [{"kind": "adapt", "epochs": 2, "lr": 1.0e-3, "max_steps_per_epoch": 2}]
+    config = write_config(cluster, "adapt", stages, ray__num_workers=1)
+    log = cluster.driver_dir / "adapt1.log"
+    first = start_driver(cluster, config, log)
     try:
-        snapshot = cluster.s3_wait_for(key_of(RUNS) + "/resume-", "stage0-finetune/checkpoint_manager_snapshot.json",
+        snapshot = cluster.s3_wait_for(key_of(RUNS) + "/adapt-", "stage0-adapt/checkpoint_manager_snapshot.json",
                                        timeout=JOB_TIMEOUT)
-        assert snapshot, (cluster.driver_dir / "resume1.log").read_text()[-4000:]
+        assert snapshot, log.read_text()[-4000:]
     finally:
         kill_process_group(first)  # the driver and everything it started on this machine
-    log1 = (cluster.driver_dir / "resume1.log").read_text()
-    assert "summary:" not in log1, "the run finished before the driver was killed: nothing was resumed"
-    name = re.search(r"\[paf-ray\] run (\S+) in ", log1).group(1)
-
+    out1 = log.read_text()
+    assert "summary:" not in out1, "the run finished before the driver was killed: nothing to resume"
+    name = re.search(r"\[paf-ray\] run (\S+) in ", out1).group(1)
     second = cluster.run([sys.executable, "-m", "paf_ray", "run", str(config), "--resume", name], timeout=JOB_TIMEOUT,
                          cwd=cluster.driver_dir, home=cluster.driver_dir / "driver_home")
     assert second.returncode == 0, second.stdout[-6000:] + second.stderr[-3000:]
-    assert "resumed at epoch 1" in second.stdout, second.stdout[-4000:]
     run = summary_uri_in(second.stdout)
     assert run.endswith("/" + name)
-    epochs = [r["epoch"] for r in metrics_rows(cluster, run) if r["stage"] == "stage0-finetune"]
+    return run, second.stdout
+
+
+def test_resume_from_s3_after_the_driver_is_killed(cluster, interrupted_adapt_run):
+    run, out = interrupted_adapt_run
+    assert "resumed at epoch 1" in out, out[-4000:]
+    epochs = [r["epoch"] for r in metrics_rows(cluster, run) if r["stage"] == "stage0-adapt"]
     assert epochs == [1, 2]
 
 
-def test_finetune_from_the_adapt_run_uri_survives_losing_a_node(cluster, smoke_runs):
-    """The finetune-only job starts from the adapt stage's checkpoint in S3; node b is killed after
-    the first epoch's checkpoint, node c joins, and the stage restarts from that checkpoint on a + c."""
-    summary = json.loads(cluster.s3_read(key_of(smoke_runs["cli"]) + "/summary.json"))
-    adapt_checkpoint = summary["stages"][0]["checkpoint"]
+def test_finetune_from_the_adapt_run_uri_survives_losing_a_node(cluster, interrupted_adapt_run):
+    """The finetune-only job starts from the adapt run's URI in S3; node b is killed after the first
+    epoch's checkpoint, node c joins, and the stage restarts from that checkpoint on nodes a and c."""
+    adapt_run, _ = interrupted_adapt_run
     stages = [{"kind": "finetune", "epochs": 2, "lr": 1.0e-4, "max_steps_per_epoch": 2}]
-    config = write_config(cluster, "nodeloss", stages, train__init_checkpoint=adapt_checkpoint, ray__max_failures=1)
+    config = write_config(cluster, "nodeloss", stages, train__init_checkpoint=adapt_run, ray__max_failures=1)
     log = cluster.driver_dir / "nodeloss.log"
     driver = start_driver(cluster, config, log)
     try:
@@ -327,7 +335,6 @@ def test_finetune_from_the_adapt_run_uri_survives_losing_a_node(cluster, smoke_r
         kill_process_group(driver)
     out = log.read_text()
     assert driver.returncode == 0, out[-6000:]
-    assert f"from {adapt_checkpoint}" in out or adapt_checkpoint in out
     assert "resumed at epoch 1" in out, out[-4000:]
     run = summary_uri_in(out)
     epochs = [r["epoch"] for r in metrics_rows(cluster, run) if r["stage"] == "stage0-finetune"]
