@@ -73,6 +73,13 @@ def list_files(path: str) -> list[str]:
     return sorted(os.path.basename(i.path) for i in infos if i.type == pafs.FileType.File)
 
 
+def list_dirs(path: str) -> list[str]:
+    """Names of the folders directly under a folder, sorted; [] if it does not exist."""
+    fs, inner = resolve(path)
+    infos = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True, recursive=False))
+    return sorted(os.path.basename(i.path.rstrip("/")) for i in infos if i.type == pafs.FileType.Directory)
+
+
 def list_file_infos(path: str) -> list[tuple[str, int, int]]:
     """(name, size, mtime_ns) of the files directly under a folder, sorted; [] if it does not exist."""
     fs, inner = resolve(path)

@@ -61,12 +61,7 @@ def new_run_name(name: str) -> str:
 
 def latest_run_name(storage_root: str, name: str) -> str | None:
     """The newest run of config `name` under `storage_root` (its own folder or `<name>-<stamp>-<id>`)."""
-    fs, inner = storage.resolve(storage_root)
-    import pyarrow.fs as pafs
-
-    infos = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
-    runs = [os.path.basename(i.path) for i in infos if i.type == pafs.FileType.Directory]
-    ours = [r for r in runs if r == name or (r.startswith(name + "-") and r[len(name) + 1:][:8].isdigit())]
+    ours = [r for r in storage.list_dirs(storage_root) if r == name or (r.startswith(name + "-") and r[len(name) + 1:][:8].isdigit())]
     return max(ours, key=lambda r: r[len(name):]) if ours else None
 
 
@@ -228,7 +223,7 @@ def run_pipeline(
 
     storage_root = resolve_storage(cfg, out)
     run_dir = storage.join(storage_root, cfg.name)
-    if not resume and storage.exists(run_dir) and storage.list_files(run_dir) + _subdirs(run_dir):
+    if not resume and storage.exists(run_dir) and storage.list_files(run_dir) + storage.list_dirs(run_dir):
         raise RunExistsError(
             f"{run_dir} already exists: pass --resume to continue that run, or choose another name "
             f"(--set name=...) or --out"
@@ -300,12 +295,6 @@ def run_pipeline(
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     finish_run_folder(run_dir, summary)
     return summary
-
-
-def _subdirs(path: str) -> list[str]:
-    if storage.is_uri(path):
-        return []
-    return [d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d))]
 
 
 def _final_eval_metrics(metrics: dict | None) -> dict:
