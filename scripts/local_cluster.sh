@@ -133,7 +133,8 @@ start)
     hide=""
     for name in "${NODE_SLOTS[@]}"; do hide="$hide mount -t tmpfs -o size=1m tmpfs '$dir/$name' &&"; done
     HOME="$dir/head/home" TMPDIR="$dir/head/tmp" setsid "${netns[@]}" unshare -m --propagation private sh -c \
-        "$hide exec ray start --head --node-ip-address=127.0.0.1 \
+        "$hide { sleep infinity </dev/null >/dev/null 2>&1 & echo \$! >'$dir/head.ns'; } && \
+        exec ray start --head --node-ip-address=127.0.0.1 \
         --port=$HEAD_PORT --dashboard-host=127.0.0.1 --dashboard-port=$((HEAD_PORT + 1)) --include-dashboard=true \
         --ray-client-server-port=$((HEAD_PORT + 2)) --dashboard-agent-listen-port=$((HEAD_PORT + 3)) \
         --dashboard-agent-grpc-port=$((HEAD_PORT + 4)) --runtime-env-agent-port=$((HEAD_PORT + 5)) \
@@ -165,10 +166,9 @@ exec)
     [ $# -ge 3 ] || usage
     load_env
     shift 2
-    # The head's view of the disks (the worker nodes' folders hidden), as on the head machine.
-    head_pid=$(session_pids "$(cat "$dir/head.sid")" | head -n 1)
-    [ -n "$head_pid" ] || die "the head is not running"
-    exec "${netns[@]}" --mount="/proc/$head_pid/ns/mnt" --wd="$PWD" "$@"
+    # The head's view of the disks (the worker nodes' folders hidden), as on the head machine:
+    # DIR/head.ns is a sleep that lives in the head's mount namespace as long as the head.
+    exec "${netns[@]}" --mount="/proc/$(cat "$dir/head.ns")/ns/mnt" --wd="$PWD" "$@"
     ;;
 add-node)
     [ $# -eq 3 ] || usage
@@ -190,7 +190,7 @@ stop)
     kill_group head TERM
     kill_group s3 TERM
     kill_group net TERM
-    rm -f "$env_file"
+    rm -f "$env_file" "$dir/head.ns"
     ;;
 *) usage ;;
 esac

@@ -96,6 +96,8 @@ def cluster(tmp_path_factory):
     from paf_ray.data.synth import write_synthetic
     from paf_ray.models.backbones import tiny_resnet
 
+    if os.geteuid() != 0:
+        pytest.skip("the local cluster needs root: unshare (network and mount namespaces), nsenter, mount")
     # Short path: Ray's unix sockets live under the nodes' temp dirs (~107 characters at most).
     root = Path(tempfile.mkdtemp(prefix="prc_", dir="/tmp"))
     # The worker nodes also must not see this test session's HOME and temporary folders.
@@ -243,18 +245,23 @@ def test_tune_sweep_with_storage_in_s3(cluster):
     done = cluster.run(
         [sys.executable, "-m", "paf_ray", "submit", "jobs/tune_smoke.yaml", "--address", cluster.dashboard, "--wait",
          "--submission-id", "tune-s3",
-         *sets([f"data.root={DATA}", f"ray.storage_path={sweeps}", "tune.num_samples=2", "tune.total_epochs=1",
-                "tune.scheduler.kind=fifo", "data.input_size=[160, 96]",
+         *sets([f"data.root={DATA}", f"ray.storage_path={sweeps}", "tune.num_samples=2", "data.input_size=[160, 96]",
                 f"tune.storage_url=sqlite:///{cluster.dir}/head/tmp/optuna.db"])],
         timeout=2 * JOB_TIMEOUT,
     )
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
     folders = re.findall(r"\[paf-ray\] sweep folder: (s3://\S+)", done.stdout)
     assert folders, done.stdout[-4000:]
-    keys = cluster.s3_keys(key_of(folders[-1]) + "/")
-    summaries = [k for k in keys if k.endswith("/summary.json")]
-    assert len(summaries) >= 2, sorted(keys)  # each trial's run, in the bucket
-    assert any(k.endswith("best.yaml") for k in keys), sorted(keys)
+    prefix = key_of(folders[-1]) + "/"
+    keys = cluster.s3_keys(prefix)
+    # Every trial's run (its metrics.jsonl, also for a trial ASHA stopped early), the sweep's
+    # tables and best config, and Tune's own experiment state (what --resume reads) are in the bucket.
+    trials = {k[len(prefix + "trials/"):].split("/")[0] for k in keys
+              if k.startswith(prefix + "trials/") and k.endswith("/metrics.jsonl")}
+    assert len(trials) == 2, sorted(keys)
+    assert {prefix + "best.yaml", prefix + "trials.csv"} <= set(keys), sorted(keys)
+    assert any(k.endswith("/summary.json") for k in keys), sorted(keys)  # the trial that ran to the end
+    assert any("/experiment_state-" in k for k in keys), sorted(keys)
 
 
 # --------------------------------------------------------------------------- failures
