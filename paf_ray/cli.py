@@ -39,9 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.25)
     p.set_defaults(handler="paf_ray.data.commands:synth_command")
 
-    p = dsub.add_parser("index", help="build the dataset index (one JSON line per image)")
+    p = dsub.add_parser("index", help="build the dataset index once; runs and Tune trials reuse it")
     p.add_argument("root", help="dataset root (path or URI, e.g. file:///data/bdd100k, s3://bucket/bdd100k)")
-    p.add_argument("--out", required=True, help="index file to write (.jsonl)")
+    p.add_argument("--index-dir", default=None,
+                   help="where to keep the index (path or URI; default ROOT/.paf_ray_index); runs read it "
+                        "from there when data.index_dir names the same place")
+    p.add_argument("--out", default=None, help="also write the records as JSON lines to this file")
     p.add_argument("--split", action="append", choices=["train", "val"], help="splits (default both)")
     p.add_argument("--keep-overlap", action="store_true", help="keep 10k/100k frames that cross splits")
     p.set_defaults(handler="paf_ray.data.commands:index_command")
@@ -63,8 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     # --- training ---------------------------------------------------------------
     p = sub.add_parser("run", help="train: run the config's stages on Ray Train")
     p.add_argument("config")
-    p.add_argument("--out", default=None, help="storage path for runs (made absolute); default ./runs")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run of the same name")
+    p.add_argument("--out", default=None,
+                   help="storage for runs, a path or URI (default: ray.storage_path, else ~/paf_ray_runs)")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN",
+                   help="continue the run named RUN (a folder under the storage); bare: the newest run of "
+                        "this config's name. Without it every run gets a new folder <name>-<time>-<id>")
     _add_set(p)
     p.set_defaults(handler="paf_ray.train.run:run_command")
 
@@ -98,8 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     # --- tuning -----------------------------------------------------------------
     p = sub.add_parser("tune", help="Ray Tune + Optuna search over adapters, prompts and backbones")
     p.add_argument("config")
-    p.add_argument("--out", default=None)
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--out", default=None,
+                   help="the sweep folder, a path or URI (default: a new <name>-<time>-<id> under ray.storage_path, "
+                        "else ~/paf_ray_runs)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the sweep in --out (without --out: the newest sweep of this config's name)")
     _add_set(p)
     p.set_defaults(handler="paf_ray.tune.search:tune_command")
 

@@ -38,6 +38,9 @@ class SynthConfig:
 @dataclass
 class DataConfig:
     root: Optional[str] = None  # dataset root in the official layout (path or URI); None = synthetic
+    # where the dataset index is kept once built (path or URI); None = <root>/.paf_ray_index (or, where
+    # the root is read-only, this node's cache). Reused while the root's listing is unchanged
+    index_dir: Optional[str] = None
     synth: SynthConfig = field(default_factory=SynthConfig)
     train_split: str = "train"
     val_split: str = "val"
@@ -47,7 +50,9 @@ class DataConfig:
     hflip: float = 0.5
     color_jitter: float = 0.2  # strength of brightness/contrast/saturation jitter (train only)
     batch_size: int = 4  # per training worker
-    cpus: float = 1.0  # CPU budget for Ray Data decode/transform
+    # CPUs Ray Data may use in all to decode and augment a stage's rows: one cap for the whole cluster
+    # (the executor's limit; decode tasks on every node count against it), not per node
+    cpus: float = 1.0
     # "idle": each decode task runs its rows on a thread at idle CPU priority (Linux SCHED_IDLE),
     # so on a machine without spare cores decoding fills the trainer's gaps instead of
     # preempting its threads (docs/benchmarks.md); "normal": the worker's own priority
@@ -63,7 +68,10 @@ class DataConfig:
 @dataclass
 class BackboneConfig:
     name: Literal["resnet18", "resnet34", "resnet50", "clip_rn50", "tiny"] = "resnet50"
-    weights: Optional[str] = None  # local checkpoint file; None = random init
+    # the pretrained checkpoint: a local path or a URI (s3://, gs://, file://), fetched once per node
+    # into its cache; None = random init, which an adapt stage accepts only with random_init: true
+    weights: Optional[str] = None
+    random_init: bool = False  # say so to adapt (freeze) a randomly initialised backbone on purpose
     format: Literal[
         "auto",
         "torchvision",
@@ -81,7 +89,6 @@ class BackboneConfig:
     trust_checkpoint: bool = False  # allow plain pickles (detectron2 .pkl)
     normalization: Literal["auto", "imagenet", "swav", "clip", "none"] = "auto"
     tiny_width: int = 16  # channels of the first stage of the `tiny` backbone
-    random_init: bool = False  # no weights on purpose (tests, the CPU demo); see the rules below
 
 
 @dataclass
@@ -183,7 +190,8 @@ class StageConfig:
 @dataclass
 class TrainConfig:
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig(kind="adapt"), StageConfig(kind="finetune")])
-    init_checkpoint: Optional[str] = None  # a paf_ray checkpoint dir/file to start the first stage from
+    # a paf_ray checkpoint dir, model.pt or run dir (summary.json), local path or URI, to start the first stage from
+    init_checkpoint: Optional[str] = None
     amp: Literal["auto", "bf16", "off"] = "auto"  # auto = bf16 on GPU, off on CPU
     channels_last: Literal["auto", "on", "off"] = "auto"
     log_every: int = 10
@@ -201,10 +209,15 @@ class RayConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
-    storage_path: Optional[str] = None  # absolute path or URI; default ./runs made absolute
+    # where runs land (<storage_path>/<name>-<stamp>/): a path or URI; on a cluster a URI every node can
+    # reach (s3://, gs://). None = ~/paf_ray_runs of the user running the driver, never the working dir
+    storage_path: Optional[str] = None
     keep_checkpoints: int = 2
     max_failures: int = 0
     object_store_mb: int = 512
+    # how long a stage (in `run` and in every Tune trial) waits for its training workers' resources,
+    # e.g. while an autoscaler boots GPU nodes; after that it fails naming this key
+    worker_start_timeout_s: float = 1800.0
 
 
 # --------------------------------------------------------------------------- tune
@@ -229,7 +242,6 @@ class TuneConfig:
     startup_trials: int = 10  # tpe: random trials before TPE takes over (Optuna's n_startup_trials)
     study_name: Optional[str] = None  # Optuna study name; default: the config's `name`
     max_failures: int = 0  # restarts of a failed trial (it resumes its Train runs)
-    worker_start_timeout_s: float = 600.0  # how long a trial's Train run waits for its workers' resources
     total_epochs: Optional[int] = None  # epoch budget split between adapt and finetune by `adapt_fraction`
     scheduler: TuneSchedulerConfig = field(default_factory=TuneSchedulerConfig)
     storage_url: Optional[str] = None  # Optuna study storage; default sqlite in the output dir
@@ -412,7 +424,10 @@ def to_dict(cfg: Any) -> dict:
     return plain(cfg)
 
 
-def from_dict(data: dict | None, source: str = "<config>", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def from_dict(data: dict | None, source: str = "<config>", overrides: list[str] | tuple[str, ...] = (),
+              rules: bool = True) -> Config:
+    """Build and validate a Config. `rules=False` skips the cross-field RULES: for a config that was
+    checked when its run started (a checkpoint's), or a caller that uses one section only."""
     data = copy.deepcopy(data or {})
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
@@ -425,7 +440,8 @@ def from_dict(data: dict | None, source: str = "<config>", overrides: list[str] 
             apply_override(data, path, value, f"--set {text}")
         source = f"{source} (with --set overrides)"
     cfg = _build(Config, data, "", source)
-    check_rules(cfg, source)
+    if rules:
+        check_rules(cfg, source)
     return cfg
 
 
@@ -518,8 +534,24 @@ def _rule_clip_backbone_has_weights(cfg: "Config") -> list[tuple[str, str]]:
     return []
 
 
-RULES = [_rule_stages, _rule_model_shapes, _rule_lv_adapter_has_clip_weights, _rule_lv_adapter_activation,
-         _rule_clip_backbone_has_weights]
+def _rule_adapt_needs_weights(cfg: "Config") -> list[tuple[str, str]]:
+    bb = cfg.model.backbone
+    if cfg.tune.backbones:  # a sweep's trials take their backbone from there; each trial config is checked
+        return []
+    if bb.weights is None and not bb.random_init and any(s.kind == "adapt" for s in cfg.train.stages):
+        return [("model.backbone.weights", "an adapt stage freezes the backbone, and no pretrained weights are "
+                 "named: set the checkpoint (a path or URI), or model.backbone.random_init: true if a randomly "
+                 "initialised frozen backbone is really meant")]
+    return []
+
+
+def _rule_worker_start_timeout_positive(cfg: "Config") -> list[tuple[str, str]]:
+    t = cfg.ray.worker_start_timeout_s
+    return [] if t > 0 else [("ray.worker_start_timeout_s", f"must be > 0 seconds, got {t:g}")]
+
+
+RULES = [_rule_stages, _rule_model_shapes, _rule_adapt_needs_weights, _rule_worker_start_timeout_positive,
+         _rule_lv_adapter_has_clip_weights, _rule_lv_adapter_activation, _rule_clip_backbone_has_weights]
 
 
 def check_rules(cfg: "Config", source: str = "<config>") -> None:

@@ -40,9 +40,24 @@ class PredictInputError(ValueError):
 
 
 def resolve_inputs(inputs: Sequence[str]) -> list[str]:
-    """Image files, folders (their images, not recursive) and glob patterns -> sorted unique paths."""
+    """Image files, folders (their images, not recursive) and glob patterns -> sorted unique paths.
+    A file or folder may be a URI (s3://, gs://, file://); globs are local."""
+    from paf_ray.data import storage
+
     paths: list[str] = []
     for item in inputs:
+        if storage.is_remote(item):
+            if storage.is_dir(item):
+                found = [storage.join(item, n) for n in storage.list_files(item) if n.lower().endswith(IMAGE_EXTENSIONS)]
+                if not found:
+                    raise PredictInputError(f"{item}: folder has no images ({', '.join(IMAGE_EXTENSIONS)})")
+            elif storage.exists(item):
+                found = [item.rstrip("/")]
+            else:
+                raise PredictInputError(f"{item}: no such image file or folder")
+            paths.extend(found)
+            continue
+        item = storage.local_path(item) if item.startswith("file://") else item
         if os.path.isdir(item):
             found = [os.path.join(item, n) for n in sorted(os.listdir(item)) if n.lower().endswith(IMAGE_EXTENSIONS)]
             if not found:
@@ -226,12 +241,14 @@ def write_det_json(out_dir: str, frames: Iterable[dict]) -> str:
 
 
 def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: str, batch_size: int = 4) -> list[dict]:
-    """Predict `paths` in this process and write all outputs; returns the det frames."""
+    """Predict `paths` (local paths or URIs) in this process and write all outputs; returns the det frames."""
+    from paf_ray.data import storage
+
     os.makedirs(out_dir, exist_ok=True)
     frames = []
     for start in range(0, len(paths), max(1, batch_size)):
         chunk = paths[start : start + max(1, batch_size)]
-        images = [read_image(p) for p in chunk]
+        images = [read_image(storage.read_bytes(p), name=p) if storage.is_remote(p) else read_image(p) for p in chunk]
         for path, image, pred in zip(chunk, images, predictor.predict_batch(images)):
             name = os.path.basename(path)
             write_files(out_dir, os.path.splitext(name)[0], render_outputs(image, pred))
@@ -279,11 +296,12 @@ def predict_distributed(
     """Batch inference with Ray Data: read the files, an actor pool of `workers` models, write outputs here."""
     import ray
 
-    from paf_ray.train.checkpoint import read_config, resolve_checkpoint_dir
+    from paf_ray.train.checkpoint import checkpoint_location, read_config, resolve_checkpoint_dir
     from paf_ray.train.ray_setup import configure_data_context, init_ray
 
-    checkpoint = resolve_checkpoint_dir(checkpoint)  # absolute: actors do not share our working directory
-    tasks = read_config(checkpoint).model.tasks
+    # absolute path or URI: the actors do not share our working directory (nor, on other nodes, our cache)
+    checkpoint = checkpoint_location(checkpoint)
+    tasks = read_config(resolve_checkpoint_dir(checkpoint)).model.tasks
     init_ray(address=address)
     configure_data_context(data_cpus=max(1.0, float(ray.cluster_resources().get("CPU", 1))))
     use_gpu = device == "cuda" or (device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)

@@ -70,7 +70,7 @@ def test_dataloader_baseline_yields_the_ray_data_batches(ray_local, synth_root):
     from paf_ray.config import from_dict
     from paf_ray.data.pipeline import build_dataset, iter_train_batches, load_records
 
-    data_cfg = from_dict({"data": {"input_size": [128, 96], "batch_size": 2}}).data
+    data_cfg = from_dict({"data": {"input_size": [128, 96], "batch_size": 2}}, rules=False).data
     records = load_records(data_cfg, synth_root, "train")[:4]
     from_ray = {}
     for batch in iter_train_batches(build_dataset(records, data_cfg, train=False), 2):

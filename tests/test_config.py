@@ -8,6 +8,10 @@ from paf_ray import cli
 from paf_ray.config import Config, ConfigError, dump_config, load_config
 
 
+# the default stages start with adapt, which needs pretrained weights or this explicit switch
+RANDOM_INIT = "model:\n  backbone:\n    random_init: true\n"
+
+
 def _write(tmp_path, text, name="c.yaml"):
     path = tmp_path / name
     path.write_text(text)
@@ -15,7 +19,7 @@ def _write(tmp_path, text, name="c.yaml"):
 
 
 def test_defaults_and_typed_values(tmp_path):
-    cfg = load_config(_write(tmp_path, "data:\n  input_size: [320, 192]\n  on_bad_sample: skip\n"))
+    cfg = load_config(_write(tmp_path, "data:\n  input_size: [320, 192]\n  on_bad_sample: skip\n" + RANDOM_INIT))
     assert isinstance(cfg, Config)
     assert cfg.data.input_size == (320, 192) and cfg.data.on_bad_sample == "skip"
     assert cfg.data.root is None and cfg.data.synth.size == (640, 360)
@@ -50,7 +54,7 @@ def test_missing_required_value_is_an_error(tmp_path):
 
 
 def test_set_overrides_including_list_items(tmp_path):
-    path = _write(tmp_path, "data:\n  batch_size: 2\n")
+    path = _write(tmp_path, "data:\n  batch_size: 2\n" + RANDOM_INIT)
     cfg = load_config(path, ["data.batch_size=8", "train.stages.0.epochs=3", "data.root=s3://bucket/bdd",
                              "data.synth.size=[320, 180]"])
     assert cfg.data.batch_size == 8 and cfg.train.stages[0].epochs == 3 and cfg.train.stages[1].epochs == 1
@@ -66,7 +70,7 @@ def test_set_overrides_including_list_items(tmp_path):
 
 
 def test_round_trip_and_missing_file(tmp_path):
-    cfg = load_config(None, ["data.cpus=0.5"])
+    cfg = load_config(None, ["data.cpus=0.5", "model.backbone.random_init=true"])
     again = load_config(_write(tmp_path, dump_config(cfg)))
     assert again == cfg
     with pytest.raises(ConfigError, match="no such config file"):
@@ -74,7 +78,7 @@ def test_round_trip_and_missing_file(tmp_path):
 
 
 def test_set_flags_from_the_command_line_reach_the_config(tmp_path):
-    path = _write(tmp_path, "data:\n  cpus: 0.5\n")
+    path = _write(tmp_path, "data:\n  cpus: 0.5\n" + RANDOM_INIT)
     args = cli.build_parser().parse_args(["run", path, "--set", "train.stages.0.epochs=3", "--set", "data.cpus=1"])
     cfg = load_config(args.config, args.overrides)
     assert cfg.train.stages[0].epochs == 3 and cfg.data.cpus == 1.0
@@ -104,3 +108,21 @@ def test_run_refuses_a_bad_config_before_ray_starts(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "data.input_size" in err[0] and "c.yaml" in err[0]
     assert not ray.is_initialized() and not (tmp_path / "runs").exists()
+def test_adapt_without_weights_is_an_error_unless_random_init_is_explicit(tmp_path):
+    path = _write(tmp_path, "model:\n  backbone:\n    name: resnet18\n")
+    with pytest.raises(ConfigError, match=r"model\.backbone\.weights.*random_init") as e:
+        load_config(path)
+    assert path in str(e.value)
+    assert load_config(path, ["model.backbone.random_init=true"]).model.backbone.random_init is True
+    assert load_config(path, ["model.backbone.weights=s3://bucket/weights/r18.pth"]).model.backbone.weights
+    # a finetune-only run may start from random weights (the pretrain-free baseline)
+    assert load_config(path, ["train.stages=[{kind: finetune}]"]).train.stages[0].kind == "finetune"
+
+
+def test_worker_start_timeout_is_one_key_and_positive(tmp_path):
+    path = _write(tmp_path, RANDOM_INIT + "ray:\n  worker_start_timeout_s: 0\n")
+    with pytest.raises(ConfigError, match=r"ray\.worker_start_timeout_s"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"unknown key 'tune\.worker_start_timeout_s'"):
+        load_config(None, ["model.backbone.random_init=true", "tune.worker_start_timeout_s=60"])
+    assert load_config(None, ["model.backbone.random_init=true"]).ray.worker_start_timeout_s == 1800

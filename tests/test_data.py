@@ -521,3 +521,68 @@ def test_max_samples_are_honoured_deterministically(synth_root):
     a = load_records(cfg, synth_root, "train")
     assert [r["name"] for r in a] == [r["name"] for r in load_records(cfg, synth_root, "train")]
     assert len(a) == 5 and len(load_records(cfg, synth_root, "val")) == 2
+
+
+def _copy_tree(src: str, dst: str) -> str:
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".paf_ray_index"))
+    return dst
+
+
+def test_index_is_built_once_and_rebuilt_when_files_change(synth_root, tmp_path, capsys):
+    """`paf-ray data index ROOT` keeps the index in the root; loading it again reuses it while the
+    listing is the same, and a new, removed or rewritten file makes a new one."""
+    import shutil
+
+    from paf_ray.data.index import INDEX_DIR, load_index
+
+    root = _copy_tree(synth_root, str(tmp_path / "D"))
+    assert cli.main(["data", "index", root]) == 0
+    assert "index built" in capsys.readouterr().out
+    kept = os.listdir(os.path.join(root, INDEX_DIR))
+    assert len(kept) == 1 and kept[0].startswith("index-")
+    stats: dict = {}
+    first = load_index(root, stats=stats)
+    assert stats["train"]["index"] == "reused" and first == build_index(root)
+    assert os.listdir(os.path.join(root, INDEX_DIR)) == kept
+
+    # a new labelled frame (image + drivable mask): rebuilt, and it is in the records
+    folder = os.path.join(root, "images/100k/train")
+    src = sorted(os.listdir(folder))[0]
+    shutil.copy(os.path.join(folder, src), os.path.join(folder, "zz-new.jpg"))
+    masks = os.path.join(root, "labels/drivable/masks/train")
+    shutil.copy(os.path.join(masks, src[:-4] + ".png"), os.path.join(masks, "zz-new.png"))
+    stats = {}
+    second = load_index(root, stats=stats)
+    assert stats["train"]["index"] == "built"
+    assert {r["name"] for r in second["train"]} - {r["name"] for r in first["train"]} == {"zz-new.jpg"}
+    # a rewritten mask (same name, new bytes): rebuilt again; removed: back to the first listing's records
+    with open(os.path.join(masks, "zz-new.png"), "ab") as f:
+        f.write(b"\0")
+    stats = {}
+    load_index(root, stats=stats)
+    assert stats["train"]["index"] == "built"
+    os.remove(os.path.join(folder, "zz-new.jpg"))
+    os.remove(os.path.join(masks, "zz-new.png"))
+    assert load_index(root) == first
+    assert len(os.listdir(os.path.join(root, INDEX_DIR))) == 3
+
+
+def test_index_of_a_root_in_s3_is_kept_in_the_bucket_and_reused(s3_endpoint, synth_root, tmp_path):
+    import uuid
+
+    import pyarrow.fs as pafs
+
+    from paf_ray.data import storage
+    from paf_ray.data.index import load_index
+
+    root = f"s3://{s3_endpoint[1]}/{uuid.uuid4().hex[:12]}/bdd100k"
+    fs, inner = storage.resolve(root)
+    pafs.copy_files(_copy_tree(synth_root, str(tmp_path / "D")), inner, destination_filesystem=fs)
+    stats: dict = {}
+    built = load_index(root, stats=stats)
+    assert stats["val"]["index"] == "built" and built["train"][0]["image"].startswith(root + "/images/")
+    assert [n for n in storage.list_files(root + "/.paf_ray_index") if n.startswith("index-")]
+    stats = {}
+    assert load_index(root, stats=stats) == built and stats["val"]["index"] == "reused"

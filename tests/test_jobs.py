@@ -31,7 +31,9 @@ VENV_BIN = Path(sys.executable).parent
 
 def write_job(folder: Path, text: str, name: str = "job.yaml") -> Path:
     path = folder / name
-    path.write_text("#!/usr/bin/env -S python -m paf_ray run\n" + text, encoding="utf-8")
+    # the default stages start with adapt: these jobs adapt a random backbone on purpose
+    path.write_text("#!/usr/bin/env -S python -m paf_ray run\nmodel: {backbone: {random_init: true}}\n" + text,
+                    encoding="utf-8")
     return path
 
 
@@ -191,11 +193,11 @@ def run(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.Compl
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
-def check_smoke_summary(storage: Path) -> dict:
-    summary_path = storage / "smoke" / "summary.json"
+def check_smoke_summary(run_dir: Path) -> dict:
+    summary_path = run_dir / "summary.json"
     assert summary_path.is_file(), f"no {summary_path}"
     summary = json.loads(summary_path.read_text())
-    assert summary["name"] == "smoke"
+    assert summary["name"] == run_dir.name and run_dir.name.startswith("smoke-")
     assert [s["kind"] for s in summary["stages"]] == ["adapt", "finetune"]
     assert "score" in summary["metrics"]
     assert os.path.isdir(summary["checkpoint"]), summary["checkpoint"]
@@ -241,26 +243,30 @@ def test_smoke_job_runs_on_a_token_auth_head_both_ways(tmp_path):
 
         jobs = JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"})
 
-        # 1. The stock Ray CLI runs the job file itself (its shebang line runs paf-ray on it).
-        cli_storage = tmp_path / "runs_cli"
+        # 1. The stock Ray CLI runs the job file itself (its shebang line runs paf-ray on it). Without
+        # ray.storage_path the run lands in ~/paf_ray_runs of the head (HOME=home), not in Ray's
+        # cached copy of the working directory.
+        default_storage = home / "paf_ray_runs"
         cli = run(
             [
                 str(VENV_BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
-                "--submission-id", "smoke-cli", "--", "jobs/smoke.yaml", "--set", f"ray.storage_path={cli_storage}",
+                "--submission-id", "smoke-cli", "--", "jobs/smoke.yaml",
             ],
             env,
             timeout=480,
         )
         assert cli.returncode == 0, cli.stdout[-4000:] + cli.stderr[-4000:]
         assert str(jobs.get_job_status("smoke-cli").value) == "SUCCEEDED"
-        check_smoke_summary(cli_storage)
+        first = sorted(default_storage.glob("smoke-*"))
+        assert len(first) == 1, first
+        check_smoke_summary(first[0])
 
         # 2. paf-ray submit: the Jobs SDK with the file's runtime_env; prints the id, streams the logs.
-        sdk_storage = tmp_path / "runs_sdk"
+        # The same job file a second time on the same head: a new run with its own folder.
         sdk = run(
             [
                 sys.executable, "-m", "paf_ray", "submit", "jobs/smoke.yaml", "--address", address, "--wait",
-                "--submission-id", "smoke-sdk", "--set", f"ray.storage_path={sdk_storage}",
+                "--submission-id", "smoke-sdk",
             ],
             env,
             timeout=480,
@@ -270,7 +276,9 @@ def test_smoke_job_runs_on_a_token_auth_head_both_ways(tmp_path):
         assert "summary.json" in sdk.stdout  # the job's own log lines came through
         assert str(jobs.get_job_status("smoke-sdk").value) == "SUCCEEDED"
         assert jobs.get_job_info("smoke-sdk").runtime_env["env_vars"]["TQDM_DISABLE"] == "1"
-        check_smoke_summary(sdk_storage)
+        runs = sorted(default_storage.glob("smoke-*"))
+        assert len(runs) == 2 and first[0] in runs, runs
+        check_smoke_summary(next(r for r in runs if r != first[0]))
 
         # 3. A job that fails on the cluster makes `paf-ray submit --wait` exit non-zero.
         failed = run(

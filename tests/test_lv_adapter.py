@@ -298,7 +298,7 @@ def tiny_model_config(**lv):
     return from_dict({
         "data": {"input_size": [128, 96]},
         "model": {
-            "backbone": {"name": "tiny", "tiny_width": 8},
+            "backbone": {"name": "tiny", "tiny_width": 8, "random_init": True},
             "adapter": {"kind": "bypass"},
             "fpn_channels": 16,
             "seg_channels": 8,

@@ -33,7 +33,7 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 def tiny_model_cfg(**model):
     base = {
-        "backbone": {"name": "tiny", "tiny_width": 8},
+        "backbone": {"name": "tiny", "tiny_width": 8, "random_init": True},
         "fpn_channels": 32,
         "seg_channels": 16,
         "det": {
@@ -423,7 +423,7 @@ def test_stage_policy_trainables_groups_and_merge():
     assert lr_of["neck.inner_blocks.0.0.weight"] == pytest.approx(1e-3)
     assert lr_of["backbone.conv1.weight"] == pytest.approx(1e-4)
     with pytest.raises(ConfigError, match=r"head_lr_mult\.seg"):
-        load_config(None, ["train.stages.1.head_lr_mult={seg: 0.5}"])
+        load_config(None, ["model.backbone.random_init=true", "train.stages.1.head_lr_mult={seg: 0.5}"])
 
 
 # --------------------------------------------------------------------------- forward and losses

@@ -29,7 +29,7 @@ def _tiny_cfg(lv: bool = False):
     from paf_ray.config import from_dict
 
     model = {
-        "backbone": {"name": "tiny", "tiny_width": 8},
+        "backbone": {"name": "tiny", "tiny_width": 8, "random_init": True},
         "fpn_channels": 16,
         "seg_channels": 16,
         "adapter": {"kind": "lora", "rank": 2},

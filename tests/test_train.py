@@ -25,7 +25,7 @@ def tiny_config(root: str, **sections) -> dict:
         "name": "t",
         "data": {"root": root, "input_size": [256, 160], "batch_size": 2, "cpus": 0.5},
         "model": {
-            "backbone": {"name": "tiny", "tiny_width": 8},
+            "backbone": {"name": "tiny", "tiny_width": 8, "random_init": True},
             "adapter": {"kind": "lora", "rank": 2},
             "fpn_channels": 32,
             "seg_channels": 16,
@@ -223,26 +223,67 @@ def test_interrupted_driver_resumes(synth_root, tmp_path):
     cmd = [sys.executable, "-m", "paf_ray", "run", str(path), "--out", str(out)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    stage_dir = os.path.join(str(out), "t", "stage0-finetune")
     deadline = time.time() + 240
-    while not _first_checkpoint(stage_dir) and time.time() < deadline and proc.poll() is None:
+
+    def stage_dir():  # the run folder is t-<time>-<id>
+        runs = glob.glob(os.path.join(str(out), "t-*"))
+        return os.path.join(runs[0], "stage0-finetune") if runs else ""
+
+    while not _first_checkpoint(stage_dir()) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)
-    assert _first_checkpoint(stage_dir), proc.communicate(timeout=30)[0][-3000:]
+    assert _first_checkpoint(stage_dir()), proc.communicate(timeout=30)[0][-3000:]
+    run_dir = os.path.dirname(stage_dir())
     os.killpg(proc.pid, signal.SIGINT)
     try:
         proc.communicate(timeout=90)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-    assert not os.path.exists(os.path.join(str(out), "t", "summary.json")), "the run finished before the interrupt"
-    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-    assert again.returncode == 2 and "--resume" in again.stdout + again.stderr
+    assert not os.path.exists(os.path.join(run_dir, "summary.json")), "the run finished before the interrupt"
+    # bare --resume continues the newest run of the config's name (--resume NAME: that run)
     resumed = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resumed at epoch" in resumed.stdout + resumed.stderr
-    rows = read_rows(os.path.join(str(out), "t"))
+    assert glob.glob(os.path.join(str(out), "t-*")) == [run_dir]
+    rows = read_rows(run_dir)
     epochs = [r["epoch"] for r in rows]
     assert epochs == sorted(set(epochs)) and epochs[-1] == 3, epochs
+
+
+def test_each_run_of_a_config_gets_its_own_folder_and_resume_finds_the_newest(ray_local, synth_root, tmp_path):
+    """The same config run twice (as a job file submitted twice): two run folders, both complete;
+    `--resume` continues the newest instead of starting a third. Train local mode keeps it cheap."""
+    from paf_ray import cli
+
+    cfg = tiny_config(synth_root, train={"stages": [{"kind": "finetune", "epochs": 1, "max_steps_per_epoch": 1}]},
+                      ray={"num_workers": 0})
+    cfg["data"]["max_val_samples"] = 2
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    args = ["run", str(path), "--out", str(tmp_path / "runs")]
+    assert cli.main(args) == 0
+    assert cli.main(args) == 0
+    runs = sorted(glob.glob(str(tmp_path / "runs" / "t-*")))
+    assert len(runs) == 2, runs
+    for run_dir in runs:
+        assert json.load(open(os.path.join(run_dir, "summary.json")))["name"] == os.path.basename(run_dir)
+    newest = max(runs, key=lambda r: r[-20:-5])
+    assert cli.main(args + ["--resume"]) == 0
+    assert cli.main(args + ["--resume", os.path.basename(runs[0])]) == 0
+    assert sorted(glob.glob(str(tmp_path / "runs" / "t-*"))) == runs
+    assert newest in runs
+
+
+@pytest.mark.timeout(240)
+def test_a_stage_whose_workers_never_start_fails_naming_the_timeout_key(ray_local, synth_root, tmp_path):
+    """More CPUs per worker than this cluster has: after ray.worker_start_timeout_s the stage fails with
+    an error naming the key (no fixed retry count, no endless wait)."""
+    from paf_ray.train.run import WorkersDidNotStartError, run_pipeline
+
+    cfg = from_dict(tiny_config(synth_root, ray={"num_workers": 1, "cpus_per_worker": 64.0,
+                                                 "worker_start_timeout_s": 4}))
+    with pytest.raises(WorkersDidNotStartError, match=r"ray\.worker_start_timeout_s=4 s"):
+        run_pipeline(cfg, out=str(tmp_path))
 
 
 def test_demo_learns(ray_local, tmp_path):

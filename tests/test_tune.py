@@ -17,7 +17,8 @@ SMOKE = os.path.join(ROOT, "jobs", "tune_smoke.yaml")
 
 
 def sweep_cfg(search_space: dict, **tune):
-    return from_dict({"tune": {"search_space": search_space, **tune}}, "sweep.yaml")
+    return from_dict({"model": {"backbone": {"random_init": True}}, "tune": {"search_space": search_space, **tune}},
+                     "sweep.yaml")
 
 
 # --------------------------------------------------------------------------- the space

@@ -122,6 +122,7 @@ def case_config(model: dict, input_size, batch: int, adapter: str | None = None,
     model.setdefault("lv_adapter", {})["enabled"] = lv
     if lv:  # the step's cost does not depend on CLIP's weights
         model["lv_adapter"]["random_init"] = True
+    model.setdefault("backbone", {})["random_init"] = True  # step time does not depend on the weights
     data = {"input_size": list(input_size), "batch_size": batch}
     train = {
         "stages": [{"kind": "adapt", "lr": 1e-3}, {"kind": "finetune", "lr": 1e-4}],
@@ -149,7 +150,7 @@ def batch_file(frames: Frames, input_size, batch: int) -> str:
 
     path = os.path.join(frames.workdir, f"batch-{input_size[0]}x{input_size[1]}-b{batch}.pt")
     if not os.path.exists(path):
-        data_cfg = from_dict({"data": {"input_size": list(input_size)}}).data
+        data_cfg = from_dict({"data": {"input_size": list(input_size)}}, rules=False).data
         torch.save(batch_from_records(frames.records, data_cfg, batch), path)
     return path
 
@@ -200,7 +201,7 @@ def bench_data(s: BenchSettings, records: list[dict]) -> dict:
     from paf_ray.bench.data_case import measure_input_pipeline
     from paf_ray.config import from_dict
 
-    data_cfg = from_dict({"data": {"input_size": list(s.data_input_size), "batch_size": s.data_batch}}).data
+    data_cfg = from_dict({"data": {"input_size": list(s.data_input_size), "batch_size": s.data_batch}}, rules=False).data
     return measure_input_pipeline(records, data_cfg, s.data_workers, s.data_warmup, s.data_repeats,
                                   pin_memory=s.device == "cuda")
 
@@ -363,7 +364,7 @@ def write_synth_frames(root: str, s: BenchSettings) -> list[dict]:
     from paf_ray.data.synth import write_synthetic
 
     write_synthetic(root, images=s.frames, seed=0, size=s.frame_size, val_fraction=0.1)
-    data_cfg = from_dict({}).data
+    data_cfg = from_dict({}, rules=False).data
     return load_records(data_cfg, root, "train")
 
 

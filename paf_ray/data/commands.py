@@ -35,16 +35,21 @@ def synth_command(args) -> int:
 
 
 def index_command(args) -> int:
-    from paf_ray.data.index import build_index, write_index
+    from paf_ray.data.index import index_location, load_index, write_index
 
     splits = tuple(args.split or ("train", "val"))
     stats: dict = {}
+    t0 = time.perf_counter()
     try:
-        records = build_index(args.root, splits=splits, drop_overlap=not args.keep_overlap, stats=stats)
+        records = load_index(args.root, drop_overlap=not args.keep_overlap, index_dir=args.index_dir, stats=stats)
     except DatasetError as e:
         print(f"paf-ray data index: {e}", file=sys.stderr)
         return 1
-    write_index([r for s in splits for r in records[s]], args.out)
+    how = stats[splits[0]].get("index", "built")
+    print(f"index {how} in {time.perf_counter() - t0:.1f} s, kept in {index_location(args.root, args.index_dir)} "
+          "(runs reuse it while the files are unchanged)")
+    if args.out:
+        write_index([r for s in splits for r in records[s]], args.out)
     for split in splits:
         st = stats[split]
         tasks = {t: sum(1 for r in records[split] if (r["has_det"] if t == "det" else r[t])) for t in ("det", "sem", "drv")}
@@ -52,7 +57,8 @@ def index_command(args) -> int:
                    if k not in ("problems", "records", "merged", "images_100k", "images_10k", "skipped") and v}
         print(f"{split}: {st['records']} records (det {tasks['det']}, sem {tasks['sem']}, drv {tasks['drv']}; "
               f"{st['merged']} frames in both sets merged)" + (f"; dropped {dropped}" if dropped else ""))
-    print(f"wrote {args.out}")
+    if args.out:
+        print(f"wrote {args.out}")
     return 0
 
 

@@ -4,6 +4,11 @@ The index reads only the directory listings and the det_20 JSON; it never decode
 image (that is what ``paf-ray data check`` and the loader do). What does not fit is
 dropped and counted: det entries or masks without an image, images without any label,
 and (``drop_overlap``) training frames whose stem is also a validation frame.
+
+It is built once per dataset state: ``load_index`` (runs, Tune trials, ``paf-ray data index``)
+keeps the built index with the listing it came from (names, sizes, modification times) in
+``<root>/.paf_ray_index/`` (or ``data.index_dir``), and reuses it while a new listing of the
+root is the same; any added, removed or rewritten file makes it build a new one.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import json
 import logging
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from paf_ray.data import bdd100k as B
@@ -117,14 +123,49 @@ def _stem(name: str) -> str:
     return os.path.splitext(name)[0]
 
 
-def _files(root: str, template: str, split: str, image_set: str | None = None, ext: str = ".jpg") -> list[str]:
+INDEX_DIR = ".paf_ray_index"  # below the dataset root, unless data.index_dir names another place
+INDEX_FORMAT = 1  # bump when records or stats change shape: older cached indexes are then rebuilt
+READ_THREADS = 16  # concurrent listings / reads: on object storage each one is a round trip
+
+# folder (relative to the root) -> [(name, size, mtime_ns)], plus the det_20 files as [(name, size, mtime_ns)]
+Listing = dict[str, list[tuple[str, int, int]]]
+
+
+def _listing_folders() -> list[str]:
+    folders = []
+    for split in B.SPLITS:
+        folders += [B.IMAGES_DIR.format(image_set=s, split=split) for s in ("100k", "10k")]
+        folders += [B.DRV_MASKS_DIR.format(split=split), B.SEM_MASKS_DIR.format(split=split)]
+    return folders
+
+
+def read_listing(root: str) -> Listing:
+    """What the index is built from: every folder's files (name, size, mtime) and the det_20 files."""
+    folders = _listing_folders()
+    with ThreadPoolExecutor(min(READ_THREADS, len(folders))) as pool:
+        listed = list(pool.map(lambda f: storage.list_file_infos(storage.join(root, f)), folders))
+    out: Listing = dict(zip(folders, [[tuple(i) for i in entries] for entries in listed]))
+    det = []
+    for split in B.SPLITS:
+        info = storage.file_info(storage.join(root, B.DET_LABELS.format(split=split)))
+        if info is not None:
+            det.append((B.DET_LABELS.format(split=split), *info))
+    out["det_20"] = det
+    return out
+
+
+def _files(listing: Listing, template: str, split: str, image_set: str | None = None,
+           ext: str = ".jpg") -> list[str]:
     folder = template.format(split=split, image_set=image_set)
-    return [n for n in storage.list_files(storage.join(root, folder)) if n.lower().endswith(ext)]
+    return [n for n, _, _ in listing.get(folder, []) if n.lower().endswith(ext)]
 
 
-def _digest(path: str) -> tuple[int, str]:
-    data = storage.read_bytes(path)
-    return len(data), hashlib.sha1(data).hexdigest()
+def _sizes(listing: Listing, template: str, split: str, image_set: str) -> dict[str, int]:
+    return {n: size for n, size, _ in listing.get(template.format(split=split, image_set=image_set), [])}
+
+
+def _sha1(path: str) -> str:
+    return hashlib.sha1(storage.read_bytes(path)).hexdigest()
 
 
 def _empty_stats() -> dict:
@@ -134,7 +175,7 @@ def _empty_stats() -> dict:
 
 
 def build_index(root: str, splits=("train", "val"), drop_overlap: bool = True, on_bad_sample: str = "error",
-                stats: dict | None = None) -> dict[str, list[dict]]:
+                stats: dict | None = None, listing: Listing | None = None) -> dict[str, list[dict]]:
     """Records per split (docs/architecture.md §1), sorted by name.
 
     ``on_bad_sample="error"`` raises DatasetError on a bad det label (naming file, frame,
@@ -148,33 +189,36 @@ def build_index(root: str, splits=("train", "val"), drop_overlap: bool = True, o
         raise DatasetError(f"{root}: dataset root does not exist or is not a folder")
     stats = stats if stats is not None else {}
     splits = tuple(splits)
+    listing = read_listing(root) if listing is None else listing
     # Stems of every validation frame, for dropping overlapping training frames.
     val_stems: set[str] = set()
     if drop_overlap:
         for s in B.SPLITS:
             if s != "train":
                 for image_set in ("100k", "10k"):
-                    val_stems.update(_stem(n) for n in _files(root, B.IMAGES_DIR, s, image_set))
+                    val_stems.update(_stem(n) for n in _files(listing, B.IMAGES_DIR, s, image_set))
     out = {}
     for split in splits:
         st = stats.setdefault(split, _empty_stats())
-        out[split] = _index_split(root, split, on_bad_sample, val_stems if (drop_overlap and split == "train") else set(), st)
+        drop = val_stems if (drop_overlap and split == "train") else set()
+        out[split] = _index_split(root, split, on_bad_sample, drop, st, listing)
         dropped = {k: v for k, v in st.items() if k not in ("problems", "records", "merged", "images_100k", "images_10k") and v}
         log.info("index %s/%s: %d records (%d merged 100k+10k)%s", root, split, st["records"], st["merged"],
                  f"; dropped {dropped}" if dropped else "")
     return out
 
 
-def _index_split(root: str, split: str, on_bad_sample: str, drop_stems: set[str], st: dict) -> list[dict]:
-    images = {s: _files(root, B.IMAGES_DIR, split, s) for s in ("100k", "10k")}
+def _index_split(root: str, split: str, on_bad_sample: str, drop_stems: set[str], st: dict,
+                 listing: Listing) -> list[dict]:
+    images = {s: _files(listing, B.IMAGES_DIR, split, s) for s in ("100k", "10k")}
     st["images_100k"], st["images_10k"] = len(images["100k"]), len(images["10k"])
     names100 = set(images["100k"])
-    drv = {_stem(n) for n in _files(root, B.DRV_MASKS_DIR, split, ext=".png")}
-    sem = {_stem(n) for n in _files(root, B.SEM_MASKS_DIR, split, ext=".png")}
+    drv = {_stem(n) for n in _files(listing, B.DRV_MASKS_DIR, split, ext=".png")}
+    sem = {_stem(n) for n in _files(listing, B.SEM_MASKS_DIR, split, ext=".png")}
 
     det_path = storage.join(root, B.DET_LABELS.format(split=split))
     det_frames: dict[str, dict] = {}
-    if storage.exists(det_path):
+    if any(name == B.DET_LABELS.format(split=split) for name, _, _ in listing.get("det_20", [])):
         for frame in load_det_json(det_path):
             if frame["name"] not in names100:
                 st["det_without_image"] += 1
@@ -211,6 +255,14 @@ def _index_split(root: str, split: str, on_bad_sample: str, drop_stems: set[str]
             "drv": mask_path(B.DRV_MASKS_DIR, stem) if has_drv else None,
             "attributes": dict(frame.get("attributes") or {}) if frame is not None else {},
         }
+    # A 10k frame whose stem is also a 100k frame is the same frame when the bytes are the same:
+    # only pairs of equal size can be, and those are hashed concurrently.
+    sizes100, sizes10 = _sizes(listing, B.IMAGES_DIR, split, "100k"), _sizes(listing, B.IMAGES_DIR, split, "10k")
+    pairs = [(records[("100k", _stem(n))]["image"], image_path("10k", n)) for n in images["10k"]
+             if ("100k", _stem(n)) in records and _stem(n) in sem
+             and sizes10.get(n) == sizes100.get(records[("100k", _stem(n))]["name"])]
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        hashes = dict(zip([p for pair in pairs for p in pair], pool.map(_sha1, [p for pair in pairs for p in pair])))
     for name in images["10k"]:
         stem = _stem(name)
         if stem not in sem:
@@ -218,7 +270,8 @@ def _index_split(root: str, split: str, on_bad_sample: str, drop_stems: set[str]
             continue
         sem_path = mask_path(B.SEM_MASKS_DIR, stem)
         twin = records.get(("100k", stem))
-        if twin is not None and _digest(twin["image"]) == _digest(image_path("10k", name)):
+        ours = image_path("10k", name)
+        if twin is not None and ours in hashes and hashes[twin["image"]] == hashes[ours]:
             twin["sem"] = sem_path  # the same frame in both sets: one record with all three tasks
             st["merged"] += 1
             continue
@@ -266,3 +319,67 @@ def read_index(path: str) -> list[dict]:
             raise DatasetError(f"{path}: line {lineno}: record is missing {', '.join(missing)}")
         records.append(rec)
     return records
+
+
+# --------------------------------------------------------------------------- built once
+
+
+def index_location(root: str, index_dir: str | None = None) -> str:
+    """The folder (path or URI) that keeps the built indexes of `root`."""
+    return storage.normalize_root(index_dir) if index_dir else storage.join(storage.normalize_root(root), INDEX_DIR)
+
+
+def _index_key(root: str, listing: Listing, drop_overlap: bool, on_bad_sample: str) -> str:
+    text = json.dumps({"format": INDEX_FORMAT, "root": root, "listing": listing, "drop_overlap": drop_overlap,
+                       "on_bad_sample": on_bad_sample}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def load_index(root: str, drop_overlap: bool = True, on_bad_sample: str = "error", index_dir: str | None = None,
+               stats: dict | None = None) -> dict[str, list[dict]]:
+    """The records of every split: the kept index when the root's listing is unchanged, else built
+    now and kept (in `index_dir`, default `<root>/.paf_ray_index`; where that is not writable, in
+    this node's cache). Each split's stats say ``"index": "reused"`` or ``"built"``."""
+    root = storage.normalize_root(root)
+    if not storage.is_dir(root):
+        raise DatasetError(f"{root}: dataset root does not exist or is not a folder")
+    stats = stats if stats is not None else {}
+    listing = read_listing(root)
+    name = f"index-{_index_key(root, listing, drop_overlap, on_bad_sample)}.json"
+    node_cache = os.path.join(storage.cache_dir(), "index", hashlib.sha256(root.encode()).hexdigest()[:16])
+    places = [index_location(root, index_dir), node_cache]
+    for place in places:
+        path = storage.join(place, name)
+        if storage.exists(path):
+            kept = json.loads(storage.read_bytes(path))
+            for split, st in kept["stats"].items():
+                stats[split] = {**st, "index": "reused"}
+            log.info("index %s: reused %s", root, path)
+            return kept["splits"]
+    built_stats: dict = {}
+    splits = build_index(root, splits=B.SPLITS, drop_overlap=drop_overlap, on_bad_sample=on_bad_sample,
+                         stats=built_stats, listing=listing)
+    text = json.dumps({"format": INDEX_FORMAT, "root": root, "listing": listing, "stats": built_stats,
+                       "splits": splits}, separators=(",", ":"))
+    for place in places:
+        try:
+            _write_atomically(storage.join(place, name), text.encode("utf-8"))
+            break
+        except OSError as e:  # a read-only dataset root: keep it on this node instead
+            log.warning("index %s: cannot write %s (%s)", root, place, e)
+    for split, st in built_stats.items():
+        stats[split] = {**st, "index": "built"}
+    return splits
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    """Object stores replace a whole object at once; a local file goes through a temporary name."""
+    if storage.is_remote(path):
+        storage.write_bytes(path, data)
+        return
+    local = storage.local_path(path)
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    tmp = f"{local}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, local)

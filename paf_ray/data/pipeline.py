@@ -23,7 +23,7 @@ from paf_ray.config import DataConfig
 from paf_ray.data import synth
 from paf_ray.data.contracts import Batch, Record, Row, empty_batch, placeholder_row
 from paf_ray.data.decode import load_sample
-from paf_ray.data.index import DatasetError, build_index
+from paf_ray.data.index import DatasetError, load_index
 from paf_ray.data.transforms import train_transform, val_transform
 
 log = logging.getLogger(__name__)
@@ -73,9 +73,17 @@ def resolve_root(data_cfg: DataConfig, cache_dir: str) -> str:
 
 
 def load_records(data_cfg: DataConfig, root: str, split: str, stats: dict | None = None) -> list[Record]:
-    """The split's index records (sorted by name), cut to max_{train,val}_samples if set."""
-    records = build_index(root, splits=(split,), drop_overlap=data_cfg.drop_overlap,
-                          on_bad_sample=data_cfg.on_bad_sample, stats=stats)[split]
+    """The split's index records (sorted by name), cut to max_{train,val}_samples if set.
+
+    The index is built once per state of the root and then reused (``index.load_index``)."""
+    all_stats: dict = {}
+    index = load_index(root, drop_overlap=data_cfg.drop_overlap, on_bad_sample=data_cfg.on_bad_sample,
+                       index_dir=data_cfg.index_dir, stats=all_stats)
+    if split not in index:
+        raise DatasetError(f"{root}: no split {split!r} (the index has {sorted(index)})")
+    records = index[split]
+    if stats is not None:
+        stats[split] = all_stats[split]
     limit = data_cfg.max_train_samples if split == data_cfg.train_split else data_cfg.max_val_samples
     if limit is not None:
         records = records[:limit]

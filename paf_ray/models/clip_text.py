@@ -115,7 +115,8 @@ def resolve_activation(setting: str, named_quick_gelu: bool, layout: Optional[st
 def load_clip(
     clip_model: str, clip_weights: Optional[str] = None, load_weights: bool = True, activation: str = "auto"
 ) -> nn.Module:
-    """An open_clip CLIP model: random init, or weights from a local file (never the network).
+    """An open_clip CLIP model: random init, or weights from a file (a local path, or a URI read
+    through this node's cache; never a model hub).
 
     The architecture comes from `clip_model`; the text tower's activation from `activation` and the
     weights (``resolve_activation``). `load_weights=False` builds the architecture only (inspect, or
@@ -135,6 +136,13 @@ def load_clip(
                 f"(e.g. 'RN50', 'RN50-quickgelu', 'ViT-B-32', 'local-dir:<folder>', or {TINY_CLIP!r})"
             )
     weights = clip_weights if load_weights else None
+    if weights:
+        from paf_ray.data import storage
+
+        try:
+            weights = storage.local_file(weights)  # a URI is read through this node's cache
+        except (FileNotFoundError, IsADirectoryError):
+            pass  # read_clip_weights names the key
     sd, layout = read_clip_weights(weights) if weights else (None, None)
     if clip_model == TINY_CLIP:
         model = open_clip.CLIP(**TINY_CLIP_CONFIG)

@@ -11,7 +11,6 @@ Contract (docs/architecture.md §4):
 from __future__ import annotations
 
 import logging
-import os
 from collections import OrderedDict
 
 import torch
@@ -21,6 +20,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from paf_ray.config import ModelConfig
+from paf_ray.data import storage
 from paf_ray.data.bdd100k import NUM_CLASSES, SEG_TASKS, TASKS
 from paf_ray.data.normalize import FORMAT_NORMALIZATION, normalize_images
 from paf_ray.models.adapters import add_lora, build_bypass_adapters
@@ -48,7 +48,7 @@ def resolve_normalization(model_cfg: ModelConfig, loaded_recipe: str | None = No
         return loaded_recipe
     if bb.weights and bb.format != "auto":
         return FORMAT_NORMALIZATION[bb.format]
-    if bb.weights and os.path.isfile(bb.weights):
+    if bb.weights and storage.exists(bb.weights):
         # weights not loaded (a paf_ray checkpoint follows): the file's layout still picks the recipe
         return FORMAT_NORMALIZATION[sniff_format(read_checkpoint(bb.weights, bb.trust_checkpoint))]
     if bb.weights:

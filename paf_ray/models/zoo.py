@@ -70,7 +70,14 @@ def _torch_load(path: str) -> Any:
 
 
 def read_checkpoint(path: str, trust_checkpoint: bool = False) -> Any:
-    """Load a checkpoint file: torch (weights_only), .safetensors, or - when trusted - pickles/TorchScript."""
+    """Load a checkpoint file (a local path or URI; a URI is read from this node's cache): torch
+    (weights_only), .safetensors, or - when trusted - pickles/TorchScript."""
+    from paf_ray.data import storage
+
+    try:
+        path = storage.local_file(path)
+    except (FileNotFoundError, IsADirectoryError):
+        raise CheckpointError(f"model.backbone.weights: no such file {path!r}") from None
     if not os.path.isfile(path):
         raise CheckpointError(f"model.backbone.weights: no such file {path!r}")
     if path.endswith(".safetensors"):

@@ -9,7 +9,9 @@ A checkpoint is a directory:
 
 Everything loads with ``torch.load(..., weights_only=True)``. A run directory
 (``<storage>/<name>``, holding ``summary.json``) is accepted wherever a checkpoint is,
-and resolves to the run's final checkpoint.
+and resolves to the run's final checkpoint. Each of these may be a local path or a URI
+(``file://``, ``s3://``, ``gs://``); a checkpoint on object storage is read from a copy in
+this node's cache (``paf_ray.data.storage.local_dir``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 import yaml
 
 from paf_ray.config import Config, StageConfig, dump_config, from_dict
+from paf_ray.data import storage
 
 MODEL_FILE = "model.pt"
 TRAIN_STATE_FILE = "train_state.pt"
@@ -78,24 +81,30 @@ def save_checkpoint(
     return directory
 
 
-def resolve_checkpoint_dir(path: str) -> str:
-    """A checkpoint dir, a run dir (summary.json -> its checkpoint) or a model.pt file -> checkpoint dir."""
-    path = os.path.abspath(os.path.expanduser(path))
-    if os.path.isfile(path) and os.path.basename(path) == MODEL_FILE:
+def checkpoint_location(path: str) -> str:
+    """Where a checkpoint lives, without fetching it: a checkpoint dir, a run dir (summary.json ->
+    its checkpoint) or a model.pt file, as a local path or URI -> the checkpoint dir (an absolute
+    local path, or a URI for object storage)."""
+    path = os.path.expanduser(path)
+    path = path.rstrip("/") if storage.is_remote(path) else storage.local_path(path)
+    if os.path.basename(path) == MODEL_FILE and not storage.is_dir(path):
         path = os.path.dirname(path)
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, MODEL_FILE)):
-        summary = os.path.join(path, "summary.json")
-        if os.path.exists(summary):
-            with open(summary, encoding="utf-8") as f:
-                ckpt = json.load(f).get("checkpoint")
-            if ckpt:
-                return resolve_checkpoint_dir(ckpt)
-    if not os.path.exists(os.path.join(path, MODEL_FILE)):
-        raise FileNotFoundError(
-            f"{path}: not a paf_ray checkpoint (expected {MODEL_FILE}, {CONFIG_FILE}, {META_FILE} "
-            "or a run folder with summary.json)"
-        )
-    return path
+    if storage.exists(storage.join(path, MODEL_FILE)):
+        return path
+    summary = storage.join(path, "summary.json")
+    if storage.exists(summary):
+        ckpt = json.loads(storage.read_bytes(summary)).get("checkpoint")
+        if ckpt:
+            return checkpoint_location(ckpt)
+    raise FileNotFoundError(
+        f"{path}: not a paf_ray checkpoint (expected {MODEL_FILE}, {CONFIG_FILE}, {META_FILE} "
+        "or a run folder with summary.json)"
+    )
+
+
+def resolve_checkpoint_dir(path: str) -> str:
+    """A checkpoint dir, a run dir or a model.pt file (local or URI) -> a local checkpoint dir."""
+    return storage.local_dir(checkpoint_location(path))
 
 
 def read_meta(directory: str) -> dict[str, Any]:
@@ -106,7 +115,7 @@ def read_meta(directory: str) -> dict[str, Any]:
 def read_config(directory: str) -> Config:
     path = os.path.join(directory, CONFIG_FILE)
     with open(path, encoding="utf-8") as f:
-        return from_dict(yaml.safe_load(f), path)
+        return from_dict(yaml.safe_load(f), path, rules=False)  # checked when its run started
 
 
 def read_train_state(directory: str, device: str | torch.device = "cpu") -> dict[str, Any] | None:

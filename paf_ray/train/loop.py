@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -85,18 +86,31 @@ class _WaitClock:
 
 
 class _RunLog:
-    """Rank-0 writer of metrics.jsonl and TensorBoard events in the run folder."""
+    """Rank-0 writer of metrics.jsonl and TensorBoard events in the run folder.
 
-    def __init__(self, log_dir: str | None, enabled: bool):
-        self.enabled = enabled and bool(log_dir)
-        self.log_dir = log_dir
+    A run folder on object storage is written through a local folder on this worker's node:
+    metrics.jsonl (continued from the run folder's copy, whichever node wrote it) and the
+    TensorBoard events are uploaded after every report.
+    """
+
+    def __init__(self, run_dir: str | None, enabled: bool):
+        from paf_ray.data import storage
+
+        self.enabled = enabled and bool(run_dir)
+        self.run_dir = run_dir
+        self.remote = self.enabled and storage.is_remote(run_dir)
+        self.log_dir = tempfile.mkdtemp(prefix="paf_ray_log_") if self.remote else run_dir
         self.tb = None
         if self.enabled:
-            os.makedirs(log_dir, exist_ok=True)
+            os.makedirs(self.log_dir, exist_ok=True)
+            remote_rows = storage.join(run_dir, "metrics.jsonl")
+            if self.remote and storage.exists(remote_rows):
+                with open(os.path.join(self.log_dir, "metrics.jsonl"), "wb") as f:
+                    f.write(storage.read_bytes(remote_rows))
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(os.path.join(log_dir, "tb"))
+                self.tb = SummaryWriter(os.path.join(self.log_dir, "tb"))
             except ImportError:  # tensorboard missing: jsonl still written
                 self.tb = None
 
@@ -114,6 +128,18 @@ class _RunLog:
             f.write(json.dumps(row, default=float) + "\n")
         if self.tb is not None:
             self.tb.flush()
+        self.upload()
+
+    def upload(self) -> None:
+        """Copy metrics.jsonl and the TensorBoard files to a run folder on object storage."""
+        if not self.remote:
+            return
+        from paf_ray.data import storage
+
+        for folder, _, files in os.walk(self.log_dir):
+            for name in files:
+                local = os.path.join(folder, name)
+                storage.upload_file(local, storage.join(self.run_dir, os.path.relpath(local, self.log_dir)))
 
     def forget_after(self, stage_name: str, step: int) -> None:
         """Drop rows of `stage_name` past `step`: work after the restored checkpoint is redone,
@@ -127,10 +153,14 @@ class _RunLog:
         if len(keep) != len(rows):
             with open(path, "w", encoding="utf-8") as f:
                 f.writelines(keep)
+            self.upload()
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        self.upload()
+        if self.remote:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
 
 
 @dataclass

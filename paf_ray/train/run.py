@@ -2,8 +2,10 @@
 
 The trainer only wires resources: datasets, scaling, storage, checkpoint retention and
 failure handling. The work is `paf_ray.train.loop.train_loop`. A run leaves, in
-``<storage>/<name>/``: one Ray Train run folder per stage (its checkpoints), and
-``metrics.jsonl``, ``tb/`` (TensorBoard), ``summary.json`` and ``curves.png``.
+``<storage>/<name>/`` (a local folder or a URI): one Ray Train run folder per stage (its
+checkpoints), and ``metrics.jsonl``, ``tb/`` (TensorBoard), ``summary.json`` and ``curves.png``.
+Rank 0 writes the logs there from whichever node it runs on; the driver reads them back from
+there, so nothing depends on the driver and rank 0 sharing a disk.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import time
 from dataclasses import replace
 from typing import Any, Sequence
@@ -26,21 +29,40 @@ class RunExistsError(RuntimeError):
     pass
 
 
+class WorkersDidNotStartError(RuntimeError):
+    pass
+
+
+# A stage waits ray.worker_start_timeout_s for its workers in all, over this many start attempts
+# (an attempt can also fail fast, e.g. when a node dies while the workers start).
+WORKER_START_ATTEMPTS = 4
+WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
 # --------------------------------------------------------------------------- paths
+
+
+# Runs land in ray.storage_path; without one, here: a persistent folder of the user running the
+# driver, never the working directory (a Ray job's working directory is Ray's package cache, shared
+# by every submission of the same files and removed with it).
+DEFAULT_STORAGE = "~/paf_ray_runs"
 
 
 def resolve_storage(cfg: Config, out: str | None) -> str:
     """Absolute local path or URI under which `<name>/` is written (Ray needs absolute)."""
-    path = out or cfg.ray.storage_path or "runs"
+    path = out or cfg.ray.storage_path or DEFAULT_STORAGE
     return storage.normalize_root(os.path.expanduser(path))
 
 
-def local_log_dir(run_dir: str) -> str:
-    """Where rank 0 writes metrics.jsonl/TensorBoard: the run folder, or a local mirror for URIs."""
-    if not storage.is_uri(run_dir):
-        return run_dir
-    safe = run_dir.replace("://", "_").replace("/", "_")
-    return os.path.join(os.path.expanduser("~"), ".cache", "paf_ray", "logs", safe)
+def new_run_name(name: str) -> str:
+    """`<name>-<UTC timestamp>-<random>`: every submission of a job file gets its own run folder."""
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
+
+
+def latest_run_name(storage_root: str, name: str) -> str | None:
+    """The newest run of config `name` under `storage_root` (its own folder or `<name>-<stamp>-<id>`)."""
+    ours = [r for r in storage.list_dirs(storage_root) if r == name or (r.startswith(name + "-") and r[len(name) + 1:][:8].isdigit())]
+    return max(ours, key=lambda r: r[len(name):]) if ours else None
 
 
 def write_text(path: str, text: str) -> None:
@@ -73,8 +95,7 @@ def prepare_data(cfg: Config, stats: dict | None = None) -> tuple[Config, list[d
     """
     from paf_ray.data.pipeline import load_records, resolve_root
 
-    cache = os.environ.get("PAF_RAY_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "paf_ray"))
-    root = resolve_root(cfg.data, cache)
+    root = resolve_root(cfg.data, storage.cache_dir())
     cfg = replace(cfg, data=replace(cfg.data, root=root))
     tasks = set(cfg.model.tasks)
     splits = []
@@ -138,6 +159,8 @@ def run_stage(
 
     stage = cfg.train.stages[index]
     configure_data_context(cfg.data.cpus)  # copied into the trainer when it is built
+    # Train reads the start timeout from this process's environment when fit() starts its controller.
+    os.environ[WORKER_START_TIMEOUT_ENV] = str(cfg.ray.worker_start_timeout_s / WORKER_START_ATTEMPTS)
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
         resources["GPU"] = cfg.ray.gpus_per_worker
@@ -150,7 +173,7 @@ def run_stage(
             "init_checkpoint": init_checkpoint,
             "steps_per_epoch": steps_per_epoch(n_train, cfg),
             "step_offset": step_offset,
-            "log_dir": local_log_dir(run_dir),
+            "log_dir": run_dir,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources
@@ -163,14 +186,25 @@ def run_stage(
                 checkpoint_score_attribute="score",
                 checkpoint_score_order="max",
             ),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures, controller_failure_limit=3),
+            failure_config=ray.train.FailureConfig(
+                max_failures=cfg.ray.max_failures, controller_failure_limit=WORKER_START_ATTEMPTS - 1
+            ),
             callbacks=list(callbacks),
             logging_config=ray.train.LoggingConfig(log_level=RAY_LOG_LEVEL),
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except ray.train.ControllerError as e:
+        if type(getattr(e, "controller_failure", None)).__name__ == "WorkerGroupStartupTimeoutError":
+            raise WorkersDidNotStartError(
+                f"{stage_run_name(index, stage.kind)}: {cfg.ray.num_workers} training worker(s) with {resources} each "
+                f"did not start within ray.worker_start_timeout_s={cfg.ray.worker_start_timeout_s:g} s: the cluster "
+                "lacks those resources (raise the timeout if an autoscaler is still adding nodes)"
+            ) from e
+        raise
 
 
 def run_pipeline(
@@ -190,7 +224,7 @@ def run_pipeline(
 
     storage_root = resolve_storage(cfg, out)
     run_dir = storage.join(storage_root, cfg.name)
-    if not resume and storage.exists(run_dir) and storage.list_files(run_dir) + _subdirs(run_dir):
+    if not resume and storage.exists(run_dir) and storage.list_files(run_dir) + storage.list_dirs(run_dir):
         raise RunExistsError(
             f"{run_dir} already exists: pass --resume to continue that run, or choose another name "
             f"(--set name=...) or --out"
@@ -211,9 +245,10 @@ def run_pipeline(
 
     init_checkpoint = None
     if cfg.train.init_checkpoint:
-        from paf_ray.train.checkpoint import resolve_checkpoint_dir
+        from paf_ray.train.checkpoint import checkpoint_location
 
-        init_checkpoint = ray.train.Checkpoint.from_directory(resolve_checkpoint_dir(cfg.train.init_checkpoint))
+        # a path or URI every worker reads itself (a URI from any node)
+        init_checkpoint = ray.train.Checkpoint(checkpoint_location(cfg.train.init_checkpoint))
     step_offset = 0
     n_steps = steps_per_epoch(len(train_records), cfg)
     for index, stage in enumerate(cfg.train.stages):
@@ -254,7 +289,7 @@ def run_pipeline(
     summary["metrics"] = summary["stages"][-1]["metrics"]
     summary["metrics_per_stage"] = {s["stage"]: s["metrics"] for s in summary["stages"]}
     summary["stage_wall_s"] = {s["stage"]: s["wall_s"] for s in summary["stages"]}
-    summary["skipped_samples"] = _skipped_counts(local_log_dir(run_dir))
+    summary["skipped_samples"] = _skipped_counts(run_dir)
     summary["skipped_samples"]["index"] = {split: st.get("skipped", 0) for split, st in index_stats.items()}
     summary["skipped_samples"]["total"] += sum(summary["skipped_samples"]["index"].values())
     summary["index"] = {split: {k: v for k, v in st.items() if k != "problems"} for split, st in index_stats.items()}
@@ -263,20 +298,14 @@ def run_pipeline(
     return summary
 
 
-def _subdirs(path: str) -> list[str]:
-    if storage.is_uri(path):
-        return []
-    return [d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d))]
-
-
 def _final_eval_metrics(metrics: dict | None) -> dict:
     keep = ("det/", "sem/", "drv/", "score")
     return {k: v for k, v in (metrics or {}).items() if k.startswith(keep)}
 
 
-def _skipped_counts(log_dir: str) -> dict:
+def _skipped_counts(run_dir: str) -> dict:
     """Skipped bad samples per stage, from rank 0's metrics.jsonl (last row per stage/epoch)."""
-    rows = read_metrics_rows(log_dir)
+    rows = read_metrics_rows(run_dir)
     per_epoch: dict[tuple, int] = {}
     for row in rows:
         if "data/skipped" in row:
@@ -288,28 +317,24 @@ def _skipped_counts(log_dir: str) -> dict:
     return out
 
 
-def read_metrics_rows(log_dir: str) -> list[dict]:
-    path = os.path.join(log_dir, "metrics.jsonl")
-    if not os.path.exists(path):
+def read_metrics_rows(run_dir: str) -> list[dict]:
+    """Rank 0's metrics.jsonl rows from the run folder (a local path or URI)."""
+    path = storage.join(run_dir, "metrics.jsonl")
+    if not storage.exists(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in storage.read_bytes(path).decode("utf-8").splitlines() if line.strip()]
 
 
 def finish_run_folder(run_dir: str, summary: dict) -> None:
-    """summary.json and curves.png (and, for URI storage, the logs) into the run folder."""
+    """curves.png (from the metrics.jsonl in run storage) and summary.json into the run folder."""
+    import tempfile
+
     from paf_ray.train.report import plot_curves
 
-    log_dir = local_log_dir(run_dir)
-    os.makedirs(log_dir, exist_ok=True)
-    plot_curves(read_metrics_rows(log_dir), os.path.join(log_dir, "curves.png"))
-    text = json.dumps(summary, indent=2, default=float)
-    if storage.is_uri(run_dir):
-        import pyarrow.fs as pafs
-
-        fs, inner = storage.resolve(run_dir)
-        pafs.copy_files(log_dir, inner, destination_filesystem=fs)
-    write_text(storage.join(run_dir, SUMMARY_FILE), text)
+    with tempfile.TemporaryDirectory() as d:
+        if plot_curves(read_metrics_rows(run_dir), os.path.join(d, "curves.png")):
+            storage.upload_file(os.path.join(d, "curves.png"), storage.join(run_dir, "curves.png"))
+    write_text(storage.join(run_dir, SUMMARY_FILE), json.dumps(summary, indent=2, default=float))
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -367,10 +392,27 @@ def metrics_table(columns: dict[str, dict]) -> str:
 # --------------------------------------------------------------------------- commands
 
 
+def run_name_for(cfg: Config, storage_root: str, resume: str | None) -> str:
+    """The run folder's name: a new `<name>-<stamp>-<id>` for every run, or the run to resume
+    (`--resume RUN`, or bare `--resume`: the newest run of this config's name)."""
+    if resume is None:
+        return new_run_name(cfg.name)
+    if resume:
+        return resume
+    latest = latest_run_name(storage_root, cfg.name)
+    if latest is None:
+        raise RunExistsError(f"--resume: no run of {cfg.name!r} under {storage_root} to continue")
+    return latest
+
+
 def run_command(args) -> int:
     cfg = load_config(args.config, args.overrides)
+    storage_root = resolve_storage(cfg, args.out)
     try:
-        summary = run_pipeline(cfg, out=args.out, resume=args.resume)
+        cfg = replace(cfg, name=run_name_for(cfg, storage_root, args.resume))
+        print(f"[paf-ray] run {cfg.name} in {storage_root}" + (" (resumed)" if args.resume is not None else ""),
+              flush=True)
+        summary = run_pipeline(cfg, out=storage_root, resume=args.resume is not None)
     except RunExistsError as e:
         print(f"paf-ray run: {e}")
         return 2

@@ -15,6 +15,7 @@ adapt/finetune boundary. A sweep folder holds:
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import math
 import os
@@ -34,22 +35,50 @@ RUN_SHEBANG = "#!/usr/bin/env -S python -m paf_ray run"
 
 
 def sweep_dir(cfg: Config, out: str | None) -> str:
-    """Absolute path (or URI) of the sweep folder: --out, else <ray.storage_path or ./runs>/<name>."""
+    """Absolute path (or URI) of the sweep folder: --out, else <ray.storage_path or ~/paf_ray_runs>/<name>."""
+    from paf_ray.train.run import resolve_storage
+
     if out:
         return storage.normalize_root(os.path.expanduser(out))
-    root = storage.normalize_root(os.path.expanduser(cfg.ray.storage_path or "runs"))
-    return storage.join(root, cfg.name)
+    return storage.join(resolve_storage(cfg, None), cfg.name)
+
+
+STUDY_FILE = "optuna.db"
+
+
+def local_study_path(out_dir: str) -> str:
+    """The default SQLite study: in the sweep folder, or for a sweep folder on object storage, a working
+    copy on the driver's node that is uploaded to the sweep folder (and fetched again to continue)."""
+    if not storage.is_remote(out_dir):
+        return os.path.join(storage.local_path(out_dir), STUDY_FILE)
+    key = hashlib.sha256(out_dir.encode()).hexdigest()[:16]
+    return os.path.join(storage.cache_dir(), "studies", key, STUDY_FILE)
 
 
 def study_storage_url(cfg: Config, out_dir: str) -> str:
     if cfg.tune.storage_url:
         return cfg.tune.storage_url
-    if storage.is_uri(out_dir):
-        raise ConfigError(
-            f"tune.storage_url: the sweep folder {out_dir} is not local, so the default SQLite study "
-            f"cannot live there; give a database URL (e.g. postgresql://... or sqlite:////abs/path.db)"
-        )
-    return "sqlite:///" + os.path.join(out_dir, "optuna.db")
+    return "sqlite:///" + local_study_path(out_dir)
+
+
+def fetch_study(cfg: Config, out_dir: str) -> None:
+    """Before a sweep on object storage: the study kept in its folder becomes the working copy."""
+    if cfg.tune.storage_url or not storage.is_remote(out_dir):
+        return
+    local = local_study_path(out_dir)
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    kept = storage.join(out_dir, STUDY_FILE)
+    if storage.exists(kept):
+        with open(local, "wb") as f:
+            f.write(storage.read_bytes(kept))
+    elif os.path.exists(local):
+        os.remove(local)
+
+
+def keep_study(cfg: Config, out_dir: str) -> None:
+    """After a sweep on object storage: its study goes to the sweep folder."""
+    if not cfg.tune.storage_url and storage.is_remote(out_dir) and os.path.exists(local_study_path(out_dir)):
+        storage.upload_file(local_study_path(out_dir), storage.join(out_dir, STUDY_FILE))
 
 
 def check_sweep_config(cfg: Config, source: str) -> list[space.Dimension]:
@@ -86,10 +115,9 @@ def run_trial(params: dict, base: dict, runs_dir: str, source: str) -> None:
     from paf_ray.train.run import run_pipeline
 
     trial_id = ray.tune.get_context().get_trial_id()
-    base_cfg = from_dict(base, source)
     # Tune does not count the Train workers of a trial, so a trial may wait for them while other
-    # trials hold the CPUs/GPUs; Train reads this in the process that calls fit().
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(base_cfg.tune.worker_start_timeout_s))
+    # trials hold the CPUs/GPUs: up to ray.worker_start_timeout_s, as every stage does.
+    base_cfg = from_dict(base, source)
     dims = space.parse_space(base_cfg.tune, source)
     cfg = space.trial_config(base_cfg, dims, params, name=trial_id, source=source)
     run_pipeline(cfg, out=runs_dir, resume=True, callbacks=[TuneReportCallback()])
@@ -302,15 +330,29 @@ def run_sweep(cfg: Config, out: str | None = None, resume: bool = False, source:
         os.makedirs(out_dir, exist_ok=True)
     init_ray(cfg.ray.address, object_store_mb=cfg.ray.object_store_mb)
     warm_data_cache(cfg)
+    fetch_study(cfg, out_dir)
     tuner = build_tuner(cfg, out_dir, dims, source, resume)
-    results = tuner.fit()
+    try:
+        results = tuner.fit()
+    finally:
+        keep_study(cfg, out_dir)
     rows = result_rows(results, dims, storage.join(out_dir, TRIALS_DIR), cfg.tune.metric, cfg.tune.mode)
     best = write_results(cfg, dims, rows, out_dir)
     return {"out_dir": out_dir, "rows": rows, "best": best, "wall_s": round(time.perf_counter() - t0, 1)}
 
 
 def tune_command(args) -> int:
+    from dataclasses import replace
+
+    from paf_ray.train.run import RunExistsError, resolve_storage, run_name_for
+
     cfg = load_config(args.config, args.overrides)
+    if args.out is None:  # a new sweep folder <name>-<time>-<id> under the storage, or the newest to resume
+        try:
+            cfg = replace(cfg, name=run_name_for(cfg, resolve_storage(cfg, None), "" if args.resume else None))
+        except RunExistsError as e:
+            print(f"paf-ray tune: {e}")
+            return 2
     summary = run_sweep(cfg, out=args.out, resume=args.resume, source=args.config)
     out_dir = summary["out_dir"]
     text = rows_markdown(summary["rows"], f"Sweep {cfg.name}: trials by {cfg.tune.metric}")
