@@ -143,6 +143,10 @@ class ModelConfig:
     tasks: list[str] = field(default_factory=lambda: ["det", "sem", "drv"])
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    # the backbone's BatchNorm (the heads use GroupNorm): frozen = FrozenBatchNorm2d (needs pretrained
+    # statistics), bn = per-worker batch statistics, syncbn = statistics over all workers' batches;
+    # what each stage does with it: models/stages.py
+    norm: Literal["frozen", "bn", "syncbn"] = "bn"
     fpn_channels: int = 256
     seg_channels: int = 128  # width of the semantic-FPN style segmentation heads
     det: DetConfig = field(default_factory=DetConfig)
@@ -434,7 +438,14 @@ def _rule_stages_not_empty(cfg: "Config") -> list[tuple[str, str]]:
     return [] if cfg.train.stages else [("train.stages", "at least one stage is needed")]
 
 
-RULES = [_rule_stages_not_empty]
+def _rule_frozen_norm_needs_statistics(cfg: "Config") -> list[tuple[str, str]]:
+    if cfg.model.norm == "frozen" and not cfg.model.backbone.weights and not cfg.train.init_checkpoint:
+        return [("model.norm", "frozen keeps the backbone's BatchNorm statistics fixed, but the backbone starts from "
+                               "random init (no model.backbone.weights or train.init_checkpoint): use bn or syncbn")]
+    return []
+
+
+RULES = [_rule_stages_not_empty, _rule_frozen_norm_needs_statistics]
 
 
 def check_rules(cfg: "Config", source: str = "<config>") -> None:

@@ -27,6 +27,7 @@ from paf_ray.models.adapters import add_lora, build_bypass_adapters
 from paf_ray.models.backbones import STAGES, build_backbone, default_normalization
 from paf_ray.models.detection import build_det_head
 from paf_ray.models.heads import SegHead, seg_loss
+from paf_ray.models.stages import build_norm
 from paf_ray.models.zoo import load_backbone_weights, read_checkpoint, sniff_format
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,8 @@ class MultiTaskModel(nn.Module):
             if t in self.tasks:
                 head = SegHead(cfg.fpn_channels, cfg.seg_channels, NUM_CLASSES[t], extra_channels=score_channels.get(t, 0))
                 setattr(self, f"{t}_head", head)
+
+        build_norm(self, cfg.norm)
 
         if cfg.loss.weighting == "uncertainty":
             # log-variances s_t (Kendall et al. 2018): total = sum exp(-s_t) * L_t + s_t

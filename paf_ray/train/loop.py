@@ -172,7 +172,7 @@ def train_loop(config: dict) -> None:
     ray.train.Checkpoint or None), steps_per_epoch, step_offset, log_dir, stage_name."""
     from paf_ray.data.pipeline import iter_train_batches
     from paf_ray.models import build_model
-    from paf_ray.models.stages import apply_stage, finish_stage
+    from paf_ray.models.stages import apply_stage, finish_stage, prepare_norm
 
     cfg: Config = from_dict(config["cfg"], "<train_loop_config>")
     stage_index: int = config["stage_index"]
@@ -205,6 +205,9 @@ def train_loop(config: dict) -> None:
     if cfg.train.channels_last == "on" or (cfg.train.channels_last == "auto" and on_gpu):
         model.to(memory_format=torch.channels_last)
     net = model
+    synced = prepare_norm(model, cfg.model.norm, world)  # SyncBatchNorm before DDP wraps the model
+    if synced and rank == 0:
+        print(f"[{stage_name}] model.norm syncbn: {synced} BatchNorm layers use the statistics of all {world} workers")
     if world > 1:
         model = ray.train.torch.prepare_model(model, move_to_device=False)
         net = unwrap(model)
@@ -294,14 +297,15 @@ def train_loop(config: dict) -> None:
             if step_in_epoch < skip_steps:  # resumed mid-epoch: these steps are in the checkpoint already
                 continue
             batch_size = int(batch["image"].shape[0])
+            # agreed before the forward: SyncBatchNorm's collectives need every rank in the forward
+            empty = _all_reduce_sum([float(batch_size == 0)], device)[0]
             losses, total = {}, None
-            if batch_size > 0:
+            if not empty:
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
                     losses = model(batch["image"], batch)
                     total = net.total_loss(losses) / accum
             nonfinite = float(total is not None and not bool(torch.isfinite(total.detach())))
-            empty = float(batch_size == 0)
-            nonfinite, empty = _all_reduce_sum([nonfinite, empty], device)
+            nonfinite = _all_reduce_sum([nonfinite], device)[0]
             if nonfinite or empty:
                 optimizer.zero_grad(set_to_none=True)
                 micro = 0
