@@ -130,6 +130,14 @@ class MultiTaskModel(nn.Module):
             self.backbone.eval()  # frozen BatchNorm keeps its pretrained statistics
         return self
 
+    def compile_dense(self, **options) -> None:
+        """torch.compile the dense part in place: backbone, adapters, FPN, segmentation heads (state-dict
+        keys unchanged). The detection head stays eager: proposals and NMS have data-dependent shapes."""
+        parts = [self.backbone, *self.adapters.values(), self.neck]
+        parts += [getattr(self, f"{t}_head") for t in SEG_TASKS if t in self.tasks]
+        for part in parts:
+            part.compile(**options)
+
     # ------------------------------------------------------------------ forward
 
     def features(self, images: torch.Tensor):
