@@ -9,7 +9,7 @@ over its own area >= `ignore_iof_thresh`; for FCOS points: inside) leaves the lo
 Box arithmetic is float32 under autocast. torchvision's parts take the dtype of what they
 are given: on bf16 features the anchors, decoded proposals, the ground truth (cast to the
 proposals' dtype before encoding) and the output boxes all become bfloat16, whose step is
-4 px between 512 and 1024 and 8 px above (anchors of a 1280x736 image end up to 8 px off).
+4 px between 512 and 1024 and 8 px above (anchors of a 1280x736 image end up to 7 px off).
 So the heads hand out float32 regression deltas and logits, and the anchor generator and
 box coders run with autocast off on float32 inputs; the convolutions and the box head's
 matmuls still run in the autocast dtype (tests/test_detection_precision.py).
