@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--out", default="bench_out")
+    p.add_argument("--cases", default=None, metavar="A,B",
+                   help="sections to run, in this order (data, step, compile, ray_overhead, lv_overhead, gpu; "
+                        "default all); step, compile and gpu need no Ray")
     p.set_defaults(handler="paf_ray.bench:bench_command")
 
     return parser

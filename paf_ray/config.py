@@ -156,6 +156,10 @@ class ModelConfig:
     tasks: list[str] = field(default_factory=lambda: ["det", "sem", "drv"])
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    # the backbone's BatchNorm (the heads use GroupNorm): frozen = FrozenBatchNorm2d (needs pretrained
+    # statistics), bn = per-worker batch statistics, syncbn = statistics over all workers' batches;
+    # what each stage does with it: models/stages.py
+    norm: Literal["frozen", "bn", "syncbn"] = "bn"
     fpn_channels: int = 256
     seg_channels: int = 128  # width of the semantic-FPN style segmentation heads
     det: DetConfig = field(default_factory=DetConfig)
@@ -550,8 +554,16 @@ def _rule_worker_start_timeout_positive(cfg: "Config") -> list[tuple[str, str]]:
     return [] if t > 0 else [("ray.worker_start_timeout_s", f"must be > 0 seconds, got {t:g}")]
 
 
+def _rule_frozen_norm_needs_statistics(cfg: "Config") -> list[tuple[str, str]]:
+    if cfg.model.norm == "frozen" and not cfg.model.backbone.weights and not cfg.train.init_checkpoint:
+        return [("model.norm", "frozen keeps the backbone's BatchNorm statistics fixed, but the backbone starts from "
+                               "random init (no model.backbone.weights or train.init_checkpoint): use bn or syncbn")]
+    return []
+
+
 RULES = [_rule_stages, _rule_model_shapes, _rule_adapt_needs_weights, _rule_worker_start_timeout_positive,
-         _rule_lv_adapter_has_clip_weights, _rule_lv_adapter_activation, _rule_clip_backbone_has_weights]
+         _rule_lv_adapter_has_clip_weights, _rule_lv_adapter_activation, _rule_clip_backbone_has_weights,
+         _rule_frozen_norm_needs_statistics]
 
 
 def check_rules(cfg: "Config", source: str = "<config>") -> None:

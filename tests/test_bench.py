@@ -31,7 +31,8 @@ def test_quick_bench_writes_every_field(ray_local, tmp_path):
     from paf_ray.cli import main
 
     out = tmp_path / "bench"
-    assert main(["bench", "--quick", "--out", str(out)]) == 0
+    # every section but compile (test_step_and_gpu_cases_run_without_ray_open_clip_or_pycocotools runs it)
+    assert main(["bench", "--quick", "--cases", "data,step,ray_overhead,lv_overhead,gpu", "--out", str(out)]) == 0
 
     result = json.loads((out / "bench.json").read_text())
     assert result["complete"] is True and result["failed"] == []
@@ -110,3 +111,56 @@ def test_rows_to_columns_stacks_equal_shapes_and_keeps_ragged_as_objects():
     assert cols["image"].shape == (2, 2, 3, 3) and cols["image"].dtype == np.uint8
     assert cols["boxes"].dtype == object and [b.shape for b in cols["boxes"]] == [(0, 4), (2, 4)]
     assert list(cols["name"]) == ["f0", "f2"]
+
+
+# Put first on PYTHONPATH, this makes Ray, open_clip and pycocotools unimportable in the process
+# and in every process it starts (the bench runs each case in a child process).
+_BLOCKER = '''
+import sys
+
+
+class _Unimportable:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("ray", "open_clip", "pycocotools"):
+            raise ImportError(f"{name} is not installed here (blocked by the test)")
+        return None
+
+
+sys.meta_path.insert(0, _Unimportable())
+'''
+
+
+def test_step_and_gpu_cases_run_without_ray_open_clip_or_pycocotools(tmp_path):
+    """What scripts/gpu_bench.sh runs on a GPU machine's stock image, on CPU and --quick sizes."""
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(_BLOCKER)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), repo])}
+    probe = subprocess.run([sys.executable, "-c", "import ray"], env=env, capture_output=True, text=True)
+    assert probe.returncode != 0 and "blocked by the test" in probe.stderr
+
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "-m", "paf_ray", "bench", "--quick", "--cases", "gpu,step,compile",
+                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=1200, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "bench.json").read_text())
+    assert result["complete"] is True and result["machine"]["ray"] is None
+    assert "data" not in result and "ray_overhead" not in result
+    gpu = result["gpu"]
+    for key in REQUIRED["gpu"][:-1] + ["adapt_img_s", "adapt_peak_mb", "adapt_over_finetune_img_s",
+                                       "adapt_over_finetune_peak"]:
+        assert _finite_positive(gpu[key]), (key, gpu[key])
+    assert gpu["pipeline_headroom"] is None  # no data case ran
+    for kind in ("faster_rcnn", "fcos"):
+        check = gpu["box_check"][kind]
+        assert check["boxes_dtype"] == "float32" and check["boxes_px"] <= 0.01 and check["anchors_px"] <= 0.01
+    for key in REQUIRED["step"]:
+        assert _finite_positive(result["step"][key]), key
+    for key in ("eager_ms", "compiled_ms", "speedup", "compile_s"):
+        assert _finite_positive(result["compile"][key]), (key, result["compile"][key])
+    md = (out / "bench.md").read_text()
+    assert "## 5. GPU" in md and "## 2b. torch.compile" in md and "## 1. Input pipeline" not in md

@@ -136,12 +136,14 @@ def test_local_mode_loop_reports_metrics(ray_local, synth_root, tmp_path):
 
 
 def test_two_workers_ddp_with_partial_labels(ray_local, synth_root, tmp_path):
-    """2 CPU workers on gloo; batch size 1 so ranks regularly hold different tasks in the same step."""
+    """2 CPU workers on gloo; batch size 1 so ranks regularly hold different tasks in the same step.
+    model.norm syncbn: the backbone's BatchNorm runs on both workers' images (tests/test_norm.py checks the values)."""
     from paf_ray.train.run import run_pipeline
 
     cfg = from_dict(
         tiny_config(
             synth_root,
+            model={**tiny_config(synth_root)["model"], "norm": "syncbn"},
             data={"root": synth_root, "input_size": [256, 160], "batch_size": 1, "cpus": 0.5, "max_train_samples": 12},
             ray={"num_workers": 2, "cpus_per_worker": 0.5},
             train={"stages": [{"kind": "finetune", "epochs": 1, "lr": 1e-3}], "log_every": 1},

@@ -8,6 +8,10 @@ TARGETS = {
     ("step", "mem_ratio"): ("<= 0.6", lambda v: v <= 0.6),
     ("ray_overhead", "ratio"): ("<= 1.05", lambda v: v <= 1.05),
     ("data", "ratio"): (">= 1.0", lambda v: v >= 1.0),
+    ("gpu", "train_img_s"): (">= 45 on one H100/H200", lambda v: v >= 45),
+    ("gpu", "adapt_over_finetune_img_s"): (">= 1.5", lambda v: v >= 1.5),
+    ("gpu", "adapt_over_finetune_peak"): ("<= 0.6", lambda v: v <= 0.6),
+    ("gpu", "box_px"): ("<= 0.01 px", lambda v: v <= 0.01),
 }
 
 
@@ -95,31 +99,68 @@ def _lv(lv: dict) -> list[str]:
     ]
 
 
+def _pct(v) -> str:
+    return f"{100 * v:.1f}%" if v is not None else "n/a (no bf16 peak known for this device)"
+
+
+def _box_px(box: dict) -> float | None:
+    """The largest anchor / target / final-box difference of the box check, over both detectors."""
+    values = []
+    for kind in ("faster_rcnn", "fcos"):
+        r = box.get(kind) or {}
+        values += [r.get("anchors_px"), r.get("boxes_px"), *(r.get("targets_px") or {}).values()]
+    return None if any(v is None for v in values) or not values else max(values)
+
+
 def _gpu(g: dict) -> list[str]:
     lines = ["## 5. GPU", ""]
     if not g.get("ran_on"):
         return lines + [g.get("why", "not run")]
-    mfu = f"{100 * g['mfu']:.1f}%" if g.get("mfu") is not None else "n/a (no bf16 peak known for this device)"
+    box = g.get("box_check") or {}
+    box_px = _box_px(box)
     return lines + [
         f"Ran on {g['ran_on']}" + (f" ({g['gpu_name']})" if g.get("gpu_name") else "") +
-        f"; amp {g['amp']}, channels_last {g['channels_last']}; 3-task {g['model']}-FPN finetune step at "
-        f"{g['input_size'][0]}x{g['input_size'][1]} (1280x720 frames letterboxed), batch {g['batch']}.",
+        f"; amp {g['amp']}, channels_last {g['channels_last']}; 3-task {g['model']}-FPN at "
+        f"{g['input_size'][0]}x{g['input_size'][1]} (1280x720 frames letterboxed), batch {g['batch']}, "
+        "each stage in its own process.",
         "",
-        "| metric | value |",
-        "| --- | --- |",
-        f"| step | {_f(g['step_ms'], 1)} ms |",
-        f"| training images/s per device | {_f(g['train_img_s'])} |",
-        f"| peak memory | {_f(g['peak_mb'], 0)} MB |",
-        f"| FLOPs per step (torch.utils.flop_counter, fwd + bwd) | {g['flops_per_step'] / 1e9:.1f} GFLOP |",
-        f"| achieved | {_f(g['achieved_tflops'], 3)} TFLOP/s |",
-        f"| dense bf16 peak | {_f(g['bf16_peak_tflops'])} TFLOP/s |",
-        f"| **MFU** | **{mfu}** |",
-        f"| input pipeline images/s | {_f(g['pipeline_img_s'])} |",
-        f"| **pipeline headroom** (pipeline / training images/s) | **{_f(g['pipeline_headroom'], 2)}** |",
+        "| metric | finetune | adapt | target |",
+        "| --- | --- | --- | --- |",
+        f"| step | {_f(g['step_ms'], 1)} ms | {_f(g['adapt_step_ms'], 1)} ms | |",
+        f"| training images/s per device | {_f(g['train_img_s'])} | {_f(g['adapt_img_s'])} | "
+        f"{_target('gpu', 'train_img_s', g['train_img_s'])} (finetune) |",
+        f"| peak memory | {_f(g['peak_mb'], 0)} MB | {_f(g['adapt_peak_mb'], 0)} MB | |",
+        f"| FLOPs per step (torch.utils.flop_counter, fwd + bwd) | {g['flops_per_step'] / 1e9:.1f} GFLOP | "
+        f"{g['adapt_flops_per_step'] / 1e9:.1f} GFLOP | |",
+        f"| **MFU** (dense bf16 peak {_f(g['bf16_peak_tflops'])} TFLOP/s) | **{_pct(g['mfu'])}** | {_pct(g['adapt_mfu'])} | |",
+        f"| **adapt / finetune images/s** | | **{_f(g['adapt_over_finetune_img_s'], 2)}** | "
+        f"{_target('gpu', 'adapt_over_finetune_img_s', g['adapt_over_finetune_img_s'])} |",
+        f"| **adapt / finetune peak memory** | | **{_f(g['adapt_over_finetune_peak'], 2)}** | "
+        f"{_target('gpu', 'adapt_over_finetune_peak', g['adapt_over_finetune_peak'])} |",
+        f"| input pipeline images/s (data case) | {_f(g['pipeline_img_s'])} | | |",
+        f"| pipeline headroom (pipeline / finetune images/s) | {_f(g['pipeline_headroom'], 2)} | | |",
+        f"| fp32 vs bf16 box check on {box.get('device', 'n/a')} ({_f(box_px, 4)} px: largest anchor, target or "
+        f"final-box difference, Faster R-CNN and FCOS) | {_f(box_px, 4)} px | | "
+        f"{_target('gpu', 'box_px', box_px)} |",
     ]
 
 
-SECTION_WRITERS = {"data": _data, "step": _step, "ray_overhead": _ray, "lv_overhead": _lv, "gpu": _gpu}
+def _compile(c: dict) -> list[str]:
+    return [
+        f"## 2b. torch.compile of the dense part ({c['stage']} step, {c['model']}, {c['input_size'][0]}x"
+        f"{c['input_size'][1]}, batch {c['batch']}; backbone, adapters, FPN and seg heads compiled, detector eager)",
+        "",
+        "| | ms/step |",
+        "| --- | --- |",
+        f"| eager | {_f(c['eager_ms'], 0)} |",
+        f"| compiled | {_f(c['compiled_ms'], 0)} |",
+        f"| **speed-up** eager / compiled | **{_f(c['speedup'], 2)}** |",
+        f"| compilation (first step, compiled minus eager) | {_f(c['compile_s'])} s |",
+    ]
+
+
+SECTION_WRITERS = {"data": _data, "step": _step, "compile": _compile, "ray_overhead": _ray, "lv_overhead": _lv,
+                   "gpu": _gpu}
 
 
 def bench_markdown(r: dict) -> str:
@@ -136,8 +177,10 @@ def bench_markdown(r: dict) -> str:
         "Medians over repeats after warm-up; every ratio compares cases measured in this run.",
     ]
     for name, writer in SECTION_WRITERS.items():
-        lines.append("")
         section = r.get(name)
+        if section is None and name not in r.get("cases", SECTION_WRITERS):
+            continue  # not asked for (--cases)
+        lines.append("")
         if section is None:
             lines.append(f"## {name}: not run (yet)")
         elif "error" in section:

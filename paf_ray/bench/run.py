@@ -3,11 +3,15 @@
 Cases (docs/benchmarks.md says what each one is precisely):
 1. data          Ray Data vs DataLoader, same decode + transform + collate, same workers
 2. step          adapt vs finetune vs pretrain-finetune: ms/step, peak memory, breakdown
+   compile       the finetune step with the dense part under torch.compile vs eager
 3. ray_overhead  1-worker TorchTrainer vs a plain loop, same steps; start-up separately
 4. lv_overhead   the adapt step with and without the LV-Adapter
-5. gpu           (--device cuda) images/s of the 3-task R50-FPN at full resolution, MFU,
-                 input-pipeline headroom; bf16 autocast and channels_last in every case
+5. gpu           (--device cuda) images/s of the 3-task R50-FPN at full resolution, adapt and
+                 finetune, peak memory, MFU, input-pipeline headroom, fp32-vs-bf16 box check;
+                 bf16 autocast and channels_last in every case
 Every number is a median over repeats after warm-up; ratios compare cases of one run.
+`--cases step,compile,gpu` needs only torch, torchvision, numpy, PIL and PyYAML: Ray is
+imported by the sections that use it (data, ray_overhead), open_clip by lv_overhead.
 """
 
 from __future__ import annotations
@@ -134,24 +138,49 @@ def case_config(model: dict, input_size, batch: int, adapter: str | None = None,
 
 @dataclass
 class Frames:
-    """The synthetic training frames and the folder where cases keep their files."""
+    """The folder where cases keep their files (specs, batches, results)."""
 
-    records: list[dict]
     workdir: str
+    frame_size: tuple[int, int] = (1280, 720)
+
+
+def collate_samples(rows: list[dict]) -> dict:
+    """Transformed rows -> the training batch, as `pipeline.BatchCollate` builds it (NCHW view of
+    NHWC images), without importing the pipeline (Ray)."""
+    import numpy as np
+    import torch
+
+    def each(key, dtype):
+        return [torch.from_numpy(np.asarray(r[key], dtype)) for r in rows]
+
+    return {
+        "image": torch.from_numpy(np.stack([r["image"] for r in rows])).permute(0, 3, 1, 2),
+        "boxes": [b.reshape(-1, 4) for b in each("boxes", np.float32)],
+        "labels": each("labels", np.int64),
+        "ignore_boxes": [b.reshape(-1, 4) for b in each("ignore_boxes", np.float32)],
+        "ignore_labels": each("ignore_labels", np.int64),
+        "sem": torch.from_numpy(np.stack([r["sem"] for r in rows]).astype(np.int64)),
+        "drv": torch.from_numpy(np.stack([r["drv"] for r in rows]).astype(np.int64)),
+        **{f"has_{t}": torch.tensor([bool(r[f"has_{t}"]) for r in rows]) for t in ("det", "sem", "drv")},
+        "name": [f"synth-{i}" for i in range(len(rows))],
+        "scale": torch.tensor([float(r["scale"]) for r in rows]),
+        "orig_size": torch.from_numpy(np.stack([r["orig_size"] for r in rows])),
+    }
 
 
 def batch_file(frames: Frames, input_size, batch: int) -> str:
-    """A training batch at `input_size` built once through the pipeline's own load + collate
-    and saved for the measuring processes (they then need no data code)."""
+    """A training batch at `input_size`, saved once for the measuring processes: synthetic frames
+    rendered in memory at the frame size (`synth.render_samples`), the pipeline's val transform
+    (letterbox), the pipeline's collate layout. Needs neither Ray nor dataset files."""
     import torch
 
-    from paf_ray.bench.data_case import batch_from_records
-    from paf_ray.config import from_dict
+    from paf_ray.data.synth import render_samples
+    from paf_ray.data.transforms import val_transform
 
     path = os.path.join(frames.workdir, f"batch-{input_size[0]}x{input_size[1]}-b{batch}.pt")
     if not os.path.exists(path):
-        data_cfg = from_dict({"data": {"input_size": list(input_size)}}, rules=False).data
-        torch.save(batch_from_records(frames.records, data_cfg, batch), path)
+        rows = [val_transform(sample, input_size) for sample in render_samples(batch, frames.frame_size)]
+        torch.save(collate_samples(rows), path)
     return path
 
 
@@ -322,15 +351,51 @@ def bench_lv_overhead(s: BenchSettings, frames: Frames) -> dict:
     }
 
 
+def bench_compile(s: BenchSettings, frames: Frames) -> dict:
+    """The finetune step with the dense part (backbone, adapters, FPN, seg heads) under torch.compile
+    vs eager, the two interleaved in one process; compilation happens in the first warm-up step."""
+    base = step_spec(s, frames, "finetune", s.small_model, s.small_input_size, s.small_batch, s.small_warmup,
+                     s.small_repeats, adapter="bypass")
+    _log("compile: eager vs torch.compile of the dense part, interleaved ...")
+    r = run_case_process({"entry": "interleaved", "cases": {"eager": base, "compiled": {**base, "compile": True}},
+                          "threads": s.threads, "device": s.device, "warmup": s.small_warmup + 1,
+                          "repeats": s.small_repeats}, frames.workdir, "compile", 3 * s.case_timeout_s)
+    eager, compiled = r["eager"], r["compiled"]
+    _log(f"compile: eager {eager['ms']:.0f} ms/step, compiled {compiled['ms']:.0f} ms/step")
+    return {
+        "eager_ms": eager["ms"],
+        "compiled_ms": compiled["ms"],
+        "speedup": eager["ms"] / compiled["ms"],
+        # the first step of each: compiling (forward and backward graphs) is the difference
+        "compile_s": (compiled["first_step_ms"] - eager["first_step_ms"]) / 1000,
+        "eager_ms_all": eager["ms_all"],
+        "compiled_ms_all": compiled["ms_all"],
+        "compiled_parts": ["backbone", "adapters", "neck", "sem_head", "drv_head"],
+        "stage": "finetune",
+        "model": s.small_model["backbone"]["name"],
+        "input_size": list(s.small_input_size),
+        "batch": s.small_batch,
+    }
+
+
 def bench_gpu(s: BenchSettings, frames: Frames, data: dict, machine: dict) -> dict:
-    """Throughput of the finetune step at full resolution, FLOPs per step, MFU, pipeline headroom."""
-    spec = step_spec(s, frames, "finetune", s.gpu_model, s.gpu_input_size, s.gpu_batch, s.step_warmup,
-                     s.step_repeats, adapter="bypass", flops=True)
-    _log("gpu: throughput ...")
-    r = run_case_process(spec, frames.workdir, "gpu_throughput", s.case_timeout_s)
-    img_s = r["batch"] / (r["ms"] / 1000)
-    achieved_tflops = r["flops_per_step"] / (r["ms"] / 1000) / 1e12
+    """Adapt and finetune at full resolution, each in its own process: images/s, peak memory,
+    FLOPs per step, MFU; pipeline headroom; then the fp32-vs-bf16 box check on the device."""
     peak = machine.get("gpu_bf16_peak_tflops") if s.device == "cuda" else None
+    runs = {}
+    for stage in ("finetune", "adapt"):
+        spec = step_spec(s, frames, stage, s.gpu_model, s.gpu_input_size, s.gpu_batch, s.step_warmup,
+                         s.step_repeats, adapter="bypass", flops=True)
+        _log(f"gpu: {stage} throughput ...")
+        r = run_case_process(spec, frames.workdir, f"gpu_{stage}", s.case_timeout_s)
+        r["img_s"] = r["batch"] / (r["ms"] / 1000)
+        r["achieved_tflops"] = r["flops_per_step"] / (r["ms"] / 1000) / 1e12
+        runs[stage] = r
+        _log(f"gpu: {stage} {r['img_s']:.1f} img/s, peak {r['peak_mb']:.0f} MB")
+    _log("gpu: fp32 vs bf16 box check ...")
+    box = run_case_process({"entry": "box_check", "device": s.device, "image_size": list(s.gpu_input_size),
+                            "batch": 2, "threads": s.threads}, frames.workdir, "gpu_box_check", s.case_timeout_s)
+    f, a = runs["finetune"], runs["adapt"]
     same_size = list(data.get("input_size", [])) == list(s.gpu_input_size)
     return {
         "ran_on": s.device,
@@ -340,17 +405,25 @@ def bench_gpu(s: BenchSettings, frames: Frames, data: dict, machine: dict) -> di
         "model": s.gpu_model["backbone"]["name"],
         "tasks": ["det", "sem", "drv"],
         "input_size": list(s.gpu_input_size),
-        "batch": r["batch"],
-        "step_ms": r["ms"],
-        "train_img_s": img_s,
-        "peak_mb": r["peak_mb"],
-        "flops_per_step": r["flops_per_step"],
-        "achieved_tflops": achieved_tflops,
+        "batch": f["batch"],
+        "step_ms": f["ms"],
+        "train_img_s": f["img_s"],
+        "peak_mb": f["peak_mb"],
+        "flops_per_step": f["flops_per_step"],
+        "achieved_tflops": f["achieved_tflops"],
         "bf16_peak_tflops": peak,
-        "mfu": achieved_tflops / peak if peak else None,
+        "mfu": f["achieved_tflops"] / peak if peak else None,
+        "adapt_step_ms": a["ms"],
+        "adapt_img_s": a["img_s"],
+        "adapt_peak_mb": a["peak_mb"],
+        "adapt_flops_per_step": a["flops_per_step"],
+        "adapt_mfu": a["achieved_tflops"] / peak if peak else None,
+        "adapt_over_finetune_img_s": a["img_s"] / f["img_s"],
+        "adapt_over_finetune_peak": a["peak_mb"] / f["peak_mb"],
         "pipeline_img_s": data.get("ray_data_img_s"),
-        "pipeline_headroom": data["ray_data_img_s"] / img_s if same_size and "ray_data_img_s" in data else None,
-        "breakdown": r["breakdown"],
+        "pipeline_headroom": data["ray_data_img_s"] / f["img_s"] if same_size and "ray_data_img_s" in data else None,
+        "box_check": box,
+        "breakdown": {"finetune": f["breakdown"], "adapt": a["breakdown"]},
     }
 
 
@@ -358,7 +431,9 @@ def bench_gpu(s: BenchSettings, frames: Frames, data: dict, machine: dict) -> di
 
 
 def write_synth_frames(root: str, s: BenchSettings) -> list[dict]:
+    """Needs Ray (the pipeline's index loading): only the data case uses these files."""
     """Synthetic BDD100K at 1280x720 under `root` (reused when already there); its train records."""
+
     from paf_ray.config import from_dict
     from paf_ray.data.pipeline import load_records
     from paf_ray.data.synth import write_synthetic
@@ -368,7 +443,8 @@ def write_synth_frames(root: str, s: BenchSettings) -> list[dict]:
     return load_records(data_cfg, root, "train")
 
 
-SECTIONS = ("data", "step", "ray_overhead", "lv_overhead", "gpu")
+SECTIONS = ("data", "step", "compile", "ray_overhead", "lv_overhead", "gpu")
+RAY_SECTIONS = ("data", "ray_overhead")  # the sections that start a local Ray
 
 
 def write_results(out: str, result: dict) -> None:
@@ -382,16 +458,19 @@ def write_results(out: str, result: dict) -> None:
         os.replace(path + ".tmp", path)
 
 
-def run_bench(out: str, quick: bool = False, device: str = "cpu") -> dict:
-    """Run every case; write `out`/bench.json and `out`/bench.md; return the bench dict.
+def run_bench(out: str, quick: bool = False, device: str = "cpu", cases: list[str] | None = None) -> dict:
+    """Run the sections in `cases` (default: all, in SECTIONS order); write `out`/bench.json and
+    `out`/bench.md; return the bench dict.
 
     A case that fails is recorded as {"error": ...} and the others still run; the result's
-    "failed" lists them (the command then exits 1).
+    "failed" lists them (the command then exits 1). Ray starts only for the sections that use it.
     """
     import torch
 
-    from paf_ray.train.ray_setup import init_ray
-
+    sections = list(cases) if cases else list(SECTIONS)
+    unknown = [c for c in sections if c not in SECTIONS]
+    if unknown:
+        raise ValueError(f"bench --cases: unknown {unknown} (known: {', '.join(SECTIONS)})")
     s = bench_settings(device, quick)
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("bench --device cuda: torch sees no CUDA device (torch.cuda.is_available() is False)")
@@ -402,26 +481,33 @@ def run_bench(out: str, quick: bool = False, device: str = "cpu") -> dict:
     os.makedirs(workdir)
     t_start = time.perf_counter()
     result: dict[str, Any] = {"machine": machine_info(device), "settings": _settings_dict(s), "complete": False,
-                              "failed": []}
-    init_ray(num_cpus=os.cpu_count(), object_store_mb=4096 if device == "cuda" and not quick else 512)
+                              "failed": [], "cases": sections}
+    if any(c in RAY_SECTIONS for c in sections):
+        from paf_ray.train.ray_setup import init_ray
 
-    frames_root = os.path.join(out, f"synth-{s.frames}-{s.frame_size[0]}x{s.frame_size[1]}")
-    frames = Frames(write_synth_frames(frames_root, s), workdir)
-    _log(f"{len(frames.records)} training frames at {s.frame_size[0]}x{s.frame_size[1]} in {frames_root}")
+        init_ray(num_cpus=os.cpu_count(), object_store_mb=4096 if device == "cuda" and not quick else 512)
+    frames = Frames(workdir, s.frame_size)
 
-    cases = {
-        "data": lambda: bench_data(s, frames.records),
+    def data_case() -> dict:
+        frames_root = os.path.join(out, f"synth-{s.frames}-{s.frame_size[0]}x{s.frame_size[1]}")
+        records = write_synth_frames(frames_root, s)
+        _log(f"{len(records)} training frames at {s.frame_size[0]}x{s.frame_size[1]} in {frames_root}")
+        return bench_data(s, records)
+
+    runners = {
+        "data": data_case,
         "step": lambda: bench_steps(s, frames),
+        "compile": lambda: bench_compile(s, frames),
         "ray_overhead": lambda: bench_ray_overhead(s, frames),
         "lv_overhead": lambda: bench_lv_overhead(s, frames),
-        "gpu": lambda: bench_gpu(s, frames, result["data"], result["machine"]),
+        "gpu": lambda: bench_gpu(s, frames, result.get("data") or {}, result["machine"]),
     }
     if device == "cpu" and not quick:
-        cases["gpu"] = lambda: {"ran_on": None, "why": "CPU run: `paf-ray bench --device cuda` (scripts/gpu_bench.sh) fills this"}
-    for name in SECTIONS:
+        runners["gpu"] = lambda: {"ran_on": None, "why": "CPU run: `paf-ray bench --device cuda` (scripts/gpu_bench.sh) fills this"}
+    for name in sections:
         t0 = time.perf_counter()
         try:
-            result[name] = cases[name]()
+            result[name] = runners[name]()
         except Exception as e:  # keep the other cases' numbers; the command exits 1
             _log(f"{name}: FAILED: {type(e).__name__}: {e}")
             result[name] = {"error": f"{type(e).__name__}: {e}"}
@@ -445,7 +531,8 @@ def _settings_dict(s: BenchSettings) -> dict:
 
 def bench_command(args) -> int:
     out = os.path.abspath(args.out)
-    result = run_bench(out, quick=args.quick, device=args.device)
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
+    result = run_bench(out, quick=args.quick, device=args.device, cases=cases)
     with open(os.path.join(out, "bench.md"), encoding="utf-8") as f:
         print(f.read())
     _log(f"wrote {os.path.join(out, 'bench.json')} in {result['wall_s']:.0f} s")

@@ -74,9 +74,14 @@ class StepClock:
 
 
 def _rss_mb() -> float:
-    import psutil
+    """This process's resident set size (Linux /proc; no psutil on the GPU bench's path)."""
+    import resource
 
-    return psutil.Process().memory_info().rss / 2**20
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    except OSError:
+        return 0.0
 
 
 def _peak_rss_mb() -> float:
@@ -136,6 +141,8 @@ def build_case(spec: dict):
     if spec.get("channels_last"):
         model.to(memory_format=torch.channels_last)
     model.train()
+    if spec.get("compile"):
+        model.compile_dense()
     optimizer = build_optimizer(model, stage)
     return cfg, model, optimizer, stage, _to_device(batch, device), device
 
@@ -289,34 +296,42 @@ def measure_interleaved(spec: dict) -> dict:
     torch.set_num_threads(int(spec["threads"]))
     on_cuda = spec["device"] == "cuda"
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)
-    steps, clocks = {}, {}
+    steps, clocks, first_ms = {}, {}, {}
     for name, case in spec["cases"].items():
         _, model, optimizer, stage, batch, device = build_case(case)
         steps[name] = make_step(model, optimizer, stage, batch, device, bool(case["amp"]))
-        clocks[name] = StepClock(model.backbone, sync)
+        # no hooks on a compiled backbone: they would run inside the compiled graph
+        clocks[name] = None if case.get("compile") else StepClock(model.backbone, sync)
     names = list(steps)
-    for _ in range(int(spec["warmup"])):
+    for i in range(int(spec["warmup"])):
         for name in names:
+            t0 = time.perf_counter()
             steps[name]()
+            sync()
+            if i == 0:
+                first_ms[name] = 1000 * (time.perf_counter() - t0)  # includes torch.compile's compilation
     sync()
     ms = {n: [] for n in names}
     parts = {n: [] for n in names}
     for r in range(int(spec["repeats"])):
         for name in names[r % len(names):] + names[: r % len(names)]:  # rotate who goes first
             clock = clocks[name]
-            clock.reset()
+            if clock is not None:
+                clock.reset()
             # the hooks cost nothing on CPU; on CUDA they synchronise, so the headline goes without
             times = steps[name](None if on_cuda else clock)
             sync()
             ms[name].append(1000 * (time.perf_counter() - times["t0"]))
-            if not on_cuda:
+            if not on_cuda and clock is not None:
                 parts[name].append(breakdown_ms(times, clock))
     if on_cuda:
         for _ in range(max(2, int(spec["repeats"]) // 2)):
             for name in names:
-                clocks[name].reset()
-                parts[name].append(breakdown_ms(steps[name](clocks[name]), clocks[name]))
-    return {n: {"ms": statistics.median(ms[n]), "ms_all": ms[n], "breakdown": _median_dict(parts[n])} for n in names}
+                if clocks[name] is not None:
+                    clocks[name].reset()
+                    parts[name].append(breakdown_ms(steps[name](clocks[name]), clocks[name]))
+    return {n: {"ms": statistics.median(ms[n]), "ms_all": ms[n], "first_step_ms": first_ms.get(n),
+                "breakdown": _median_dict(parts[n]) if parts[n] else None} for n in names}
 
 
 def main(argv: list[str]) -> int:
@@ -332,6 +347,13 @@ def main(argv: list[str]) -> int:
         result = timed_steps(spec)
     elif spec.get("entry") == "interleaved":
         result = measure_interleaved(spec)
+    elif spec.get("entry") == "box_check":
+        import torch
+
+        from paf_ray.bench.box_check import box_check
+
+        torch.set_num_threads(int(spec["threads"]))
+        result = box_check(spec["device"], image_size=tuple(spec["image_size"]), batch=int(spec["batch"]))
     else:
         result = measure_step(spec)
     with open(out_path + ".tmp", "w", encoding="utf-8") as f:

@@ -812,3 +812,31 @@ def write_synthetic(out: str, images: int, seed: int = 0, size=(640, 360), val_f
 
 def is_complete(root: str) -> bool:
     return os.path.exists(os.path.join(root, COMPLETE_MARKER))
+
+
+def render_samples(count: int, size=(1280, 720), seed: int = 0) -> list[dict]:
+    """`count` frames rendered in memory, in the form `decode.load_sample` returns (numpy arrays at
+    `size`, labels as class indices): for code that wants realistic frames without files (the
+    benchmark's step cases). Frame i equals frame i of `write_synthetic` with the same seed, before JPEG."""
+    width, height = int(size[0]), int(size[1])
+    noise = _NoiseBank(seed, width, height)
+    samples = []
+    for index in range(count):
+        frame = render_frame(np.random.default_rng([seed, 100, index]), width, height, noise)
+        boxes, labels, ignore, ignore_labels = [], [], [], []
+        for label in frame.labels:
+            cls, ignored = B.det_category_to_index(label["category"])
+            b = label["box2d"]
+            (ignore if ignored else boxes).append([b["x1"], b["y1"], b["x2"], b["y2"]])
+            (ignore_labels if ignored else labels).append(cls)
+        samples.append({
+            "image": np.asarray(frame.image, np.uint8),
+            "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
+            "labels": np.asarray(labels, np.int64),
+            "ignore_boxes": np.asarray(ignore, np.float32).reshape(-1, 4),
+            "ignore_labels": np.asarray(ignore_labels, np.int64),
+            "has_det": True,
+            "sem": frame.sem,
+            "drv": frame.drv,
+        })
+    return samples

@@ -5,6 +5,14 @@ Labels are 0..9 (DET_CLASSES) on both sides; Faster R-CNN's background class 0 i
 internal. Ignore regions (`ignore_boxes`) are neither positives nor negatives: an
 anchor/proposal/point that is not a positive and lies mostly inside one (intersection
 over its own area >= `ignore_iof_thresh`; for FCOS points: inside) leaves the loss.
+
+Box arithmetic is float32 under autocast. torchvision's parts take the dtype of what they
+are given: on bf16 features the anchors, decoded proposals, the ground truth (cast to the
+proposals' dtype before encoding) and the output boxes all become bfloat16, whose step is
+4 px between 512 and 1024 and 8 px above (anchors of a 1280x736 image end up to 7 px off).
+So the heads hand out float32 regression deltas and logits, and the anchor generator and
+box coders run with autocast off on float32 inputs; the convolutions and the box head's
+matmuls still run in the autocast dtype (tests/test_detection_precision.py).
 """
 
 from __future__ import annotations
@@ -24,6 +32,10 @@ from torchvision.models.detection import _utils as det_utils
 
 from paf_ray.config import DetConfig
 
+# Box coder weights of torchvision's Faster R-CNN: RPN (1, 1, 1, 1), RoI heads (10, 10, 5, 5).
+RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
+ROI_BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
+
 _RPN_LOSS_NAMES = {"loss_objectness": "det_rpn_cls", "loss_rpn_box_reg": "det_rpn_box",
                    "loss_classifier": "det_cls", "loss_box_reg": "det_box"}
 _FCOS_LOSS_NAMES = {"classification": "det_cls", "bbox_regression": "det_box", "bbox_ctrness": "det_ctr"}
@@ -39,6 +51,69 @@ def ignore_mask(boxes: torch.Tensor, ignore_boxes: torch.Tensor | None, thresh: 
     inter = (rb - lt).clamp(min=0).prod(dim=2)
     area = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0).prod(dim=1).clamp(min=1e-6)
     return (inter / area[:, None]).max(dim=1).values >= thresh
+
+
+def _autocast_off(t: torch.Tensor):
+    return torch.autocast(t.device.type, enabled=False)
+
+
+def _float32(obj):
+    """Tensors (also inside lists, tuples and dicts) as float32."""
+    if torch.is_tensor(obj):
+        return obj.float()
+    if isinstance(obj, dict):
+        return {k: _float32(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_float32(v) for v in obj)
+    return obj
+
+
+class Float32AnchorGenerator(AnchorGenerator):
+    """Anchors in float32 whatever the dtype of the feature maps."""
+
+    def forward(self, image_list: ImageList, feature_maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        # torchvision reads only the maps' shapes, dtype and device: float32 stand-ins cost no memory
+        stand_ins = [torch.zeros((), dtype=torch.float32, device=f.device).expand(f.shape) for f in feature_maps]
+        with _autocast_off(feature_maps[0]):
+            return super().forward(image_list, stand_ins)
+
+
+class Float32BoxCoder(det_utils.BoxCoder):
+    """Encoding and decoding in float32 with autocast off (torchvision's coder takes the deltas' dtype)."""
+
+    def encode(self, reference_boxes, proposals):
+        with _autocast_off(reference_boxes[0]):
+            return super().encode(_float32(list(reference_boxes)), _float32(list(proposals)))
+
+    def decode(self, rel_codes, boxes):
+        with _autocast_off(rel_codes):
+            return super().decode(rel_codes.float(), _float32(list(boxes)))
+
+
+class Float32BoxLinearCoder(det_utils.BoxLinearCoder):
+    """FCOS's coder, in float32 with autocast off."""
+
+    def encode(self, reference_boxes, proposals):
+        with _autocast_off(reference_boxes):
+            return super().encode(reference_boxes.float(), proposals.float())
+
+    def decode(self, rel_codes, boxes):
+        with _autocast_off(rel_codes):
+            return super().decode(rel_codes.float(), boxes.float())
+
+
+class Float32RPNHead(RPNHead):
+    """RPN convs in the autocast dtype; objectness and deltas handed on in float32."""
+
+    def forward(self, x):
+        return _float32(super().forward(x))
+
+
+class Float32FastRCNNPredictor(FastRCNNPredictor):
+    """Box head matmuls in the autocast dtype; class logits and box deltas handed on in float32."""
+
+    def forward(self, x):
+        return _float32(super().forward(x))
 
 
 class IgnoreAwareRPN(RegionProposalNetwork):
@@ -88,9 +163,9 @@ class FasterRCNNHead(nn.Module):
     def __init__(self, channels: int, num_classes: int, cfg: DetConfig):
         super().__init__()
         sizes = tuple((s,) for s in cfg.anchor_sizes)
-        anchor_gen = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+        anchor_gen = Float32AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
         self.rpn = IgnoreAwareRPN(
-            anchor_gen, RPNHead(channels, anchor_gen.num_anchors_per_location()[0]),
+            anchor_gen, Float32RPNHead(channels, anchor_gen.num_anchors_per_location()[0]),
             fg_iou_thresh=0.7, bg_iou_thresh=0.3,
             batch_size_per_image=cfg.rpn_batch_size_per_image, positive_fraction=0.5,
             pre_nms_top_n={"training": cfg.rpn_pre_nms_top_n_train, "testing": cfg.rpn_pre_nms_top_n_test},
@@ -100,13 +175,15 @@ class FasterRCNNHead(nn.Module):
         self.roi_heads = IgnoreAwareRoIHeads(
             MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=cfg.roi_sampling_ratio),
             TwoMLPHead(channels * 7 * 7, cfg.representation_size),
-            FastRCNNPredictor(cfg.representation_size, num_classes + 1),
+            Float32FastRCNNPredictor(cfg.representation_size, num_classes + 1),
             fg_iou_thresh=0.5, bg_iou_thresh=0.5,
             batch_size_per_image=cfg.box_batch_size_per_image, positive_fraction=0.25,
-            bbox_reg_weights=None,
+            bbox_reg_weights=ROI_BOX_WEIGHTS,
             score_thresh=cfg.box_score_thresh, nms_thresh=cfg.box_nms_thresh,
             detections_per_img=cfg.box_detections_per_img,
         )
+        self.rpn.box_coder = Float32BoxCoder(RPN_BOX_WEIGHTS)
+        self.roi_heads.box_coder = Float32BoxCoder(ROI_BOX_WEIGHTS)
         self.rpn.ignore_iof_thresh = self.roi_heads.ignore_iof_thresh = cfg.ignore_iof_thresh
         if len(sizes) != 5:
             raise ValueError(f"model.det.anchor_sizes: Faster R-CNN needs 5 sizes (P2-P6), got {len(sizes)}")
@@ -129,6 +206,15 @@ class FasterRCNNHead(nn.Module):
 
 
 class IgnoreAwareFCOSHead(FCOSHead):
+    """FCOS towers in the autocast dtype; logits, box regression and centerness handed on in float32."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.box_coder = Float32BoxLinearCoder(normalize_by_size=True)
+
+    def forward(self, x):
+        return _float32(super().forward(x))
+
     def compute_loss(self, targets, head_outputs, anchors, matched_idxs):
         cls_logits = head_outputs["cls_logits"]
         ignored = []
@@ -152,9 +238,9 @@ class FCOSDetHead(nn.Module):
     def __init__(self, channels: int, num_classes: int, cfg: DetConfig):
         super().__init__()
         sizes = ((8,), (16,), (32,), (64,), (128,))  # one point per location, size = stride
-        self.anchor_generator = AnchorGenerator(sizes, ((1.0,),) * len(sizes))
+        self.anchor_generator = Float32AnchorGenerator(sizes, ((1.0,),) * len(sizes))
         self.head = IgnoreAwareFCOSHead(channels, 1, num_classes, num_convs=cfg.fcos_num_convs)
-        self.box_coder = det_utils.BoxLinearCoder(normalize_by_size=True)
+        self.box_coder = Float32BoxLinearCoder(normalize_by_size=True)
         self.center_sampling_radius = 1.5
         self.score_thresh = cfg.box_score_thresh
         self.nms_thresh = 0.6

@@ -27,6 +27,7 @@ from paf_ray.models.adapters import add_lora, build_bypass_adapters
 from paf_ray.models.backbones import STAGES, build_backbone, default_normalization
 from paf_ray.models.detection import build_det_head
 from paf_ray.models.heads import SegHead, seg_loss
+from paf_ray.models.stages import build_norm
 from paf_ray.models.zoo import load_backbone_weights, read_checkpoint, sniff_format
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,8 @@ class MultiTaskModel(nn.Module):
                 head = SegHead(cfg.fpn_channels, cfg.seg_channels, NUM_CLASSES[t], extra_channels=score_channels.get(t, 0))
                 setattr(self, f"{t}_head", head)
 
+        build_norm(self, cfg.norm)
+
         if cfg.loss.weighting == "uncertainty":
             # log-variances s_t (Kendall et al. 2018): total = sum exp(-s_t) * L_t + s_t
             self.loss_weights = nn.ParameterDict({t: nn.Parameter(torch.zeros(())) for t in self.tasks})
@@ -127,6 +130,14 @@ class MultiTaskModel(nn.Module):
         if mode and self.backbone_frozen:
             self.backbone.eval()  # frozen BatchNorm keeps its pretrained statistics
         return self
+
+    def compile_dense(self, **options) -> None:
+        """torch.compile the dense part in place: backbone, adapters, FPN, segmentation heads (state-dict
+        keys unchanged). The detection head stays eager: proposals and NMS have data-dependent shapes."""
+        parts = [self.backbone, *self.adapters.values(), self.neck]
+        parts += [getattr(self, f"{t}_head") for t in SEG_TASKS if t in self.tasks]
+        for part in parts:
+            part.compile(**options)
 
     # ------------------------------------------------------------------ forward
 

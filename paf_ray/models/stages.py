@@ -1,4 +1,4 @@
-"""The stage policy, in one place: what each stage freezes and trains, BN mode, LoRA merging, param groups.
+"""The stage policy, in one place: what each stage freezes and trains, BatchNorm modes, LoRA merging, param groups.
 
 * adapt: the backbone is frozen (no grad, BatchNorm in eval mode even after `.train()`);
   bypass adapters sit outside it, so its forward builds no autograd graph at all. LoRA
@@ -8,6 +8,18 @@
 * Either stage: a task head's lr is lr x `head_lr_mult[task]` (default 1).
 * Always: the LV-Adapter's CLIP text encoder is frozen; its prompts train in finetune only
   when `lv_adapter.train_prompts_in_finetune`.
+
+The backbone's BatchNorm, by `model.norm` (the heads use GroupNorm; mechanics in models/norm.py):
+
+| model.norm | adapt | finetune |
+| --- | --- | --- |
+| frozen | FrozenBatchNorm2d (built so) | FrozenBatchNorm2d: pretrained statistics and affine stay fixed |
+| bn | BatchNorm in eval mode (frozen backbone) | per-worker batch statistics |
+| syncbn | BatchNorm in eval mode: nothing to sync | statistics over all workers' batches (SyncBatchNorm, converted by `prepare_norm` just before DDP wraps the model, only when several workers run) |
+
+References (job files): `frozen` for GPU runs from a pretrained backbone, as in torchvision's
+detection references: with 4 images per GPU, batch statistics are noisy. `syncbn` when the
+backbone starts from random init; `bn` for single-worker CPU runs (the demo).
 Baselines use the same code: pretrain-finetune is a run whose only stage is finetune;
 single-task is `model.tasks` with one task.
 """
@@ -58,6 +70,24 @@ def apply_stage(model: nn.Module, kind: str, cfg: Config | ModelConfig | None = 
         elif freeze_prompts and name.startswith("lv_adapter.") and is_prompt_parameter(name):
             p.requires_grad_(False)
     model.train(model.training)  # re-applies the frozen-BN rule
+
+
+def build_norm(model: nn.Module, norm: str) -> None:
+    """At build time: `frozen` replaces the backbone's BatchNorm2d by FrozenBatchNorm2d."""
+    if norm == "frozen":
+        from paf_ray.models.norm import freeze_batchnorm
+
+        freeze_batchnorm(model.backbone)
+
+
+def prepare_norm(model: nn.Module, norm: str, world_size: int) -> int:
+    """Before DDP wraps the model: `syncbn` with several workers converts BatchNorm to SyncBatchNorm.
+    Returns the number of layers that synchronise (0: nothing to do)."""
+    if norm != "syncbn" or world_size <= 1:
+        return 0
+    from paf_ray.models.norm import sync_batchnorm
+
+    return sync_batchnorm(model)
 
 
 def finish_stage(model: nn.Module, kind: str, stage_cfg: StageConfig) -> bool:

@@ -210,17 +210,19 @@ def build_and_restore(cfg: Config, init_checkpoint) -> tuple[torch.nn.Module, di
 
 
 def place_model(model: torch.nn.Module, cfg: Config, kind: str, device: torch.device, world: int):
-    """Apply the stage policy, move to the device, wrap in DDP: (model to call, plain module)."""
-    from paf_ray.models.stages import apply_stage
+    """Apply the stage policy, move to the device, wrap in DDP:
+    (model to call, plain module, number of BatchNorm layers made SyncBatchNorm)."""
+    from paf_ray.models.stages import apply_stage, prepare_norm
 
     apply_stage(model, kind, cfg)
     model.to(device)
     if cfg.train.channels_last == "on" or (cfg.train.channels_last == "auto" and device.type == "cuda"):
         model.to(memory_format=torch.channels_last)
+    synced = prepare_norm(model, cfg.model.norm, world)  # SyncBatchNorm before DDP wraps the model
     if world == 1:
-        return model, model
+        return model, model, synced
     wrapped = ray.train.torch.prepare_model(model, move_to_device=False)
-    return wrapped, unwrap(wrapped)
+    return wrapped, unwrap(wrapped), synced
 
 
 def restore_progress(trainee: Trainee, train_state: dict | None) -> Progress:
@@ -249,7 +251,9 @@ def setup_stage(config: dict) -> tuple[StageRun, Progress] | None:
         torch.set_num_threads(cfg.train.torch_threads)
 
     model, train_state = build_and_restore(cfg, config.get("init_checkpoint"))
-    model, net = place_model(model, cfg, spec.kind, device, world)
+    model, net, synced = place_model(model, cfg, spec.kind, device, world)
+    if synced and rank == 0:
+        print(f"[{name}] model.norm syncbn: {synced} BatchNorm layers use the statistics of all {world} workers")
     steps_per_epoch = int(config["steps_per_epoch"])
     if spec.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, spec.max_steps_per_epoch)

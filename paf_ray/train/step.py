@@ -118,17 +118,16 @@ def train_step(t: Trainee, batch: dict, counter: StepCounter) -> StepOutcome:
     """One micro-batch: forward, backward, and at the accumulation boundary the update."""
     images = int(batch["image"].shape[0])
     outcome = StepOutcome(images=images)
-    total = None
-    if images > 0:
-        with torch.autocast(device_type=t.device.type, dtype=torch.bfloat16, enabled=t.amp):
-            losses = t.model(batch["image"], batch)
-            total = t.net.total_loss(losses) / t.accum
-        outcome.losses = {k: float(v.detach()) for k, v in losses.items()}
-        outcome.total = float(total.detach()) * t.accum
-    nonfinite = float(total is not None and not math.isfinite(outcome.total))
-    nonfinite, empty = all_reduce_sum([nonfinite, float(images == 0)], t.device)
-    if nonfinite or empty:
-        return _skip(t, counter, outcome, "nonfinite loss" if nonfinite else "empty")
+    # agreed before the forward: SyncBatchNorm's collectives need every rank in the forward
+    if all_reduce_sum([float(images == 0)], t.device)[0]:
+        return _skip(t, counter, outcome, "empty")
+    with torch.autocast(device_type=t.device.type, dtype=torch.bfloat16, enabled=t.amp):
+        losses = t.model(batch["image"], batch)
+        total = t.net.total_loss(losses) / t.accum
+    outcome.losses = {k: float(v.detach()) for k, v in losses.items()}
+    outcome.total = float(total.detach()) * t.accum
+    if all_reduce_sum([float(not math.isfinite(outcome.total))], t.device)[0]:
+        return _skip(t, counter, outcome, "nonfinite loss")
 
     counter.micro += 1
     boundary = counter.micro == t.accum
