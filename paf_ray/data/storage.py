@@ -93,3 +93,11 @@ def read_bytes(path: str) -> bytes:
         if fs.get_file_info(inner).type == pafs.FileType.NotFound:
             raise FileNotFoundError(f"{path}: no such file") from None
         raise OSError(f"{path}: cannot read: {e}") from None
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write a whole file (its folder is created), local path or URI."""
+    fs, inner = resolve(path)
+    fs.create_dir(os.path.dirname(inner), recursive=True)
+    with fs.open_output_stream(inner) as f:
+        f.write(data)

@@ -69,8 +69,34 @@ def _torch_load(path: str) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def local_copy(uri: str) -> str:
+    """A URI's file, copied once into ~/.cache/paf_ray/weights (on each node that reads it)."""
+    import hashlib
+
+    from paf_ray.data import storage
+
+    cache = os.path.join(os.path.expanduser("~"), ".cache", "paf_ray", "weights")
+    local = os.path.join(cache, hashlib.sha1(uri.encode()).hexdigest()[:12] + "-" + os.path.basename(uri.rstrip("/")))
+    if not os.path.isfile(local) or os.path.getsize(local) != storage.file_size(uri):
+        try:
+            data = storage.read_bytes(uri)
+        except FileNotFoundError:
+            raise CheckpointError(f"model.backbone.weights: no such file {uri!r}") from None
+        os.makedirs(cache, exist_ok=True)
+        tmp = f"{local}.{os.getpid()}.part"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, local)
+    return local
+
+
 def read_checkpoint(path: str, trust_checkpoint: bool = False) -> Any:
-    """Load a checkpoint file: torch (weights_only), .safetensors, or - when trusted - pickles/TorchScript."""
+    """Load a checkpoint file (a path or a URI): torch (weights_only), .safetensors, or - when
+    trusted - pickles/TorchScript."""
+    from paf_ray.data import storage
+
+    if storage.is_uri(path):
+        path = local_copy(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"model.backbone.weights: no such file {path!r}")
     if path.endswith(".safetensors"):

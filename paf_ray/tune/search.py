@@ -81,18 +81,25 @@ def run_trial(params: dict, base: dict, runs_dir: str, source: str) -> None:
     resume from their last checkpoints; on a fresh folder `resume=True` just starts.
     """
     import ray.tune
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    base_cfg = from_dict(base, source)
+    dims = space.parse_space(base_cfg.tune, source)
+    cfg = space.trial_config(base_cfg, dims, params, name=trial_id, source=source)
+    run_in_trial(cfg, runs_dir, base_cfg.tune.worker_start_timeout_s)
+
+
+def run_in_trial(cfg: Config, runs_dir: str, worker_start_timeout_s: float) -> dict:
+    """The body of a Tune trial (`paf-ray tune` and `paf-ray study`): one pipeline run of `cfg`,
+    each per-epoch report of either stage one Tune iteration; resumes its Train runs when restarted."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from paf_ray.train.run import run_pipeline
 
-    trial_id = ray.tune.get_context().get_trial_id()
-    base_cfg = from_dict(base, source)
     # Tune does not count the Train workers of a trial, so a trial may wait for them while other
     # trials hold the CPUs/GPUs; Train reads this in the process that calls fit().
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(base_cfg.tune.worker_start_timeout_s))
-    dims = space.parse_space(base_cfg.tune, source)
-    cfg = space.trial_config(base_cfg, dims, params, name=trial_id, source=source)
-    run_pipeline(cfg, out=runs_dir, resume=True, callbacks=[TuneReportCallback()])
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(worker_start_timeout_s))
+    return run_pipeline(cfg, out=runs_dir, resume=True, callbacks=[TuneReportCallback()])
 
 
 def make_trainable(cfg: Config, runs_dir: str, source: str):
@@ -145,12 +152,11 @@ def trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def build_tuner(cfg: Config, out_dir: str, dims: list[space.Dimension], source: str, resume: bool):
+def restore_or_refuse(experiment: str, trainable, resume: bool):
+    """--resume: the Tune experiment restored (unfinished and errored trials run again); a fresh
+    start: None, or an error when the folder already holds an experiment."""
     import ray.tune
 
-    runs_dir = storage.join(out_dir, TRIALS_DIR)
-    trainable = make_trainable(cfg, runs_dir, source)
-    experiment = storage.join(out_dir, cfg.name)
     if resume:
         if not ray.tune.Tuner.can_restore(experiment):
             raise ConfigError(f"--resume: {experiment} holds no Tune experiment to continue")
@@ -159,6 +165,18 @@ def build_tuner(cfg: Config, out_dir: str, dims: list[space.Dimension], source: 
         raise ConfigError(
             f"{experiment} already holds a sweep: pass --resume to continue it, or choose another --out"
         )
+    return None
+
+
+def build_tuner(cfg: Config, out_dir: str, dims: list[space.Dimension], source: str, resume: bool):
+    import ray.tune
+
+    runs_dir = storage.join(out_dir, TRIALS_DIR)
+    trainable = make_trainable(cfg, runs_dir, source)
+    experiment = storage.join(out_dir, cfg.name)
+    restored = restore_or_refuse(experiment, trainable, resume)
+    if restored is not None:
+        return restored
     return ray.tune.Tuner(
         trainable,
         tune_config=ray.tune.TuneConfig(
