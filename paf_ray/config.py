@@ -269,6 +269,7 @@ class StudyCheckpointConfig:
     backbone: Optional[Literal["resnet18", "resnet34", "resnet50", "clip_rn50", "tiny"]] = None  # default: model.backbone.name
     trust_checkpoint: bool = False
     pretrain: Optional[PretrainConfig] = None
+    lv_adapter: Optional[list[bool]] = None  # LV-Adapter off/on for this checkpoint; default study.lv_adapter
 
 
 @dataclass
@@ -344,13 +345,17 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _convert(value, arg, key, source)
-            except ConfigError:
-                pass
+            except ConfigError as e:
+                errors.append((arg, e))
+        for arg, e in errors:  # a mapping for an optional section: its own error names the inner key
+            if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                raise e
         raise fail()
     if origin is Literal:
         if value not in args:

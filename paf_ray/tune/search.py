@@ -133,16 +133,52 @@ def asha_max_t(cfg: Config) -> int:
     return cfg.tune.scheduler.max_t or max(1, space.epoch_budget(cfg) - 1)
 
 
-def make_scheduler(cfg: Config):
+def adapt_epoch_range(cfg: Config, dims: list[space.Dimension]) -> tuple[int, int]:
+    """The fewest and the most epochs a trial of this space spends in its frozen adapt phase
+    (the stages before its first finetune), over the corners of the space."""
+    counts = []
+    for point in space.corner_points(dims):
+        trial = space.trial_config(cfg, dims, point, name="check", source="<scheduler>")
+        adapt = 0
+        for stage in trial.train.stages:
+            if stage.kind != "adapt":
+                break
+            adapt += stage.epochs
+        counts.append(adapt)
+    return min(counts), max(counts)
+
+
+def first_rung(cfg: Config, dims: list[space.Dimension]) -> int | None:
+    """ASHA's grace period: `scheduler.grace_period`, moved past the longest adapt phase when trials
+    leave adapt at different epochs (a searched `adapt_fraction` or adapt-stage length); otherwise a
+    rung would rank a trial still in its frozen adapt phase against trials already finetuning, and cull
+    the method under test. None when no rung fits before `max_t` (the sweep then runs FIFO)."""
+    grace = cfg.tune.scheduler.grace_period
+    shortest, longest = adapt_epoch_range(cfg, dims)
+    if shortest != longest:
+        grace = max(grace, longest + 1)  # every trial has finished adapt and reported a finetune epoch
+    return grace if grace <= asha_max_t(cfg) else None
+
+
+def make_scheduler(cfg: Config, dims: list[space.Dimension]):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     sch = cfg.tune.scheduler
     if sch.kind == "fifo":
         return FIFOScheduler()
+    grace = first_rung(cfg, dims)
+    if grace is None:
+        print(f"[paf-ray] tune.scheduler: trials leave the adapt stage at different epochs and no ASHA rung fits "
+              f"after the longest adapt phase (last rung: epoch {asha_max_t(cfg)}); every trial runs out (FIFO)",
+              flush=True)
+        return FIFOScheduler()
+    if grace != sch.grace_period:
+        print(f"[paf-ray] tune.scheduler: first ASHA rung at epoch {grace}, after the longest adapt phase "
+              f"(grace_period {sch.grace_period} would compare adapting trials with finetuning ones)", flush=True)
     return ASHAScheduler(
         time_attr="training_iteration",
         max_t=asha_max_t(cfg),
-        grace_period=sch.grace_period,
+        grace_period=grace,
         reduction_factor=sch.reduction_factor,
         stop_last_trials=False,  # a trial ends with its pipeline, never killed at max_t
     )
@@ -183,7 +219,7 @@ def build_tuner(cfg: Config, out_dir: str, dims: list[space.Dimension], source: 
             metric=cfg.tune.metric,
             mode=cfg.tune.mode,
             search_alg=make_searcher(cfg, dims, study_storage_url(cfg, out_dir)),
-            scheduler=make_scheduler(cfg),
+            scheduler=make_scheduler(cfg, dims),
             num_samples=cfg.tune.num_samples,
             max_concurrent_trials=cfg.tune.max_concurrent_trials,
             trial_dirname_creator=trial_dirname,
