@@ -494,7 +494,8 @@ def rows_csv(rows: list[dict]) -> str:
 
 def table_markdown(cfg: Config, table: list[dict], lines_after: list[str]) -> str:
     st = cfg.study
-    header = ["checkpoint", "paradigm", "seeds", "det AP", "det AP50", "sem mIoU", "drv mIoU", "Δ_MTL (%)"]
+    keys = [k for k in TABLE_KEYS if KEY_TASK[k] in cfg.model.tasks]
+    header = ["checkpoint", "paradigm", "seeds", *(k.replace("/", " ") for k in keys), "Δ_MTL (%)"]
     lines = [f"# Study {cfg.name}", "",
              f"Every cell: {st.total_steps} optimizer steps of batch {cfg.data.batch_size} (adapt steps counted); "
              f"values are % on the val split, mean ± std over seeds; Δ_MTL against the single-task models of the "
@@ -502,22 +503,26 @@ def table_markdown(cfg: Config, table: list[dict], lines_after: list[str]) -> st
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for e in table:
         cells = [e["checkpoint"], row_label(e), str(len(e["seeds"]))]
-        cells += [_fmt(e[k]) for k in TABLE_KEYS]
+        cells += [_fmt(e[k]) for k in keys]
         cells.append("0 (reference)" if e["paradigm"] == "single_task" else _fmt(e["delta_mtl"], signed=True))
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    if any(e["delta_mtl"] is None for e in table):
+        lines += ["Δ_MTL `-`: a single-task baseline of that checkpoint is missing or 0 (the relative change "
+                  "is undefined).", ""]
     lines += [f"- {s}" for s in lines_after]
     return "\n".join(lines) + "\n"
 
 
-def plot_table(table: list[dict], path: str) -> str:
+def plot_table(table: list[dict], tasks: list[str], path: str) -> str:
     """study.png: one panel per task metric and Δ_MTL, bars grouped by checkpoint, error bars = std over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("det/AP", "det AP"), ("sem/mIoU", "sem mIoU"), ("drv/mIoU", "drv mIoU"), ("delta_mtl", "Δ_MTL (%)")]
+    panels = [(TASK_METRIC[t], TASK_METRIC[t].replace("/", " ")) for t in TASK_METRIC if t in tasks]
+    panels.append(("delta_mtl", "Δ_MTL (%)"))
     checkpoints = list(dict.fromkeys(e["checkpoint"] for e in table))
     variants = list(dict.fromkeys(row_label(e) for e in table))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2))
@@ -561,7 +566,7 @@ def write_results(cfg: Config, rows: list[dict], out_dir: str, wall_s: float, pr
     markdown = table_markdown(cfg, table, notes)
     write_text(storage.join(out_dir, "study.csv"), rows_csv(rows))
     write_text(storage.join(out_dir, "study.md"), markdown)
-    plot_table(table, storage.join(out_dir, "study.png"))
+    plot_table(table, list(cfg.model.tasks), storage.join(out_dir, "study.png"))
     budget = {"rule": "equal optimizer steps per cell, adapt steps counted", "total_steps": cfg.study.total_steps,
               "steps_per_epoch": cfg.study.steps_per_epoch, "batch_size": cfg.data.batch_size,
               "stages": {p: stage_steps(cfg, p) for p in cfg.study.paradigms}}
