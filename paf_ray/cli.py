@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="study folder (default <ray.storage_path or ./runs>/<name>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted study in --out")
     p.add_argument("--quick", action="store_true", help="apply the file's study.quick overrides (CI: tiny, one seed)")
+    p.add_argument("--report", action="store_true",
+                   help="only write the results of the cells finished so far in --out (while it runs, or after)")
     _add_set(p)
     p.set_defaults(handler="paf_ray.study:study_command")
 

@@ -28,6 +28,7 @@ checkpoint, LV and seed. A study folder holds:
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
@@ -80,8 +81,9 @@ def plan_cells(cfg: Config) -> list[Cell]:
     """Every distinct cell of the grid, in a stable order (shared cells once)."""
     st = cfg.study
     cells: dict[str, Cell] = {}
-    for ck, ck_cfg in st.checkpoints.items():
-        for seed in st.seeds:
+    # seed-major: a study cut short still holds every checkpoint and paradigm for the first seeds
+    for seed in st.seeds:
+        for ck, ck_cfg in st.checkpoints.items():
             for paradigm in st.paradigms:
                 if paradigm == "single_task":
                     for task in cfg.model.tasks:
@@ -257,10 +259,11 @@ def cell_metrics(runs_dir: str, cell_id: str) -> dict | None:
 
 
 class StudyProgress(ray.tune.Callback):
-    """One line per finished cell: cells done / total, elapsed time and the ETA."""
+    """One line per finished cell (cells done / total, elapsed time, ETA), and the results files
+    rewritten from the cells finished so far (marked incomplete until the last one)."""
 
-    def __init__(self, total: int, runs_dir: str, done_before: int):
-        self.total, self.runs_dir, self.done_before = total, runs_dir, done_before
+    def __init__(self, total: int, runs_dir: str, done_before: int, report=None):
+        self.total, self.runs_dir, self.done_before, self.report = total, runs_dir, done_before, report
         self.t0 = time.perf_counter()
         self.finished = 0  # in this session
 
@@ -274,6 +277,11 @@ class StudyProgress(ray.tune.Callback):
         shown = ", ".join(f"{k} {metrics[k]:.2f}" for k in TABLE_KEYS if _finite(metrics.get(k)))
         print(f"[study] {done}/{self.total} cells done: {cell_id} {what}{f' ({shown})' if shown else ''}; "
               f"elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min", flush=True)
+        if self.report is not None:
+            try:
+                self.report()
+            except Exception as e:  # a table that cannot be drawn yet must not stop the cells
+                print(f"[study] could not write the interim results: {type(e).__name__}: {e}", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._line(trial, "finished")
@@ -293,7 +301,8 @@ def build_tuner(cfg: Config, out_dir: str, cells: list[Cell], cell_cfgs: dict[st
     trainable = ray.tune.with_parameters(run_cell, cells=cell_cfgs, runs_dir=runs_dir,
                                          worker_start_timeout_s=cfg.tune.worker_start_timeout_s)
     trainable = ray.tune.with_resources(trainable, {"cpu": cfg.tune.trial_cpus})
-    callbacks = [StudyProgress(len(cells), runs_dir, done_before)]
+    report = functools.partial(report_folder, cfg, out_dir)
+    callbacks = [StudyProgress(len(cells), runs_dir, done_before, report)]
     experiment = storage.join(out_dir, cfg.name)
     restored = restore_or_refuse(experiment, trainable, resume)
     if restored is not None:
@@ -342,9 +351,20 @@ def run_study(cfg: Config, out: str | None = None, resume: bool = False, source:
           + "; ".join(f"{p} " + " + ".join(f"{k} {n}" for k, n in s) for p, s in split.items()), flush=True)
     tuner = build_tuner(cfg, out_dir, cells, cell_cfgs, resume, done_before)
     tuner.fit()
-    rows = cell_rows(cfg, cells, runs_dir)
-    results = write_results(cfg, rows, out_dir, wall_s=round(time.perf_counter() - t0, 1), pretrained=pretrained)
+    results = report_folder(cfg, out_dir, wall_s=round(time.perf_counter() - t0, 1))
     return {"out_dir": out_dir, **results}
+
+
+def report_folder(cfg: Config, out_dir: str, wall_s: float | None = None) -> dict:
+    """Write study.csv/.json/.md/.png from the cells finished in `out_dir` so far (`--report`)."""
+    from paf_ray.train.run import read_json
+
+    pretrained = {}
+    for name, w in checkpoint_weights(cfg, out_dir).items():
+        if cfg.study.checkpoints[name].pretrain is not None:
+            pretrained[name] = (read_json(w.path.removesuffix(".pth") + ".json") or {}).get("summary")
+    cells = plan_cells(cfg)
+    return write_results(cfg, cell_rows(cfg, cells, storage.join(out_dir, CELLS_DIR)), out_dir, wall_s, pretrained)
 
 
 # --------------------------------------------------------------------------- results
@@ -414,6 +434,9 @@ def table_rows(rows: list[dict]) -> list[dict]:
         groups.setdefault((r["checkpoint"], r["paradigm"], r["adapter"], r["lv_adapter"]), []).append(r)
     out = []
     for (ck, paradigm, adapter, lv), members in groups.items():
+        members = [m for m in members if m["status"] == "done"]
+        if not members:  # a study still running (or cut short): rows appear as their cells finish
+            continue
         entry: dict[str, Any] = {"checkpoint": ck, "paradigm": paradigm, "adapter": adapter, "lv_adapter": lv,
                                  "seeds": sorted({m["seed"] for m in members})}
         for key in TABLE_KEYS:
@@ -571,14 +594,23 @@ def write_results(cfg: Config, rows: list[dict], out_dir: str, wall_s: float, pr
               "steps_per_epoch": cfg.study.steps_per_epoch, "batch_size": cfg.data.batch_size,
               "stages": {p: stage_steps(cfg, p) for p in cfg.study.paradigms}}
     doc = {"name": cfg.name, "out_dir": out_dir, "budget": budget, "cells": rows, "table": table,
-           "sentences": said, "complete": not missing, "wall_s": wall_s, "checkpoints_made": pretrained or {}}
+           "sentences": said, "complete": not missing, "cells_done": len(rows) - len(missing), "wall_s": wall_s,
+           "checkpoints_made": pretrained or {}}
     write_text(storage.join(out_dir, "study.json"), json.dumps(doc, indent=2, default=float))
     return {"rows": rows, "table": table, "sentences": said, "markdown": markdown, "complete": not missing,
             "wall_s": wall_s}
 
 
 def study_command(args) -> int:
+    from paf_ray.tune.search import sweep_dir
+
     cfg = load_study(args.config, args.overrides, quick=args.quick)
+    if args.report:
+        out_dir = sweep_dir(cfg, args.out)
+        summary = {"out_dir": out_dir, **report_folder(cfg, out_dir)}
+        print(summary["markdown"])
+        print(f"[study] results of the cells finished so far written to {out_dir}")
+        return 0
     summary = run_study(cfg, out=args.out, resume=args.resume, source=args.config)
     print(summary["markdown"])
     print(f"[study] folder: {summary['out_dir']} (study.md, study.csv, study.json, study.png), {summary['wall_s']} s")
