@@ -48,3 +48,23 @@ def test_views_differ_and_the_loss_finds_the_positive():
     z = torch.nn.functional.normalize(torch.randn(4, 8, generator=gen), dim=1)
     other = torch.nn.functional.normalize(torch.randn(4, 8, generator=gen), dim=1)
     assert float(nt_xent(z, z, 0.1)) < float(nt_xent(z, other, 0.1))
+
+
+def test_pretrain_command_writes_a_checkpoint_the_config_can_use(tmp_path, monkeypatch, capsys):
+    import os
+
+    from paf_ray.cli import main
+    from paf_ray.config import load_config
+    from paf_ray.models import build_model
+
+    smoke = os.path.join(os.path.dirname(__file__), "..", "jobs", "smoke.yaml")
+    monkeypatch.setenv("PAF_RAY_CACHE", str(tmp_path / "cache"))
+    out = str(tmp_path / "moco.pth.tar")
+    assert main(["pretrain", smoke, "--method", "moco", "--out", out, "--steps", "2", "--batch-size", "4",
+                 "--size", "64x32"]) == 0
+    assert "--set model.backbone.format=moco" in capsys.readouterr().out
+    cfg = load_config(smoke, [f"model.backbone.weights={out}", "model.backbone.format=auto"])
+    model = build_model(cfg.model, cfg.data.input_size)  # the zoo reads it as a published MoCo file
+    assert model.normalization == "imagenet"
+    saved = torch.load(out, weights_only=True)["state_dict"]
+    assert torch.equal(model.backbone.conv1.weight, saved["module.encoder_q.conv1.weight"])

@@ -199,7 +199,7 @@ def restore_or_refuse(experiment: str, trainable, resume: bool):
         return ray.tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
     if storage.exists(experiment):
         raise ConfigError(
-            f"{experiment} already holds a sweep: pass --resume to continue it, or choose another --out"
+            f"{experiment} already holds a Tune experiment: pass --resume to continue it, or choose another --out"
         )
     return None
 
