@@ -468,6 +468,7 @@ def _fmt(v: tuple | None, signed: bool = False) -> str:
 def sentences(rows: list[dict], tasks: list[str]) -> list[str]:
     """Per checkpoint (and adapter kind / LV): did adapt→finetune beat pretrain→finetune, per task
     and on Δ_MTL, in how many seeds (paired by seed)? Computed from the cell rows."""
+    rows = [r for r in rows if r["status"] == "done"]
     by = {(r["checkpoint"], r["paradigm"], r["adapter"], r["lv_adapter"], r["seed"]): r for r in rows}
     out = []
     for ck in dict.fromkeys(r["checkpoint"] for r in rows):
