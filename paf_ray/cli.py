@@ -80,6 +80,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.set_defaults(handler="paf_ray.train.demo:demo_command")
 
+    p = sub.add_parser("pretrain", help="make a pretrained backbone checkpoint on the config's training frames")
+    p.add_argument("config", help="the config whose data and model.backbone are used")
+    p.add_argument("--method", choices=["supervised", "simclr", "moco"], required=True,
+                   help="image-level labels (torchvision layout), or self-supervised SimCLR / MoCo v2 (their layouts)")
+    p.add_argument("--out", required=True, help="checkpoint file to write (path or URI)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 200)")
+    p.add_argument("--batch-size", type=int, default=None, help="frames per batch (default 32)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate, one-cycle (default 3e-3)")
+    p.add_argument("--size", default=None, help="WxH the frames are resized to (default 160x96)")
+    p.add_argument("--seed", type=int, default=0)
+    _add_set(p)
+    p.set_defaults(handler="paf_ray.train.pretrain:pretrain_command")
+
+    p = sub.add_parser("study", help="the comparison grid (checkpoints x paradigms x adapters x seeds) as Tune trials")
+    p.add_argument("config", help="a study file (a config with a `study:` section)")
+    p.add_argument("--out", default=None, help="study folder (default <ray.storage_path or ./runs>/<name>)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted study in --out")
+    p.add_argument("--quick", action="store_true", help="apply the file's study.quick overrides (CI: tiny, one seed)")
+    p.add_argument("--report", action="store_true",
+                   help="only write the results of the cells finished so far in --out (while it runs, or after)")
+    _add_set(p)
+    p.set_defaults(handler="paf_ray.study:study_command")
+
     p = sub.add_parser("eval", help="evaluate a checkpoint on the val split")
     p.add_argument("checkpoint")
     p.add_argument("--json", action="store_true")

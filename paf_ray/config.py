@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -65,6 +66,22 @@ class DataConfig:
 # --------------------------------------------------------------------------- model
 
 
+CheckpointFormat = Literal[
+    "auto",
+    "torchvision",
+    "moco",
+    "mocov3",
+    "simclr",
+    "simclr2",
+    "densecl",
+    "detco",
+    "swav",
+    "byol",
+    "mmselfsup",
+    "clip",
+]
+
+
 @dataclass
 class BackboneConfig:
     name: Literal["resnet18", "resnet34", "resnet50", "clip_rn50", "tiny"] = "resnet50"
@@ -72,20 +89,7 @@ class BackboneConfig:
     # into its cache; None = random init, which an adapt stage accepts only with random_init: true
     weights: Optional[str] = None
     random_init: bool = False  # say so to adapt (freeze) a randomly initialised backbone on purpose
-    format: Literal[
-        "auto",
-        "torchvision",
-        "moco",
-        "mocov3",
-        "simclr",
-        "simclr2",
-        "densecl",
-        "detco",
-        "swav",
-        "byol",
-        "mmselfsup",
-        "clip",
-    ] = "auto"
+    format: CheckpointFormat = "auto"
     trust_checkpoint: bool = False  # allow plain pickles (detectron2 .pkl)
     normalization: Literal["auto", "imagenet", "swav", "clip", "none"] = "auto"
     tiny_width: int = 16  # channels of the first stage of the `tiny` backbone
@@ -93,11 +97,13 @@ class BackboneConfig:
 
 @dataclass
 class AdapterConfig:
-    kind: Literal["none", "bypass", "lora"] = "bypass"
-    reduction: int = 8  # bypass: bottleneck = channels // reduction
+    # bypass: beside the backbone, on each stage output for the FPN; inline: after each stage, its
+    # output feeding the next stage; lora: weight deltas inside the stage convs (models/adapters.py)
+    kind: Literal["none", "bypass", "inline", "lora"] = "bypass"
+    reduction: int = 8  # bypass / inline: bottleneck = channels // reduction
     rank: int = 8  # lora: rank of the weight deltas
     stages: list[int] = field(default_factory=lambda: [1, 2, 3, 4])  # 1..4 = strides 4..32
-    init_scale: float = 1.0  # bypass: the learnable output scale starts here (up-proj is zero-init)
+    init_scale: float = 1.0  # bypass / inline: the learnable output scale starts here (up-proj is zero-init)
     lora_alpha: float = 8.0  # lora: the delta is scaled by alpha / rank
 
 
@@ -254,6 +260,58 @@ class TuneConfig:
     backbones: list[dict[str, Any]] = field(default_factory=list)  # choices for `backbone`
 
 
+# --------------------------------------------------------------------------- study
+
+
+STUDY_PARADIGMS = ("single_task", "pretrain_finetune", "adapt_finetune", "adapt_only")
+
+
+@dataclass
+class PretrainConfig:
+    """A checkpoint made here, on the config's training frames (`paf-ray pretrain`, train/pretrain.py)."""
+
+    method: Literal["supervised", "simclr", "moco"] = "simclr"
+    steps: int = 200
+    batch_size: int = 32
+    lr: float = 3.0e-3
+    size: tuple[int, int] = (160, 96)  # (width, height) the frames are resized to
+    temperature: float = 0.2  # simclr / moco: InfoNCE temperature
+    queue: int = 1024  # moco: negatives kept from earlier batches
+    momentum: float = 0.99  # moco: key-encoder EMA
+    proj_dim: int = 64  # simclr / moco: projection head output (dropped afterwards)
+    seed: int = 0
+
+
+@dataclass
+class StudyCheckpointConfig:
+    """One row group of the study: a published file (`weights` + `format`) or one made here (`pretrain`)."""
+
+    weights: Optional[str] = None  # path or URI
+    format: CheckpointFormat = "auto"
+    backbone: Optional[Literal["resnet18", "resnet34", "resnet50", "clip_rn50", "tiny"]] = None  # default: model.backbone.name
+    trust_checkpoint: bool = False
+    pretrain: Optional[PretrainConfig] = None
+    lv_adapter: Optional[list[bool]] = None  # LV-Adapter off/on for this checkpoint; default study.lv_adapter
+
+
+@dataclass
+class StudyConfig:
+    """`paf-ray study`: the comparison grid (docs/study.md). Every cell trains `total_steps` optimizer steps."""
+
+    checkpoints: dict[str, StudyCheckpointConfig] = field(default_factory=dict)
+    paradigms: list[Literal["single_task", "pretrain_finetune", "adapt_finetune", "adapt_only"]] = field(
+        default_factory=lambda: ["single_task", "pretrain_finetune", "adapt_finetune"])
+    adapter_kinds: list[Literal["bypass", "inline", "lora"]] = field(default_factory=lambda: ["bypass"])
+    lv_adapter: list[bool] = field(default_factory=lambda: [False])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    total_steps: int = 200  # the budget of every cell, adapt steps counted
+    steps_per_epoch: int = 50  # stages are cut into epochs of this many steps (one Tune iteration each)
+    adapt_fraction: float = 0.25  # adapt_finetune: the adapt stage's share of total_steps
+    # trials at once, trial resources, restarts and worker timeout: tune.max_concurrent_trials,
+    # tune.trial_cpus, tune.max_failures (as for `paf-ray tune`), ray.worker_start_timeout_s
+    quick: dict[str, Any] = field(default_factory=dict)  # --quick: dotted key -> value overrides
+
+
 # --------------------------------------------------------------------------- jobs
 
 
@@ -269,12 +327,13 @@ class JobConfig:
 @dataclass
 class Config:
     name: str = "paf"
-    command: Literal["run", "tune", "demo"] = "run"  # what the job file runs when executed
+    command: Literal["run", "tune", "demo", "study"] = "run"  # what the job file runs when executed
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
     job: JobConfig = field(default_factory=JobConfig)
 
 
@@ -308,13 +367,17 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _convert(value, arg, key, source)
-            except ConfigError:
-                pass
+            except ConfigError as e:
+                errors.append((arg, e))
+        for arg, e in errors:  # a mapping for an optional section: its own error names the inner key
+            if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                raise e
         raise fail()
     if origin is Literal:
         if value not in args:
@@ -540,8 +603,8 @@ def _rule_clip_backbone_has_weights(cfg: "Config") -> list[tuple[str, str]]:
 
 def _rule_adapt_needs_weights(cfg: "Config") -> list[tuple[str, str]]:
     bb = cfg.model.backbone
-    if cfg.tune.backbones:  # a sweep's trials take their backbone from there; each trial config is checked
-        return []
+    if cfg.tune.backbones or cfg.study.checkpoints:  # trials and cells take their backbone from there;
+        return []  # each trial's or cell's own config is checked when it is made
     if bb.weights is None and not bb.random_init and any(s.kind == "adapt" for s in cfg.train.stages):
         return [("model.backbone.weights", "an adapt stage freezes the backbone, and no pretrained weights are "
                  "named: set the checkpoint (a path or URI), or model.backbone.random_init: true if a randomly "
@@ -555,15 +618,55 @@ def _rule_worker_start_timeout_positive(cfg: "Config") -> list[tuple[str, str]]:
 
 
 def _rule_frozen_norm_needs_statistics(cfg: "Config") -> list[tuple[str, str]]:
+    if cfg.tune.backbones or cfg.study.checkpoints:
+        return []
     if cfg.model.norm == "frozen" and not cfg.model.backbone.weights and not cfg.train.init_checkpoint:
         return [("model.norm", "frozen keeps the backbone's BatchNorm statistics fixed, but the backbone starts from "
                                "random init (no model.backbone.weights or train.init_checkpoint): use bn or syncbn")]
     return []
 
 
+def _rule_study_grid(cfg: "Config") -> list[tuple[str, str]]:
+    """The study's budget split and its checkpoints (checked whenever the config is a study)."""
+    st = cfg.study
+    if cfg.command != "study" and not st.checkpoints:
+        return []
+    problems = []
+    if not st.checkpoints:
+        problems.append(("study.checkpoints", "name at least one checkpoint (name: {weights, format} or {pretrain: ...})"))
+    for name, ck in st.checkpoints.items():
+        key = f"study.checkpoints.{name}"
+        if not re.fullmatch(r"[A-Za-z0-9_.]+", name):
+            problems.append((key, "a checkpoint name is letters, digits, '_' and '.' (it names folders and cells)"))
+        if (ck.weights is None) == (ck.pretrain is None):
+            problems.append((key, "give exactly one of `weights` (a file or URI) and `pretrain` (make it here)"))
+        if ck.pretrain is not None and ck.pretrain.steps < 1:
+            problems.append((f"{key}.pretrain.steps", "must be >= 1"))
+    for key, values in (("study.paradigms", st.paradigms), ("study.adapter_kinds", st.adapter_kinds),
+                        ("study.lv_adapter", st.lv_adapter), ("study.seeds", st.seeds)):
+        if not values:
+            problems.append((key, "needs at least one value"))
+        elif len(set(values)) != len(values):
+            problems.append((key, f"values repeat: {values}"))
+    if st.steps_per_epoch < 1:
+        problems.append(("study.steps_per_epoch", "must be >= 1"))
+    elif st.total_steps < 2 * st.steps_per_epoch or st.total_steps % st.steps_per_epoch:
+        problems.append(("study.total_steps", f"must be a multiple of study.steps_per_epoch ({st.steps_per_epoch}) "
+                                              f"and at least two epochs of it (adapt and finetune), got {st.total_steps}"))
+    elif not 0 < st.adapt_fraction < 1:
+        problems.append(("study.adapt_fraction", f"must lie strictly between 0 and 1, got {st.adapt_fraction}"))
+    kinds = [s.kind for s in cfg.train.stages]
+    if kinds != ["adapt", "finetune"]:
+        problems.append(("train.stages", f"a study takes its stage settings (lr, schedule...) from two stages "
+                                         f"[adapt, finetune]; got {kinds}"))
+    return problems
+
+
+
+
 RULES = [_rule_stages, _rule_model_shapes, _rule_adapt_needs_weights, _rule_worker_start_timeout_positive,
          _rule_lv_adapter_has_clip_weights, _rule_lv_adapter_activation, _rule_clip_backbone_has_weights,
-         _rule_frozen_norm_needs_statistics]
+         _rule_frozen_norm_needs_statistics, _rule_study_grid]
 
 
 def check_rules(cfg: "Config", source: str = "<config>") -> None:

@@ -335,6 +335,54 @@ def test_adapters_are_identity_at_init():
     assert all(torch.allclose(feats[k], ref[k], atol=1e-6) for k in ref)
 
 
+def test_inline_adapters_are_identity_at_init_and_feed_the_next_stage():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (2, 3, H, W), dtype=torch.uint8)
+    plain = build_backbone("tiny", 8).eval()
+    ref = plain(normalize_images(x, "imagenet"))
+    models = {}
+    for kind in ("inline", "bypass"):
+        model = build_model(tiny_model_cfg(tasks=["sem"], adapter={"kind": kind}), (W, H)).eval()
+        model.backbone.load_state_dict(plain.state_dict())
+        models[kind] = model
+    _, feats, _ = models["inline"].features(x)
+    assert all(torch.equal(feats[k], ref[k]) for k in ref)  # identity at init: the plain backbone's outputs
+
+    for model in models.values():  # only the stride-4 adapter (after layer1) becomes non-zero
+        torch.nn.init.normal_(model.adapters["1"].up.weight, std=0.5)
+    with torch.no_grad():
+        inline = models["inline"].features(x)[1]
+        bypass = models["bypass"].features(x)[1]
+    assert not torch.allclose(inline[1], ref[1]) and not torch.allclose(bypass[1], ref[1])
+    # in-line: the adapted C2 is what layer2 reads, so C3..C5 change; bypass leaves them as they were
+    assert all(not torch.allclose(inline[k], ref[k]) for k in (2, 3, 4))
+    assert all(torch.equal(bypass[k], ref[k]) for k in (2, 3, 4))
+
+
+def test_inline_adapters_train_in_adapt_through_the_frozen_backbone():
+    torch.manual_seed(0)
+    model = build_model(tiny_model_cfg(tasks=["sem"], adapter={"kind": "inline", "stages": [1, 4]}), (W, H))
+    apply_stage(model, "adapt")
+    model.train()
+    for a in model.adapters.values():
+        torch.nn.init.normal_(a.up.weight, std=0.1)
+    x = torch.randint(0, 256, (2, 3, H, W), dtype=torch.uint8)
+    batch = {"has_sem": torch.ones(2), "sem": torch.randint(0, len(SEM_CLASSES), (2, H, W))}
+    model.total_loss(model(x, batch)).backward()
+    # the stride-4 adapter's gradient passes back through the frozen layer2..layer4
+    assert model.adapters["1"].down.weight.grad is not None and model.adapters["1"].down.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.backbone.parameters())
+    from paf_ray.config import to_dict
+    from paf_ray.models.inspect import inspect_model
+
+    # `paf-ray inspect` tells the placements apart: only the in-line adapt forward records the backbone
+    for kind, graph in (("inline", True), ("bypass", False)):
+        cfg = from_dict({"model": {**to_dict(model.cfg), "adapter": {"kind": kind}}, "data": {"input_size": [W, H]}})
+        report = inspect_model(cfg, "adapt", flops=False)
+        assert report["adapter"]["kind"] == kind and report["backbone_graph"] is graph
+        assert ("feeds the next stage" in report["adapter"]["placement"]) is graph
+
+
 def test_lora_merge_gives_plain_backbone_with_same_outputs():
     torch.manual_seed(0)
     backbone = build_backbone("resnet18").eval()

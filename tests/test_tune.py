@@ -117,6 +117,29 @@ def test_epoch_split_keeps_one_epoch_per_stage():
 # --------------------------------------------------------------------------- results
 
 
+def test_asha_first_rung_comes_after_the_longest_adapt_phase():
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    def first_milestone(scheduler) -> int:
+        return min(milestone for milestone, _ in scheduler._brackets[0]._rungs)
+
+    # the split is searched: trials leave adapt after 0, 2 or 4 of 10 epochs -> no rung before epoch 5
+    cfg = sweep_cfg({"adapt_fraction": {"choice": [0.0, 0.2, 0.4]}}, total_epochs=10)
+    dims = search.check_sweep_config(cfg, "sweep.yaml")
+    assert search.adapt_epoch_range(cfg, dims) == (0, 4)
+    scheduler = search.make_scheduler(cfg, dims)
+    assert isinstance(scheduler, ASHAScheduler) and first_milestone(scheduler) == 5
+    # a uniform split: its upper bound is the longest adapt phase (0.4 x 10 = 4 epochs)
+    cfg = sweep_cfg({"adapt_fraction": {"uniform": [0.1, 0.4]}}, total_epochs=10)
+    assert first_milestone(search.make_scheduler(cfg, search.check_sweep_config(cfg, "sweep.yaml"))) == 5
+    # a fixed split: every trial is in the same phase at every epoch, so the configured grace period holds
+    cfg = sweep_cfg({"adapt_fraction": 0.3, "train.stages.1.lr": {"loguniform": [1e-5, 1e-3]}}, total_epochs=10)
+    assert first_milestone(search.make_scheduler(cfg, search.check_sweep_config(cfg, "sweep.yaml"))) == 1
+    # no rung fits after the longest adapt phase (the smoke sweep's 2-epoch budget): every trial runs out
+    cfg = load_config(SMOKE)
+    assert isinstance(search.make_scheduler(cfg, search.check_sweep_config(cfg, SMOKE)), FIFOScheduler)
+
+
 def test_results_table_is_sorted_and_best_yaml_is_a_run_config(tmp_path):
     cfg = load_config(SMOKE)
     dims = space.parse_space(cfg.tune, SMOKE)
@@ -165,9 +188,8 @@ def test_smoke_sweep_writes_table_best_config_tensorboard_and_study(ray_local, t
     with open(os.path.join(out, "trials.csv"), newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3
-    assert all(r["status"] in ("completed", "stopped") for r in rows), rows
-    for r in rows:  # a stopped trial stopped at ASHA's rung (epoch 1); a completed one used the whole budget
-        assert int(r["epochs"]) == (2 if r["status"] == "completed" else 1), r
+    for r in rows:  # the split is searched in 2 epochs: no ASHA rung fits after adapt, so every trial runs out
+        assert r["status"] == "completed" and int(r["epochs"]) == 2, r
     scores = [float(r["score"]) for r in rows]
     assert scores == sorted(scores, reverse=True)
     assert os.path.exists(os.path.join(out, "trials.md"))

@@ -2,7 +2,10 @@
 
 * bypass: a residual conv bottleneck on the stage output, outside the backbone
   (down 1x1 -> depthwise 3x3 -> GELU -> up 1x1, times a learnable scale). The up
-  projection starts at zero, so an untrained adapter is the identity.
+  projection starts at zero, so an untrained adapter is the identity. It re-maps what
+  the FPN sees; the next backbone stage still reads the unadapted output.
+* inline: the same residual bottleneck, applied between backbone stages: the adapted
+  C_k is what stage k+1 reads (and what the FPN sees). Identity at init too.
 * lora: low-rank deltas on the stage's conv weights, inside the backbone. `merge_lora`
   folds them into plain Conv2d layers, after which the backbone's state dict has exactly
   a plain backbone's keys.
@@ -15,6 +18,15 @@ import math
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+
+# What each kind changes, as `paf-ray inspect` shows it.
+PLACEMENT = {
+    "none": "no adapters",
+    "bypass": "beside the backbone: each adapted stage output goes to the FPN only; the next stage reads the plain output",
+    "inline": "between backbone stages: each adapted stage output feeds the next stage (and the FPN)",
+    "lora": "inside the backbone: low-rank deltas on the stage convs, merged into them after adapt",
+}
 
 
 class BypassAdapter(nn.Module):
@@ -32,8 +44,8 @@ class BypassAdapter(nn.Module):
         return x + self.scale * self.up(F.gelu(self.dw(self.down(x))))
 
 
-def build_bypass_adapters(out_channels: dict[int, int], stages: list[int], reduction: int, init_scale: float) -> nn.ModuleDict:
-    """ModuleDict keyed by stage ("1".."4") for the configured stages."""
+def build_residual_adapters(out_channels: dict[int, int], stages: list[int], reduction: int, init_scale: float) -> nn.ModuleDict:
+    """Bypass / inline adapters: ModuleDict keyed by stage ("1".."4") for the configured stages."""
     return nn.ModuleDict(
         {str(k): BypassAdapter(out_channels[k], reduction, init_scale) for k in sorted(set(stages))}
     )

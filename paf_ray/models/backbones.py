@@ -7,11 +7,25 @@ carries a classifier or pooling head: those are the keys the checkpoint zoo drop
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
 STAGES = (1, 2, 3, 4)  # stage k has stride 2 ** (k + 1)
+
+
+def run_stages(net: nn.Module, x: torch.Tensor, after_stage: Mapping[str, nn.Module] | None) -> dict[int, torch.Tensor]:
+    """layer1..layer4 in turn; `after_stage["k"]` (in-line adapters), when given, maps stage k's
+    output before stage k+1 reads it and before it is returned."""
+    feats = {}
+    for k in STAGES:
+        x = getattr(net, f"layer{k}")(x)
+        if after_stage is not None and str(k) in after_stage:
+            x = after_stage[str(k)](x)
+        feats[k] = x
+    return feats
 
 
 class ResNetFeatures(nn.Module):
@@ -26,13 +40,9 @@ class ResNetFeatures(nn.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
         self.out_channels = out_channels
 
-    def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+    def forward(self, x: torch.Tensor, after_stage: Mapping[str, nn.Module] | None = None) -> dict[int, torch.Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        feats = {}
-        for k in STAGES:
-            x = getattr(self, f"layer{k}")(x)
-            feats[k] = x
-        return feats
+        return run_stages(self, x, after_stage)
 
 
 class ClipResNetFeatures(nn.Module):
@@ -60,15 +70,11 @@ class ClipResNetFeatures(nn.Module):
         del self.attnpool
         return pool
 
-    def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+    def forward(self, x: torch.Tensor, after_stage: Mapping[str, nn.Module] | None = None) -> dict[int, torch.Tensor]:
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.act2(self.bn2(self.conv2(x)))
         x = self.avgpool(self.act3(self.bn3(self.conv3(x))))
-        feats = {}
-        for k in STAGES:
-            x = getattr(self, f"layer{k}")(x)
-            feats[k] = x
-        return feats
+        return run_stages(self, x, after_stage)
 
 
 def _from_torchvision(net: tv_resnet.ResNet) -> ResNetFeatures:

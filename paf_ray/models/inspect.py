@@ -16,7 +16,8 @@ import torch
 
 from paf_ray.config import load_config
 from paf_ray.models.multitask import build_model
-from paf_ray.models.stages import apply_stage, finish_stage, trainable_summary
+from paf_ray.models.adapters import PLACEMENT
+from paf_ray.models.stages import apply_stage, backbone_builds_graph, finish_stage, trainable_summary
 
 
 def forward_gflops(model: torch.nn.Module, input_size: tuple[int, int]) -> tuple[float, dict[str, float]]:
@@ -58,6 +59,9 @@ def inspect_model(cfg, stage: str | None = None, flops: bool = True) -> dict:
     apply_stage(model, stage, cfg)
     report = {"stage": stage, **trainable_summary(model)}
     report["adapters_merged"] = bool(model.adapters_merged)
+    report["adapter"] = {"kind": cfg.model.adapter.kind, "stages": sorted(set(cfg.model.adapter.stages)),
+                         "placement": PLACEMENT[cfg.model.adapter.kind]}
+    report["backbone_graph"] = backbone_builds_graph(model)
     report["input_size"] = list(cfg.data.input_size)
     lv = getattr(model, "lv_adapter", None)
     if lv is not None:  # where the LV-Adapter's pixel->text projection starts, per backbone level
@@ -74,6 +78,9 @@ def inspect_model(cfg, stage: str | None = None, flops: bool = True) -> dict:
 
 def _text(report: dict) -> str:
     lines = [f"stage: {report['stage']}   input (w, h): {tuple(report['input_size'])}",
+             f"adapters: {report['adapter']['kind']} at stages {report['adapter']['stages']}: "
+             f"{report['adapter']['placement']}",
+             f"backbone forward records autograd in this stage: {'yes' if report['backbone_graph'] else 'no'}",
              f"{'module':<14}{'total':>14}{'trainable':>14}"]
     for name, c in report["modules"].items():
         lines.append(f"{name:<14}{c['total']:>14,}{c['trainable']:>14,}")

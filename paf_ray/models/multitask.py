@@ -23,11 +23,12 @@ from paf_ray.config import ModelConfig
 from paf_ray.data import storage
 from paf_ray.data.bdd100k import NUM_CLASSES, SEG_TASKS, TASKS
 from paf_ray.data.normalize import FORMAT_NORMALIZATION, normalize_images
-from paf_ray.models.adapters import add_lora, build_bypass_adapters
+from paf_ray.models.adapters import add_lora, build_residual_adapters
 from paf_ray.models.backbones import STAGES, build_backbone, default_normalization
 from paf_ray.models.detection import build_det_head
 from paf_ray.models.heads import SegHead, seg_loss
 from paf_ray.models.stages import build_norm
+from paf_ray.models.stages import backbone_builds_graph
 from paf_ray.models.zoo import load_backbone_weights, read_checkpoint, sniff_format
 
 log = logging.getLogger(__name__)
@@ -89,8 +90,8 @@ class MultiTaskModel(nn.Module):
         attnpool = self.backbone.take_attnpool() if hasattr(self.backbone, "take_attnpool") else None
 
         self.adapter_kind = cfg.adapter.kind
-        if cfg.adapter.kind == "bypass":
-            self.adapters = build_bypass_adapters(channels, cfg.adapter.stages, cfg.adapter.reduction, cfg.adapter.init_scale)
+        if cfg.adapter.kind in ("bypass", "inline"):
+            self.adapters = build_residual_adapters(channels, cfg.adapter.stages, cfg.adapter.reduction, cfg.adapter.init_scale)
         else:
             self.adapters = nn.ModuleDict()  # lora deltas live inside the backbone convs
             if cfg.adapter.kind == "lora":
@@ -147,11 +148,12 @@ class MultiTaskModel(nn.Module):
         if h % 32 or w % 32:
             raise ValueError(f"images: height and width must be multiples of 32, got {h}x{w}")
         x = normalize_images(images, self.normalization)
-        # Without trainable backbone parameters (adapt with bypass adapters) no autograd graph is built.
-        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.backbone.parameters())
+        # Adapt with bypass adapters: the frozen backbone's forward builds no autograd graph at all.
+        needs_grad = torch.is_grad_enabled() and backbone_builds_graph(self)
         with torch.set_grad_enabled(needs_grad):
-            feats = self.backbone(x)
-        feats = {k: self.adapters[str(k)](f) if str(k) in self.adapters else f for k, f in feats.items()}
+            feats = self.backbone(x, self.adapters if self.adapter_kind == "inline" else None)
+        if self.adapter_kind == "bypass":
+            feats = {k: self.adapters[str(k)](f) if str(k) in self.adapters else f for k, f in feats.items()}
         score_maps: dict[str, torch.Tensor] = {}
         if hasattr(self, "lv_adapter"):
             feats, score_maps = self.lv_adapter(feats)

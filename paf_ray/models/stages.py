@@ -1,8 +1,10 @@
 """The stage policy, in one place: what each stage freezes and trains, BatchNorm modes, LoRA merging, param groups.
 
 * adapt: the backbone is frozen (no grad, BatchNorm in eval mode even after `.train()`);
-  bypass adapters sit outside it, so its forward builds no autograd graph at all. LoRA
-  deltas (inside the backbone) stay trainable. Adapters, LV-Adapter, neck and heads train.
+  bypass adapters sit outside it, so its forward builds no autograd graph at all. In-line
+  adapters sit between its stages (the later frozen stages carry their gradients back), and
+  LoRA deltas inside it stay trainable: with either, the backbone forward records a graph
+  (`backbone_builds_graph`). Adapters, LV-Adapter, neck and heads train.
 * finetune: everything trains (backbone lr x `backbone_lr_mult`). LoRA deltas are merged
   into the plain convs when the adapt stage ends (`finish_stage`).
 * Either stage: a task head's lr is lr x `head_lr_mult[task]` (default 1).
@@ -47,6 +49,15 @@ def is_adapter_param(name: str) -> bool:
 def is_backbone_param(name: str) -> bool:
     """Pretrained backbone weights (LoRA deltas inside the backbone count as adapters)."""
     return name.startswith("backbone.") and ".lora_" not in name
+
+
+def backbone_builds_graph(model: nn.Module) -> bool:
+    """Whether the backbone forward must record autograd: some backbone parameter trains
+    (finetune, LoRA deltas), or in-line adapters train, whose gradients pass back through
+    the frozen stages after them."""
+    if any(p.requires_grad for p in model.backbone.parameters()):
+        return True
+    return getattr(model, "adapter_kind", None) == "inline" and any(p.requires_grad for p in model.adapters.parameters())
 
 
 def apply_stage(model: nn.Module, kind: str, cfg: Config | ModelConfig | None = None) -> None:

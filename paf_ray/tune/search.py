@@ -110,17 +110,24 @@ def run_trial(params: dict, base: dict, runs_dir: str, source: str) -> None:
     resume from their last checkpoints; on a fresh folder `resume=True` just starts.
     """
     import ray.tune
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    base_cfg = from_dict(base, source)
+    dims = space.parse_space(base_cfg.tune, source)
+    cfg = space.trial_config(base_cfg, dims, params, name=trial_id, source=source)
+    run_in_trial(cfg, runs_dir)
+
+
+def run_in_trial(cfg: Config, runs_dir: str) -> dict:
+    """The body of a Tune trial (`paf-ray tune` and `paf-ray study`): one pipeline run of `cfg`,
+    each per-epoch report of either stage one Tune iteration; resumes its Train runs when restarted."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from paf_ray.train.run import run_pipeline
 
-    trial_id = ray.tune.get_context().get_trial_id()
     # Tune does not count the Train workers of a trial, so a trial may wait for them while other
     # trials hold the CPUs/GPUs: up to ray.worker_start_timeout_s, as every stage does.
-    base_cfg = from_dict(base, source)
-    dims = space.parse_space(base_cfg.tune, source)
-    cfg = space.trial_config(base_cfg, dims, params, name=trial_id, source=source)
-    run_pipeline(cfg, out=runs_dir, resume=True, callbacks=[TuneReportCallback()])
+    return run_pipeline(cfg, out=runs_dir, resume=True, callbacks=[TuneReportCallback()])
 
 
 def make_trainable(cfg: Config, runs_dir: str, source: str):
@@ -154,16 +161,52 @@ def asha_max_t(cfg: Config) -> int:
     return cfg.tune.scheduler.max_t or max(1, space.epoch_budget(cfg) - 1)
 
 
-def make_scheduler(cfg: Config):
+def adapt_epoch_range(cfg: Config, dims: list[space.Dimension]) -> tuple[int, int]:
+    """The fewest and the most epochs a trial of this space spends in its frozen adapt phase
+    (the stages before its first finetune), over the corners of the space."""
+    counts = []
+    for point in space.corner_points(dims):
+        trial = space.trial_config(cfg, dims, point, name="check", source="<scheduler>")
+        adapt = 0
+        for stage in trial.train.stages:
+            if stage.kind != "adapt":
+                break
+            adapt += stage.epochs
+        counts.append(adapt)
+    return min(counts), max(counts)
+
+
+def first_rung(cfg: Config, dims: list[space.Dimension]) -> int | None:
+    """ASHA's grace period: `scheduler.grace_period`, moved past the longest adapt phase when trials
+    leave adapt at different epochs (a searched `adapt_fraction` or adapt-stage length); otherwise a
+    rung would rank a trial still in its frozen adapt phase against trials already finetuning, and cull
+    the method under test. None when no rung fits before `max_t` (the sweep then runs FIFO)."""
+    grace = cfg.tune.scheduler.grace_period
+    shortest, longest = adapt_epoch_range(cfg, dims)
+    if shortest != longest:
+        grace = max(grace, longest + 1)  # every trial has finished adapt and reported a finetune epoch
+    return grace if grace <= asha_max_t(cfg) else None
+
+
+def make_scheduler(cfg: Config, dims: list[space.Dimension]):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     sch = cfg.tune.scheduler
     if sch.kind == "fifo":
         return FIFOScheduler()
+    grace = first_rung(cfg, dims)
+    if grace is None:
+        print(f"[paf-ray] tune.scheduler: trials leave the adapt stage at different epochs and no ASHA rung fits "
+              f"after the longest adapt phase (last rung: epoch {asha_max_t(cfg)}); every trial runs out (FIFO)",
+              flush=True)
+        return FIFOScheduler()
+    if grace != sch.grace_period:
+        print(f"[paf-ray] tune.scheduler: first ASHA rung at epoch {grace}, after the longest adapt phase "
+              f"(grace_period {sch.grace_period} would compare adapting trials with finetuning ones)", flush=True)
     return ASHAScheduler(
         time_attr="training_iteration",
         max_t=asha_max_t(cfg),
-        grace_period=sch.grace_period,
+        grace_period=grace,
         reduction_factor=sch.reduction_factor,
         stop_last_trials=False,  # a trial ends with its pipeline, never killed at max_t
     )
@@ -173,27 +216,38 @@ def trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def build_tuner(cfg: Config, out_dir: str, dims: list[space.Dimension], source: str, resume: bool):
+def restore_or_refuse(experiment: str, trainable, resume: bool):
+    """--resume: the Tune experiment restored (unfinished and errored trials run again); a fresh
+    start: None, or an error when the folder already holds an experiment."""
     import ray.tune
 
-    runs_dir = storage.join(out_dir, TRIALS_DIR)
-    trainable = make_trainable(cfg, runs_dir, source)
-    experiment = storage.join(out_dir, cfg.name)
     if resume:
         if not ray.tune.Tuner.can_restore(experiment):
             raise ConfigError(f"--resume: {experiment} holds no Tune experiment to continue")
         return ray.tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
     if storage.exists(experiment):
         raise ConfigError(
-            f"{experiment} already holds a sweep: pass --resume to continue it, or choose another --out"
+            f"{experiment} already holds a Tune experiment: pass --resume to continue it, or choose another --out"
         )
+    return None
+
+
+def build_tuner(cfg: Config, out_dir: str, dims: list[space.Dimension], source: str, resume: bool):
+    import ray.tune
+
+    runs_dir = storage.join(out_dir, TRIALS_DIR)
+    trainable = make_trainable(cfg, runs_dir, source)
+    experiment = storage.join(out_dir, cfg.name)
+    restored = restore_or_refuse(experiment, trainable, resume)
+    if restored is not None:
+        return restored
     return ray.tune.Tuner(
         trainable,
         tune_config=ray.tune.TuneConfig(
             metric=cfg.tune.metric,
             mode=cfg.tune.mode,
             search_alg=make_searcher(cfg, dims, study_storage_url(cfg, out_dir)),
-            scheduler=make_scheduler(cfg),
+            scheduler=make_scheduler(cfg, dims),
             num_samples=cfg.tune.num_samples,
             max_concurrent_trials=cfg.tune.max_concurrent_trials,
             trial_dirname_creator=trial_dirname,
