@@ -140,8 +140,8 @@ class LossConfig:
 class LVAdapterConfig:
     enabled: bool = False
     clip_model: str = "RN50"  # any open_clip model name
-    # OpenAI's TorchScript archive (RN50.pt), its state dict, or open_clip's .safetensors / state dict
-    # (path or URI); required unless `random_init`
+    # OpenAI's TorchScript archive (RN50.pt), its state dict, or open_clip's .safetensors / state dict;
+    # required unless `random_init`
     clip_weights: Optional[str] = None
     random_init: bool = False  # a randomly initialised CLIP on purpose (tests, the CPU demo)
     # text-tower MLP activation: auto = from the weights (OpenAI's layout: quick_gelu, open_clip's: gelu)
@@ -574,7 +574,7 @@ def _rule_lv_adapter_has_clip_weights(cfg: "Config") -> list[tuple[str, str]]:
     if lv.clip_weights is None and not lv.random_init:
         return [("model.lv_adapter.clip_weights",
                  "the LV-Adapter carries CLIP's language prior and needs CLIP's weights (e.g. OpenAI's RN50.pt "
-                 "or open_clip's .safetensors, a path or URI); set model.lv_adapter.random_init: true only for a "
+                 "or open_clip's .safetensors); set model.lv_adapter.random_init: true only for a "
                  "deliberately random text tower (tests, demos)")]
     if lv.clip_weights is not None and lv.random_init:
         return [("model.lv_adapter.random_init", "true, but model.lv_adapter.clip_weights names a file: choose one")]
