@@ -37,8 +37,9 @@ def _iter_tensors(obj: Any):
 class StepClock:
     """Timestamps of one step's phases, taken from hooks on the model and the optimizer.
 
-    The forward ends when the model returns its losses (a hook on the model); the backward
-    (with the clip) ends when the optimizer step starts (a step pre-hook). The backbone's
+    The forward ends when the model returns its losses (a hook on the model); the backward ends
+    when every trainable parameter has its gradient (a multi-grad hook); the optimizer part
+    (clip, step, zero_grad) ends with the step. The backbone's
     forward is bracketed by a pre-hook and a hook. Its backward starts when the gradient of
     its last output arrives (a tensor hook on every output that requires grad); a frozen
     backbone whose outputs need no gradient has no backward. On CUDA every timestamp
@@ -46,17 +47,19 @@ class StepClock:
     """
 
     def __init__(self, trainee, sync):
+        import torch
+
         self.sync = sync
         backbone = trainee.net.backbone
         self.handles = [backbone.register_forward_pre_hook(self._pre), backbone.register_forward_hook(self._post),
                         trainee.model.register_forward_hook(self._forward_done),
-                        trainee.optimizer.register_step_pre_hook(self._optimizer_start)]
+                        torch.autograd.graph.register_multi_grad_hook(trainee.trainable, self._backward_done)]
         self.reset()
 
     def reset(self) -> None:
         self.bb_start = self.bb_end = None
         self.last_grad_at_backbone = None
-        self.forward_done = self.optimizer_start = None
+        self.forward_done = self.backward_done = None
 
     def now(self) -> float:
         self.sync()
@@ -77,8 +80,8 @@ class StepClock:
     def _forward_done(self, module, inputs, output):
         self.forward_done = self.now()
 
-    def _optimizer_start(self, optimizer, args, kwargs):
-        self.optimizer_start = self.now()
+    def _backward_done(self, grads):
+        self.backward_done = self.now()
 
     def remove(self) -> None:
         for h in self.handles:
@@ -187,9 +190,8 @@ def make_step(model, stage, batch, device, amp: bool, total_updates: int):
 
 
 def breakdown_ms(times: dict, clock: StepClock) -> dict:
-    """Split one step into backbone forward/backward, the rest forward/backward (with the clip),
-    optimizer."""
-    t_fwd, t_bwd = clock.forward_done, clock.optimizer_start
+    """Split one step into backbone forward/backward, the rest forward/backward, optimizer."""
+    t_fwd, t_bwd = clock.forward_done, clock.backward_done
     fwd = t_fwd - times["t0"]
     bwd = t_bwd - t_fwd
     bb_fwd = (clock.bb_end - clock.bb_start) if clock.bb_start is not None and clock.bb_end is not None else 0.0
