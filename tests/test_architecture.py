@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 from pathlib import Path
 
 import paf_ray
@@ -97,3 +98,16 @@ def test_the_cycle_finder_sees_function_level_and_relative_imports(tmp_path):
 def test_paf_ray_has_no_import_cycle():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_gpu_bench_modules_import_neither_ray_open_clip_nor_pycocotools():
+    """scripts/gpu_bench.sh runs these on a GPU machine's stock image, where none of the three is installed."""
+    import subprocess
+    import sys
+
+    code = ("import sys, paf_ray.bench.step_case, paf_ray.bench.lv_report, paf_ray.train.step\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'open_clip', 'pycocotools'}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT.parent)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
