@@ -173,6 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", default=None, metavar="A,B",
                    help="sections to run, in this order (data, step, compile, ray_overhead, lv_overhead, gpu; "
                         "default all); step, compile and gpu need no Ray")
+    p.add_argument("--config", default=None,
+                   help="instead of the cases: adapt vs finetune step time of this config, side by side "
+                        "(with --compare: the finetune step of the config vs the config with the changes)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --config: override a config key")
+    p.add_argument("--compare", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --config: time the finetune step with these changes against the config as is")
+    p.add_argument("--steps", type=int, default=5, help="with --config: timed steps of each side")
+    p.add_argument("--threads", type=int, default=None, help="with --config: torch threads")
     p.set_defaults(handler="paf_ray.bench:bench_command")
 
     return parser

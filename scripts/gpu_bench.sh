@@ -51,6 +51,6 @@ status=${PIPESTATUS[0]}
 cp "$WORK"/bench.json "$WORK"/bench.md "$OUT/bench/" 2>/dev/null || echo "gpu_bench: no bench.json was written"
 
 # LV-Adapter overhead at the GPU settings (R50-FPN reference heads, 1280x736, batch 8, bf16), its own bound; does not change the exit status.
-timeout --signal=TERM --kill-after=30 "${LV_LIMIT_S:-240}" "$PY" -m paf_ray.models.lv_adapter --device cuda --backbone resnet50 --heads reference --size 1280x736 --batch 8 --steps 10 2>&1 | tee "$OUT/bench/lv_overhead.txt"
+timeout --signal=TERM --kill-after=30 "${LV_LIMIT_S:-240}" "$PY" -m paf_ray.bench.lv_report --device cuda --backbone resnet50 --heads reference --size 1280x736 --batch 8 --steps 10 2>&1 | tee "$OUT/bench/lv_overhead.txt"
 
 exit "$status"

@@ -1,6 +1,6 @@
 """Ray Train overhead: the same steps through a 1-worker TorchTrainer vs a plain loop in one process.
 
-Both sides run `timed_steps` (build the model and batch, warm up, time each step) with
+Both sides run `step_case.timed_steps` (build the model and batch, warm up, time each step) with
 the same torch thread count; the Ray worker is given that many CPUs, because Ray sets a
 worker's OMP_NUM_THREADS to its CPU count and a 1-CPU worker would run single-threaded.
 Steady-state ms/step is measured inside the function on both sides; start-up is the
@@ -11,38 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import tempfile
 import time
-
-
-def timed_steps(spec: dict) -> dict:
-    """Median ms/step of `spec` (the step-case spec) in the calling process."""
-    import torch
-
-    from paf_ray.bench.step_case import build_case, make_step
-
-    torch.set_num_threads(int(spec["threads"]))
-    on_cuda = spec["device"] == "cuda"
-    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
-    _, model, optimizer, stage, batch, device = build_case(spec)
-    step = make_step(model, optimizer, stage, batch, device, bool(spec["amp"]))
-    for _ in range(int(spec["warmup"])):
-        step()
-    sync()
-    times = []
-    for _ in range(int(spec["repeats"])):
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(1000 * (time.perf_counter() - t0))
-    return {"ms": statistics.median(times), "ms_all": times, "threads": torch.get_num_threads()}
 
 
 def ray_timed_steps(config: dict) -> None:
     """Ray Train worker function: `timed_steps`, reported with a checkpoint (Result.metrics
     keeps only reports that carry one)."""
     import ray.train
+
+    from paf_ray.bench.step_case import timed_steps
 
     entered_at = time.time()
     result = timed_steps(config)

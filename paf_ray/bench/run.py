@@ -530,6 +530,12 @@ def _settings_dict(s: BenchSettings) -> dict:
 
 
 def bench_command(args) -> int:
+    if getattr(args, "config", None):
+        from paf_ray.bench.step_time import step_time_command
+
+        return step_time_command(args)
+    if getattr(args, "compare", None) or getattr(args, "overrides", None):
+        raise ValueError("bench --compare / --set: they change a config, so they need --config CONFIG")
     out = os.path.abspath(args.out)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
     result = run_bench(out, quick=args.quick, device=args.device, cases=cases)

@@ -6,9 +6,9 @@ CPU the process's peak RSS (``ru_maxrss``) minus its RSS once the libraries are
 imported and the batch is built, i.e. what the model, its gradients, the optimizer state
 and the step's activations added.
 
-The step is the training loop's step: autocast forward through ``model(images, batch)``,
-``total_loss``, backward, gradient clipping, optimizer step. Batches are built before
-timing (the data pipeline is measured in its own case).
+The step is the training loop's step, ``paf_ray.train.step.train_step`` (autocast forward,
+total loss, backward, clip, optimizer and scheduler step, zero_grad). Batches are built
+before timing (the data pipeline is measured in its own case).
 """
 
 from __future__ import annotations
@@ -35,22 +35,31 @@ def _iter_tensors(obj: Any):
 
 
 class StepClock:
-    """Timestamps of one step's phases, taken from hooks on the backbone.
+    """Timestamps of one step's phases, taken from hooks on the model and the optimizer.
 
-    The backbone's forward is bracketed by a pre-hook and a hook. Its backward starts
-    when the gradient of its last output arrives (a tensor hook on every output that
-    requires grad); a frozen backbone whose outputs need no gradient has no backward.
-    On CUDA every timestamp synchronises first, so only use it in a breakdown pass.
+    The forward ends when the model returns its losses (a hook on the model); the backward ends
+    when every trainable parameter has its gradient (a multi-grad hook); the optimizer part
+    (clip, step, zero_grad) ends with the step. The backbone's
+    forward is bracketed by a pre-hook and a hook. Its backward starts when the gradient of
+    its last output arrives (a tensor hook on every output that requires grad); a frozen
+    backbone whose outputs need no gradient has no backward. On CUDA every timestamp
+    synchronises first, so only use it in a breakdown pass.
     """
 
-    def __init__(self, backbone, sync):
+    def __init__(self, trainee, sync):
+        import torch
+
         self.sync = sync
-        self.handles = [backbone.register_forward_pre_hook(self._pre), backbone.register_forward_hook(self._post)]
+        backbone = trainee.net.backbone
+        self.handles = [backbone.register_forward_pre_hook(self._pre), backbone.register_forward_hook(self._post),
+                        trainee.model.register_forward_hook(self._forward_done),
+                        torch.autograd.graph.register_multi_grad_hook(trainee.trainable, self._backward_done)]
         self.reset()
 
     def reset(self) -> None:
         self.bb_start = self.bb_end = None
         self.last_grad_at_backbone = None
+        self.forward_done = self.backward_done = None
 
     def now(self) -> float:
         self.sync()
@@ -67,6 +76,12 @@ class StepClock:
 
     def _grad_arrived(self, grad):
         self.last_grad_at_backbone = self.now()
+
+    def _forward_done(self, module, inputs, output):
+        self.forward_done = self.now()
+
+    def _backward_done(self, grads):
+        self.backward_done = self.now()
 
     def remove(self) -> None:
         for h in self.handles:
@@ -101,19 +116,6 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def build_optimizer(model, stage):
-    """The training loop's optimizer (``train.loop.build_optimizer``), spelled here so the
-    measuring process does not import Ray: keep the two in step."""
-    import torch
-
-    from paf_ray.models.stages import param_groups
-
-    groups = param_groups(model, stage)
-    if stage.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=stage.lr, momentum=stage.momentum, weight_decay=stage.weight_decay)
-    return torch.optim.AdamW(groups, lr=stage.lr, weight_decay=stage.weight_decay)
-
-
 def load_batch(path: str) -> dict:
     import torch
 
@@ -121,7 +123,7 @@ def load_batch(path: str) -> dict:
 
 
 def build_case(spec: dict):
-    """(cfg, model, optimizer, stage, batch, device) for a spec; see `measure_step`."""
+    """(cfg, model, stage, batch, device) for a spec; see `measure_step`."""
     import torch
 
     from paf_ray.config import from_dict
@@ -143,8 +145,7 @@ def build_case(spec: dict):
     model.train()
     if spec.get("compile"):
         model.compile_dense()
-    optimizer = build_optimizer(model, stage)
-    return cfg, model, optimizer, stage, _to_device(batch, device), device
+    return cfg, model, stage, _to_device(batch, device), device
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -163,41 +164,40 @@ def _to_device(batch: dict, device) -> dict:
     return out
 
 
-def make_step(model, optimizer, stage, batch, device, amp: bool):
-    """The training loop's step as a closure returning the phase timestamps it can see."""
-    import torch
+def make_step(model, stage, batch, device, amp: bool, total_updates: int):
+    """The training loop's step (`train_step`) on `batch`, as a closure returning the time it
+    started and ended; (trainee, step). Every call is one optimizer update."""
+    from dataclasses import replace
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
+    from paf_ray.train.step import StepCounter, make_trainee, train_step
+
+    if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("bench case: the stage policy left nothing trainable")
+    trainee = make_trainee(model, model, replace(stage, accum_steps=1), device, amp=amp,
+                           total_updates=total_updates, name="bench")
+    counter = StepCounter()
 
     def step(clock: StepClock | None = None) -> dict:
         now = clock.now if clock is not None else time.perf_counter
         t0 = now()
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-            losses = model(batch["image"], batch)
-            total = model.total_loss(losses)
-        t_fwd = now()
-        total.backward()
-        t_bwd = now()
-        if stage.grad_clip:
-            torch.nn.utils.clip_grad_norm_(trainable, stage.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        outcome = train_step(trainee, batch, counter)
         t_end = now()
-        return {"t0": t0, "t_fwd": t_fwd, "t_bwd": t_bwd, "t_end": t_end}
+        if not outcome.updated:
+            raise RuntimeError(f"bench case: the training step was skipped ({outcome.skipped})")
+        return {"t0": t0, "t_end": t_end}
 
-    return step
+    return trainee, step
 
 
 def breakdown_ms(times: dict, clock: StepClock) -> dict:
     """Split one step into backbone forward/backward, the rest forward/backward, optimizer."""
-    fwd = times["t_fwd"] - times["t0"]
-    bwd = times["t_bwd"] - times["t_fwd"]
+    t_fwd, t_bwd = clock.forward_done, clock.backward_done
+    fwd = t_fwd - times["t0"]
+    bwd = t_bwd - t_fwd
     bb_fwd = (clock.bb_end - clock.bb_start) if clock.bb_start is not None and clock.bb_end is not None else 0.0
     if clock.last_grad_at_backbone is not None:
-        rest_bwd = clock.last_grad_at_backbone - times["t_fwd"]
-        bb_bwd = times["t_bwd"] - clock.last_grad_at_backbone
+        rest_bwd = clock.last_grad_at_backbone - t_fwd
+        bb_bwd = t_bwd - clock.last_grad_at_backbone
     else:
         rest_bwd, bb_bwd = bwd, 0.0
     return {
@@ -205,12 +205,39 @@ def breakdown_ms(times: dict, clock: StepClock) -> dict:
         "backbone_bwd_ms": 1000 * bb_bwd,
         "rest_fwd_ms": 1000 * (fwd - bb_fwd),
         "rest_bwd_ms": 1000 * rest_bwd,
-        "optimizer_ms": 1000 * (times["t_end"] - times["t_bwd"]),
+        "optimizer_ms": 1000 * (times["t_end"] - t_bwd),
     }
 
 
 def _median_dict(rows: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+
+
+def _updates(spec: dict) -> int:
+    """The updates a case runs (the lr schedule's length), FLOP count included."""
+    return int(spec["warmup"]) + 2 * int(spec["repeats"]) + 1
+
+
+def timed_steps(spec: dict) -> dict:
+    """Median ms/step of `spec` in the calling process, no hooks (the Ray Train overhead case
+    runs this in a plain process and in a Ray Train worker)."""
+    import torch
+
+    torch.set_num_threads(int(spec["threads"]))
+    on_cuda = spec["device"] == "cuda"
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+    _, model, stage, batch, device = build_case(spec)
+    _, step = make_step(model, stage, batch, device, bool(spec["amp"]), _updates(spec))
+    for _ in range(int(spec["warmup"])):
+        step()
+    sync()
+    times = []
+    for _ in range(int(spec["repeats"])):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(1000 * (time.perf_counter() - t0))
+    return {"ms": statistics.median(times), "ms_all": times, "threads": torch.get_num_threads()}
 
 
 def measure_step(spec: dict) -> dict:
@@ -230,17 +257,17 @@ def measure_step(spec: dict) -> dict:
     gc.collect()
     rss_base = _rss_mb()
     peak_reset = _reset_peak_rss()
-    cfg, model, optimizer, stage, batch, device = build_case(spec)
+    cfg, model, stage, batch, device = build_case(spec)
     build_s = time.perf_counter() - t_start
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
-    step = make_step(model, optimizer, stage, batch, device, bool(spec["amp"]))
+    trainee, step = make_step(model, stage, batch, device, bool(spec["amp"]), _updates(spec))
     for _ in range(int(spec["warmup"])):
         step()
     sync()
 
     step_ms, parts = [], []
-    clock = StepClock(model.backbone, sync) if not on_cuda else None
+    clock = StepClock(trainee, sync) if not on_cuda else None
     # On CPU the hooks cost nothing, so the timed steps carry the breakdown too. On CUDA
     # the breakdown's synchronisations would slow the step: it gets its own pass.
     for _ in range(int(spec["repeats"])):
@@ -252,7 +279,7 @@ def measure_step(spec: dict) -> dict:
         if clock is not None:
             parts.append(breakdown_ms(times, clock))
     if on_cuda:
-        clock = StepClock(model.backbone, sync)
+        clock = StepClock(trainee, sync)
         for _ in range(max(2, int(spec["repeats"]) // 2)):
             clock.reset()
             parts.append(breakdown_ms(step(clock), clock))
@@ -298,10 +325,10 @@ def measure_interleaved(spec: dict) -> dict:
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)
     steps, clocks, first_ms = {}, {}, {}
     for name, case in spec["cases"].items():
-        _, model, optimizer, stage, batch, device = build_case(case)
-        steps[name] = make_step(model, optimizer, stage, batch, device, bool(case["amp"]))
+        _, model, stage, batch, device = build_case(case)
+        trainee, steps[name] = make_step(model, stage, batch, device, bool(case["amp"]), _updates(spec))
         # no hooks on a compiled backbone: they would run inside the compiled graph
-        clocks[name] = None if case.get("compile") else StepClock(model.backbone, sync)
+        clocks[name] = None if case.get("compile") else StepClock(trainee, sync)
     names = list(steps)
     for i in range(int(spec["warmup"])):
         for name in names:
@@ -342,8 +369,6 @@ def main(argv: list[str]) -> int:
     with open(spec_path, encoding="utf-8") as f:
         spec = json.load(f)
     if spec.get("entry") == "timed_steps":  # the plain loop of the Ray Train overhead case
-        from paf_ray.bench.ray_case import timed_steps
-
         result = timed_steps(spec)
     elif spec.get("entry") == "interleaved":
         result = measure_interleaved(spec)

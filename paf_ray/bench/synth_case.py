@@ -1,6 +1,6 @@
 """Data-layer throughput: the synthetic generator and the Ray Data pipeline (frames/s).
 
-    python -m paf_ray.data.bench [--synth-images 60] [--pipeline-images 48] [--cpus 2]
+    python -m paf_ray.bench.synth_case [--synth-images 60] [--pipeline-images 48] [--cpus 2]
 
 1. generator: ``write_synthetic`` at 640x360 in this process (wall and CPU seconds);
 2. rows: CPU milliseconds per row of ``LoadRow`` (decode + train transform), the work each
