@@ -139,8 +139,8 @@ def _gpu(g: dict) -> list[str]:
         f"{_target('gpu', 'adapt_over_finetune_peak', g['adapt_over_finetune_peak'])} |",
         f"| input pipeline images/s (data case) | {_f(g['pipeline_img_s'])} | | |",
         f"| pipeline headroom (pipeline / finetune images/s) | {_f(g['pipeline_headroom'], 2)} | | |",
-        f"| fp32 vs bf16 box check on {box.get('device', 'n/a')} ({_f(box_px, 4)} px: largest anchor, target or "
-        f"final-box difference, Faster R-CNN and FCOS) | {_f(box_px, 4)} px | | "
+        f"| fp32 vs bf16 box check on {box.get('device', 'n/a')} (largest anchor, target or final-box difference, "
+        f"Faster R-CNN and FCOS) | {_f(box_px, 4)} px | | "
         f"{_target('gpu', 'box_px', box_px)} |",
     ]
 
