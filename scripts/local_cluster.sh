@@ -69,19 +69,29 @@ start_worker() {
     for other in "${NODE_SLOTS[@]}"; do [ "$other" = "$name" ] || hide="$hide $dir/$other"; done
     for path in $hide; do mounts="$mounts mount -t tmpfs -o size=1m tmpfs '$path' &&"; done
     mkdir -p "$dir/$name/home" "$dir/$name/tmp"
-    HOME="$dir/$name/home" TMPDIR="$dir/$name/tmp" setsid "${netns[@]}" unshare -m --propagation private sh -c \
-        "$mounts exec ray start --address=127.0.0.1:$HEAD_PORT --node-ip-address=127.0.0.1 \
-        --num-cpus=${LOCAL_CLUSTER_WORKER_CPUS:-2} --num-gpus=0 --resources='{\"local_node_$name\": 1}' \
-        --object-store-memory=$((${LOCAL_CLUSTER_STORE_MB:-200} * 1048576)) \
-        --temp-dir='$dir/$name/ray' --node-manager-port=$p --object-manager-port=$((p + 1)) \
-        --dashboard-agent-listen-port=$((p + 2)) --dashboard-agent-grpc-port=$((p + 3)) \
-        --metrics-export-port=$((p + 4)) --runtime-env-agent-port=$((p + 5)) \
-        --min-worker-port=$((p + 100)) --max-worker-port=$((p + 199)) --disable-usage-stats" \
-        >"$dir/$name.log" 2>&1 </dev/null &
-    local sid=$!
-    echo "$sid" >"$dir/$name.sid"
-    wait "$sid" || die "node $name did not start: $(tail -n 20 "$dir/$name.log")"
-    echo "node $name: session $sid, ports $p..$((p + SLOT_PORTS - 1))"
+    # `ray start` gives a node 30 s (fixed in Ray) to register; on a loaded machine that can pass:
+    # then the node's processes are stopped and it is started again.
+    local attempt sid
+    for attempt in 1 2 3; do
+        HOME="$dir/$name/home" TMPDIR="$dir/$name/tmp" setsid "${netns[@]}" unshare -m --propagation private sh -c \
+            "$mounts exec ray start --address=127.0.0.1:$HEAD_PORT --node-ip-address=127.0.0.1 \
+            --num-cpus=${LOCAL_CLUSTER_WORKER_CPUS:-2} --num-gpus=0 --resources='{\"local_node_$name\": 1}' \
+            --object-store-memory=$((${LOCAL_CLUSTER_STORE_MB:-200} * 1048576)) \
+            --temp-dir='$dir/$name/ray' --node-manager-port=$p --object-manager-port=$((p + 1)) \
+            --dashboard-agent-listen-port=$((p + 2)) --dashboard-agent-grpc-port=$((p + 3)) \
+            --metrics-export-port=$((p + 4)) --runtime-env-agent-port=$((p + 5)) \
+            --min-worker-port=$((p + 100)) --max-worker-port=$((p + 199)) --disable-usage-stats" \
+            >"$dir/$name.log" 2>&1 </dev/null &
+        sid=$!
+        echo "$sid" >"$dir/$name.sid"
+        if wait "$sid"; then
+            echo "node $name: session $sid, ports $p..$((p + SLOT_PORTS - 1))"
+            return 0
+        fi
+        echo "node $name: start attempt $attempt failed: $(tail -n 1 "$dir/$name.log")" >&2
+        kill_group "$name" KILL
+    done
+    die "node $name did not start: $(tail -n 20 "$dir/$name.log")"
 }
 
 session_pids() { ps -eo pid=,sid= | awk -v sid="$1" '$2 == sid { print $1 }'; }
@@ -127,7 +137,8 @@ start)
         echo "AWS_DEFAULT_REGION=us-east-1"
     } >"$env_file"
     load_env
-    trap '"$0" stop "$dir" >/dev/null 2>&1' ERR
+    started=0
+    trap '[ "$started" = 1 ] || "$0" stop "$dir" >/dev/null 2>&1' EXIT
     setsid "${netns[@]}" python -m moto.server -H 127.0.0.1 -p "$S3_PORT" >"$dir/s3.log" 2>&1 </dev/null &
     echo $! >"$dir/s3.sid"
     hide=""
@@ -161,6 +172,7 @@ while True:
 '
     echo "s3: $AWS_ENDPOINT_URL, bucket s3://paf"
     echo "cluster env: $env_file"
+    started=1
     ;;
 exec)
     [ $# -ge 3 ] || usage
