@@ -15,16 +15,17 @@
 #   scripts/local_cluster.sh kill-node DIR N  SIGKILL every process of node N (raylet, workers): a node loss
 #   scripts/local_cluster.sh stop DIR         stop every process started in DIR (by session id, never `ray stop`)
 #
-# For example (DIR/driver is a working folder no worker node sees):
+# For example (after `set -a; . DIR/cluster.env; set +a`; DIR/driver is a folder no worker node sees):
 #   scripts/local_cluster.sh exec DIR ray job submit --working-dir . -- jobs/smoke.yaml \
 #       --set ray.storage_path=s3://paf/runs
-#   scripts/local_cluster.sh exec DIR paf-ray submit jobs/smoke.yaml --wait --set ray.storage_path=s3://paf/runs
-#   scripts/local_cluster.sh exec DIR sh -c 'cd DIR/driver && paf-ray run CFG --set ray.address=$LOCAL_CLUSTER_GCS'
-#   scripts/local_cluster.sh exec DIR bash     # a shell in there (RAY_API_SERVER_ADDRESS, AWS_* are set)
+#   scripts/local_cluster.sh exec DIR paf-ray submit jobs/smoke.yaml --address $RAY_API_SERVER_ADDRESS --wait
+#   scripts/local_cluster.sh exec DIR sh -c "cd DIR/driver && paf-ray run CFG --set ray.address=$LOCAL_CLUSTER_GCS"
+#   scripts/local_cluster.sh exec DIR bash     # a shell on the "head machine"
 #
 # Settings (environment): LOCAL_CLUSTER_WORKER_CPUS (logical CPUs per worker node, default 2),
 # LOCAL_CLUSTER_STORE_MB (object store per node, default 200), LOCAL_CLUSTER_HIDE (more folders
 # to hide from the worker nodes, space-separated), PYTHONPATH (passed to every node and client:
+# where paf_ray is, when it is not installed).
 set -euo pipefail
 
 NODE_SLOTS=(a b c d)  # worker node names; node k uses port slot k, the head slot 0
