@@ -61,6 +61,25 @@ slot_of() {
 # `setsid CMD &` from a script: setsid execs in place (the script's job is no group leader), and
 # so do nsenter, unshare and `sh -c "... exec"`: $! is the id of the session of everything CMD
 # starts (Ray's daemons and worker processes), saved in DIR/NAME.sid.
+# `ray start` gives a node 30 s (fixed in Ray) to register; on a loaded machine that can pass:
+# then the node's processes are stopped and it is started again, up to 3 times.
+launch() {  # launch NAME CMD...: run `ray start ...` (CMD) as node NAME, in its own session
+    local name=$1 attempt sid
+    shift
+    for attempt in 1 2 3; do
+        HOME="$dir/$name/home" TMPDIR="$dir/$name/tmp" setsid "$@" >"$dir/$name.log" 2>&1 </dev/null &
+        sid=$!
+        echo "$sid" >"$dir/$name.sid"
+        if wait "$sid"; then
+            echo "$name: session $sid"
+            return 0
+        fi
+        echo "$name: start attempt $attempt failed: $(tail -n 1 "$dir/$name.log")" >&2
+        kill_group "$name" KILL
+    done
+    die "$name did not start: $(tail -n 20 "$dir/$name.log")"
+}
+
 start_worker() {
     local name=$1 slot p hide mounts="" path
     slot=$(slot_of "$name")
@@ -70,29 +89,15 @@ start_worker() {
     for other in "${NODE_SLOTS[@]}"; do [ "$other" = "$name" ] || hide="$hide $dir/$other"; done
     for path in $hide; do mounts="$mounts mount -t tmpfs -o size=1m tmpfs '$path' &&"; done
     mkdir -p "$dir/$name/home" "$dir/$name/tmp"
-    # `ray start` gives a node 30 s (fixed in Ray) to register; on a loaded machine that can pass:
-    # then the node's processes are stopped and it is started again.
-    local attempt sid
-    for attempt in 1 2 3; do
-        HOME="$dir/$name/home" TMPDIR="$dir/$name/tmp" setsid "${netns[@]}" unshare -m --propagation private sh -c \
-            "$mounts exec ray start --address=127.0.0.1:$HEAD_PORT --node-ip-address=127.0.0.1 \
-            --num-cpus=${LOCAL_CLUSTER_WORKER_CPUS:-2} --num-gpus=0 --resources='{\"local_node_$name\": 1}' \
-            --object-store-memory=$((${LOCAL_CLUSTER_STORE_MB:-200} * 1048576)) \
-            --temp-dir='$dir/$name/ray' --node-manager-port=$p --object-manager-port=$((p + 1)) \
-            --dashboard-agent-listen-port=$((p + 2)) --dashboard-agent-grpc-port=$((p + 3)) \
-            --metrics-export-port=$((p + 4)) --runtime-env-agent-port=$((p + 5)) \
-            --min-worker-port=$((p + 100)) --max-worker-port=$((p + 199)) --disable-usage-stats" \
-            >"$dir/$name.log" 2>&1 </dev/null &
-        sid=$!
-        echo "$sid" >"$dir/$name.sid"
-        if wait "$sid"; then
-            echo "node $name: session $sid, ports $p..$((p + SLOT_PORTS - 1))"
-            return 0
-        fi
-        echo "node $name: start attempt $attempt failed: $(tail -n 1 "$dir/$name.log")" >&2
-        kill_group "$name" KILL
-    done
-    die "node $name did not start: $(tail -n 20 "$dir/$name.log")"
+    launch "$name" "${netns[@]}" unshare -m --propagation private sh -c \
+        "$mounts exec ray start --address=127.0.0.1:$HEAD_PORT --node-ip-address=127.0.0.1 \
+        --num-cpus=${LOCAL_CLUSTER_WORKER_CPUS:-2} --num-gpus=0 --resources='{\"local_node_$name\": 1}' \
+        --object-store-memory=$((${LOCAL_CLUSTER_STORE_MB:-200} * 1048576)) \
+        --temp-dir='$dir/$name/ray' --node-manager-port=$p --object-manager-port=$((p + 1)) \
+        --dashboard-agent-listen-port=$((p + 2)) --dashboard-agent-grpc-port=$((p + 3)) \
+        --metrics-export-port=$((p + 4)) --runtime-env-agent-port=$((p + 5)) \
+        --min-worker-port=$((p + 100)) --max-worker-port=$((p + 199)) --disable-usage-stats"
+    echo "node $name: ports $p..$((p + SLOT_PORTS - 1))"
 }
 
 session_pids() { ps -eo pid=,sid= | awk -v sid="$1" '$2 == sid { print $1 }'; }
@@ -144,7 +149,7 @@ start)
     echo $! >"$dir/s3.sid"
     hide=""
     for name in "${NODE_SLOTS[@]}"; do hide="$hide mount -t tmpfs -o size=1m tmpfs '$dir/$name' &&"; done
-    HOME="$dir/head/home" TMPDIR="$dir/head/tmp" setsid "${netns[@]}" unshare -m --propagation private sh -c \
+    launch head "${netns[@]}" unshare -m --propagation private sh -c \
         "$hide { sleep infinity </dev/null >/dev/null 2>&1 & echo \$! >'$dir/head.ns'; } && \
         exec ray start --head --node-ip-address=127.0.0.1 \
         --port=$HEAD_PORT --dashboard-host=127.0.0.1 --dashboard-port=$((HEAD_PORT + 1)) --include-dashboard=true \
@@ -154,10 +159,8 @@ start)
         --object-manager-port=$((HEAD_PORT + 8)) \
         --min-worker-port=$((HEAD_PORT + 100)) --max-worker-port=$((HEAD_PORT + 199)) \
         --num-cpus=0 --num-gpus=0 --object-store-memory=$((${LOCAL_CLUSTER_STORE_MB:-200} * 1048576)) \
-        --temp-dir='$dir/head/ray' --disable-usage-stats" >"$dir/head.log" 2>&1 </dev/null &
-    echo $! >"$dir/head.sid"
-    wait "$(cat "$dir/head.sid")" || die "head did not start: $(tail -n 20 "$dir/head.log")"
-    echo "head: session $(cat "$dir/head.sid"), GCS $LOCAL_CLUSTER_GCS, dashboard $RAY_API_SERVER_ADDRESS"
+        --temp-dir='$dir/head/ray' --disable-usage-stats"
+    echo "head: GCS $LOCAL_CLUSTER_GCS, dashboard $RAY_API_SERVER_ADDRESS"
     for name in a b; do start_worker "$name"; done
     "${netns[@]}" python -c '
 import time, boto3
