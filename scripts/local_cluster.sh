@@ -137,6 +137,9 @@ start)
         echo "RAY_API_SERVER_ADDRESS=http://127.0.0.1:$((HEAD_PORT + 1))"
         echo "LOCAL_CLUSTER_GCS=127.0.0.1:$HEAD_PORT"
         echo "RAY_USAGE_STATS_ENABLED=0"
+        # A raylet stops when its dashboard agent has not written its ports within this time;
+        # a loaded machine can take longer than the default to start that Python process.
+        echo "RAY_agent_register_timeout_ms=120000"
         echo "AWS_ENDPOINT_URL=http://127.0.0.1:$S3_PORT"
         echo "AWS_ACCESS_KEY_ID=local"
         echo "AWS_SECRET_ACCESS_KEY=local"
