@@ -140,6 +140,9 @@ start)
         # A raylet stops when its dashboard agent has not written its ports within this time;
         # a loaded machine can take longer than the default to start that Python process.
         echo "RAY_agent_register_timeout_ms=120000"
+        # Every node's memory monitor sees the whole machine's memory (all nodes and everything
+        # else running here) and would kill this node's workers for it; the kernel still guards it.
+        echo "RAY_memory_monitor_refresh_ms=0"
         echo "AWS_ENDPOINT_URL=http://127.0.0.1:$S3_PORT"
         echo "AWS_ACCESS_KEY_ID=local"
         echo "AWS_SECRET_ACCESS_KEY=local"
