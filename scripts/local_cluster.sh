@@ -15,16 +15,17 @@
 #   scripts/local_cluster.sh kill-node DIR N  SIGKILL every process of node N (raylet, workers): a node loss
 #   scripts/local_cluster.sh stop DIR         stop every process started in DIR (by session id, never `ray stop`)
 #
-# For example (DIR/driver is a working folder no worker node sees):
+# For example (after `set -a; . DIR/cluster.env; set +a`; DIR/driver is a folder no worker node sees):
 #   scripts/local_cluster.sh exec DIR ray job submit --working-dir . -- jobs/smoke.yaml \
 #       --set ray.storage_path=s3://paf/runs
-#   scripts/local_cluster.sh exec DIR paf-ray submit jobs/smoke.yaml --wait --set ray.storage_path=s3://paf/runs
-#   scripts/local_cluster.sh exec DIR sh -c 'cd DIR/driver && paf-ray run CFG --set ray.address=$LOCAL_CLUSTER_GCS'
-#   scripts/local_cluster.sh exec DIR bash     # a shell in there (RAY_API_SERVER_ADDRESS, AWS_* are set)
+#   scripts/local_cluster.sh exec DIR paf-ray submit jobs/smoke.yaml --address $RAY_API_SERVER_ADDRESS --wait
+#   scripts/local_cluster.sh exec DIR sh -c "cd DIR/driver && paf-ray run CFG --set ray.address=$LOCAL_CLUSTER_GCS"
+#   scripts/local_cluster.sh exec DIR bash     # a shell on the "head machine"
 #
 # Settings (environment): LOCAL_CLUSTER_WORKER_CPUS (logical CPUs per worker node, default 2),
 # LOCAL_CLUSTER_STORE_MB (object store per node, default 200), LOCAL_CLUSTER_HIDE (more folders
 # to hide from the worker nodes, space-separated), PYTHONPATH (passed to every node and client:
+# where paf_ray is, when it is not installed).
 set -euo pipefail
 
 NODE_SLOTS=(a b c d)  # worker node names; node k uses port slot k, the head slot 0
@@ -60,6 +61,25 @@ slot_of() {
 # `setsid CMD &` from a script: setsid execs in place (the script's job is no group leader), and
 # so do nsenter, unshare and `sh -c "... exec"`: $! is the id of the session of everything CMD
 # starts (Ray's daemons and worker processes), saved in DIR/NAME.sid.
+# `ray start` gives a node 30 s (fixed in Ray) to register; on a loaded machine that can pass:
+# then the node's processes are stopped and it is started again, up to 3 times.
+launch() {  # launch NAME CMD...: run `ray start ...` (CMD) as node NAME, in its own session
+    local name=$1 attempt sid
+    shift
+    for attempt in 1 2 3; do
+        HOME="$dir/$name/home" TMPDIR="$dir/$name/tmp" setsid "$@" >"$dir/$name.log" 2>&1 </dev/null &
+        sid=$!
+        echo "$sid" >"$dir/$name.sid"
+        if wait "$sid"; then
+            echo "$name: session $sid"
+            return 0
+        fi
+        echo "$name: start attempt $attempt failed: $(tail -n 1 "$dir/$name.log")" >&2
+        kill_group "$name" KILL
+    done
+    die "$name did not start: $(tail -n 20 "$dir/$name.log")"
+}
+
 start_worker() {
     local name=$1 slot p hide mounts="" path
     slot=$(slot_of "$name")
@@ -69,19 +89,15 @@ start_worker() {
     for other in "${NODE_SLOTS[@]}"; do [ "$other" = "$name" ] || hide="$hide $dir/$other"; done
     for path in $hide; do mounts="$mounts mount -t tmpfs -o size=1m tmpfs '$path' &&"; done
     mkdir -p "$dir/$name/home" "$dir/$name/tmp"
-    HOME="$dir/$name/home" TMPDIR="$dir/$name/tmp" setsid "${netns[@]}" unshare -m --propagation private sh -c \
+    launch "$name" "${netns[@]}" unshare -m --propagation private sh -c \
         "$mounts exec ray start --address=127.0.0.1:$HEAD_PORT --node-ip-address=127.0.0.1 \
         --num-cpus=${LOCAL_CLUSTER_WORKER_CPUS:-2} --num-gpus=0 --resources='{\"local_node_$name\": 1}' \
         --object-store-memory=$((${LOCAL_CLUSTER_STORE_MB:-200} * 1048576)) \
         --temp-dir='$dir/$name/ray' --node-manager-port=$p --object-manager-port=$((p + 1)) \
         --dashboard-agent-listen-port=$((p + 2)) --dashboard-agent-grpc-port=$((p + 3)) \
         --metrics-export-port=$((p + 4)) --runtime-env-agent-port=$((p + 5)) \
-        --min-worker-port=$((p + 100)) --max-worker-port=$((p + 199)) --disable-usage-stats" \
-        >"$dir/$name.log" 2>&1 </dev/null &
-    local sid=$!
-    echo "$sid" >"$dir/$name.sid"
-    wait "$sid" || die "node $name did not start: $(tail -n 20 "$dir/$name.log")"
-    echo "node $name: session $sid, ports $p..$((p + SLOT_PORTS - 1))"
+        --min-worker-port=$((p + 100)) --max-worker-port=$((p + 199)) --disable-usage-stats"
+    echo "node $name: ports $p..$((p + SLOT_PORTS - 1))"
 }
 
 session_pids() { ps -eo pid=,sid= | awk -v sid="$1" '$2 == sid { print $1 }'; }
@@ -121,18 +137,25 @@ start)
         echo "RAY_API_SERVER_ADDRESS=http://127.0.0.1:$((HEAD_PORT + 1))"
         echo "LOCAL_CLUSTER_GCS=127.0.0.1:$HEAD_PORT"
         echo "RAY_USAGE_STATS_ENABLED=0"
+        # A raylet stops when its dashboard agent has not written its ports within this time;
+        # a loaded machine can take longer than the default to start that Python process.
+        echo "RAY_agent_register_timeout_ms=120000"
+        # Every node's memory monitor sees the whole machine's memory (all nodes and everything
+        # else running here) and would kill this node's workers for it; the kernel still guards it.
+        echo "RAY_memory_monitor_refresh_ms=0"
         echo "AWS_ENDPOINT_URL=http://127.0.0.1:$S3_PORT"
         echo "AWS_ACCESS_KEY_ID=local"
         echo "AWS_SECRET_ACCESS_KEY=local"
         echo "AWS_DEFAULT_REGION=us-east-1"
     } >"$env_file"
     load_env
-    trap '"$0" stop "$dir" >/dev/null 2>&1' ERR
+    started=0
+    trap '[ "$started" = 1 ] || "$0" stop "$dir" >/dev/null 2>&1' EXIT
     setsid "${netns[@]}" python -m moto.server -H 127.0.0.1 -p "$S3_PORT" >"$dir/s3.log" 2>&1 </dev/null &
     echo $! >"$dir/s3.sid"
     hide=""
     for name in "${NODE_SLOTS[@]}"; do hide="$hide mount -t tmpfs -o size=1m tmpfs '$dir/$name' &&"; done
-    HOME="$dir/head/home" TMPDIR="$dir/head/tmp" setsid "${netns[@]}" unshare -m --propagation private sh -c \
+    launch head "${netns[@]}" unshare -m --propagation private sh -c \
         "$hide { sleep infinity </dev/null >/dev/null 2>&1 & echo \$! >'$dir/head.ns'; } && \
         exec ray start --head --node-ip-address=127.0.0.1 \
         --port=$HEAD_PORT --dashboard-host=127.0.0.1 --dashboard-port=$((HEAD_PORT + 1)) --include-dashboard=true \
@@ -142,10 +165,8 @@ start)
         --object-manager-port=$((HEAD_PORT + 8)) \
         --min-worker-port=$((HEAD_PORT + 100)) --max-worker-port=$((HEAD_PORT + 199)) \
         --num-cpus=0 --num-gpus=0 --object-store-memory=$((${LOCAL_CLUSTER_STORE_MB:-200} * 1048576)) \
-        --temp-dir='$dir/head/ray' --disable-usage-stats" >"$dir/head.log" 2>&1 </dev/null &
-    echo $! >"$dir/head.sid"
-    wait "$(cat "$dir/head.sid")" || die "head did not start: $(tail -n 20 "$dir/head.log")"
-    echo "head: session $(cat "$dir/head.sid"), GCS $LOCAL_CLUSTER_GCS, dashboard $RAY_API_SERVER_ADDRESS"
+        --temp-dir='$dir/head/ray' --disable-usage-stats"
+    echo "head: GCS $LOCAL_CLUSTER_GCS, dashboard $RAY_API_SERVER_ADDRESS"
     for name in a b; do start_worker "$name"; done
     "${netns[@]}" python -c '
 import time, boto3
@@ -161,6 +182,7 @@ while True:
 '
     echo "s3: $AWS_ENDPOINT_URL, bucket s3://paf"
     echo "cluster env: $env_file"
+    started=1
     ;;
 exec)
     [ $# -ge 3 ] || usage

@@ -175,7 +175,7 @@ def start_cluster(root: Path, hide: list[str] = ()) -> LocalCluster:
         PYTHONUNBUFFERED="1",
         LOCAL_CLUSTER_HIDE=" ".join(hide),
     )
-    done = subprocess.run([str(SCRIPT), "start", str(root)], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([str(SCRIPT), "start", str(root)], env=env, capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
         stop_cluster(root, env)
         raise RuntimeError(f"local cluster did not start:\n{done.stdout}\n{done.stderr}")
