@@ -61,6 +61,7 @@ class DataConfig:
 # --------------------------------------------------------------------------- model
 
 
+BackboneName = Literal["resnet18", "resnet34", "resnet50", "clip_rn50", "tiny"]
 CheckpointFormat = Literal[
     "auto",
     "torchvision",
@@ -79,7 +80,7 @@ CheckpointFormat = Literal[
 
 @dataclass
 class BackboneConfig:
-    name: Literal["resnet18", "resnet34", "resnet50", "clip_rn50", "tiny"] = "resnet50"
+    name: BackboneName = "resnet50"
     weights: Optional[str] = None  # local checkpoint file; None = random init
     format: CheckpointFormat = "auto"
     trust_checkpoint: bool = False  # allow plain pickles (detectron2 .pkl)
@@ -266,7 +267,7 @@ class StudyCheckpointConfig:
 
     weights: Optional[str] = None  # path or URI
     format: CheckpointFormat = "auto"
-    backbone: Optional[Literal["resnet18", "resnet34", "resnet50", "clip_rn50", "tiny"]] = None  # default: model.backbone.name
+    backbone: Optional[BackboneName] = None  # default: model.backbone.name
     trust_checkpoint: bool = False
     pretrain: Optional[PretrainConfig] = None
     lv_adapter: Optional[list[bool]] = None  # LV-Adapter off/on for this checkpoint; default study.lv_adapter
