@@ -66,6 +66,7 @@ class DataConfig:
 # --------------------------------------------------------------------------- model
 
 
+BackboneName = Literal["resnet18", "resnet34", "resnet50", "clip_rn50", "tiny"]
 CheckpointFormat = Literal[
     "auto",
     "torchvision",
@@ -84,7 +85,7 @@ CheckpointFormat = Literal[
 
 @dataclass
 class BackboneConfig:
-    name: Literal["resnet18", "resnet34", "resnet50", "clip_rn50", "tiny"] = "resnet50"
+    name: BackboneName = "resnet50"
     # the pretrained checkpoint: a local path or a URI (s3://, gs://, file://), fetched once per node
     # into its cache; None = random init, which an adapt stage accepts only with random_init: true
     weights: Optional[str] = None
@@ -288,7 +289,7 @@ class StudyCheckpointConfig:
 
     weights: Optional[str] = None  # path or URI
     format: CheckpointFormat = "auto"
-    backbone: Optional[Literal["resnet18", "resnet34", "resnet50", "clip_rn50", "tiny"]] = None  # default: model.backbone.name
+    backbone: Optional[BackboneName] = None  # default: model.backbone.name
     trust_checkpoint: bool = False
     pretrain: Optional[PretrainConfig] = None
     lv_adapter: Optional[list[bool]] = None  # LV-Adapter off/on for this checkpoint; default study.lv_adapter

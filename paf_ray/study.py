@@ -444,7 +444,8 @@ def table_rows(rows: list[dict]) -> list[dict]:
             _mean_std([m["delta_mtl"] for m in members if m["delta_mtl"] is not None])
         out.append(entry)
     order = {p: i for i, p in enumerate(PARADIGM_LABEL)}
-    return sorted(out, key=lambda e: (e["checkpoint"], order[e["paradigm"]], e["lv_adapter"], e["adapter"]))
+    checkpoints = {ck: i for i, ck in enumerate(dict.fromkeys(r["checkpoint"] for r in rows))}  # as in the file
+    return sorted(out, key=lambda e: (checkpoints[e["checkpoint"]], order[e["paradigm"]], e["lv_adapter"], e["adapter"]))
 
 
 def row_label(entry: dict) -> str:

@@ -90,6 +90,17 @@ def test_study_needs_the_two_stage_templates():
                    "study": {"checkpoints": {"a": {"weights": "/a.pth"}}}}, "study.yaml")
 
 
+def test_the_cluster_grid_file_is_valid_and_submits_as_a_study(monkeypatch):
+    from paf_ray.jobs import build_job_spec
+
+    cfg = study.load_study(os.path.join(ROOT, "jobs", "study.yaml"))
+    cells = study.check_study(cfg, "jobs/study.yaml")
+    assert len(cells) == 201  # the count its header states
+    assert sum(c.lv for c in cells) == 21 and {c.checkpoint for c in cells if c.lv} == {"clip_rn50"}
+    monkeypatch.chdir(ROOT)
+    assert build_job_spec("jobs/study.yaml").entrypoint == "python -m paf_ray study jobs/study.yaml"
+
+
 # --------------------------------------------------------------------------- the numbers
 
 
