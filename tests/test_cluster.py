@@ -241,7 +241,7 @@ def test_job_file_is_an_executable_config(rel):
     cfg = load_config(path)
     with open(path, encoding="utf-8") as f:
         first = f.readline().rstrip("\n")
-    command = "tune" if cfg.command == "tune" else "run"
+    command = cfg.command if cfg.command in ("tune", "study") else "run"
     if cfg.command != "demo":
         assert first == f"#!/usr/bin/env -S python -m paf_ray {command}", first
         assert os.stat(path).st_mode & stat.S_IXUSR, f"{rel} must be executable (chmod +x)"

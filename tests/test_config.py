@@ -100,14 +100,23 @@ def test_impossible_combinations_fail_at_load_naming_the_key(tmp_path, override,
         load_config(_write(tmp_path, "name: x\n"), [override])
 
 
-def test_run_refuses_a_bad_config_before_ray_starts(tmp_path, capsys):
-    import ray
+def test_run_refuses_a_bad_config_before_ray_starts(tmp_path):
+    """In a fresh process pointed at an address where no Ray runs: a config error must come first
+    (exit 2, one line naming the key), never an attempt to reach Ray."""
+    import os
+    import subprocess
+    import sys
 
     path = _write(tmp_path, "data:\n  input_size: [320, 190]\n")
-    assert cli.main(["run", path, "--out", str(tmp_path / "runs")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9"}
+    proc = subprocess.run([sys.executable, "-m", "paf_ray", "run", path, "--out", str(tmp_path / "runs")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(err) == 1 and "data.input_size" in err[0] and "c.yaml" in err[0]
-    assert not ray.is_initialized() and not (tmp_path / "runs").exists()
+    assert not (tmp_path / "runs").exists()
+
+
 def test_adapt_without_weights_is_an_error_unless_random_init_is_explicit(tmp_path):
     path = _write(tmp_path, "model:\n  backbone:\n    name: resnet18\n")
     with pytest.raises(ConfigError, match=r"model\.backbone\.weights.*random_init") as e:

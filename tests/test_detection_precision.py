@@ -128,7 +128,7 @@ def test_trained_detector_keeps_its_ap_under_bf16_autocast():
     from paf_ray.models.stages import apply_stage, param_groups
 
     cfg = from_dict({"model": {
-        "tasks": ["det"], "backbone": {"name": "tiny", "tiny_width": 8}, "adapter": {"kind": "none"}, "fpn_channels": 32,
+        "tasks": ["det"], "backbone": {"name": "tiny", "tiny_width": 8, "random_init": True}, "adapter": {"kind": "none"}, "fpn_channels": 32,
         "det": {"rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100, "rpn_pre_nms_top_n_test": 1000,
                 "rpn_post_nms_top_n_test": 300, "box_batch_size_per_image": 64, "representation_size": 64,
                 "anchor_sizes": [16, 32, 64, 128, 256]}}})

@@ -381,15 +381,16 @@ def test_inspect_lists_lv_adapter_trainable_and_text_encoder_frozen(capsys):
 REPO = os.path.join(os.path.dirname(__file__), "..")
 
 
-def test_lv_adapter_or_clip_backbone_without_weights_is_refused_at_load(tmp_path, capsys):
-    import ray
+def test_lv_adapter_or_clip_backbone_without_weights_is_refused_at_load(tmp_path):
+    import subprocess
+    import sys
 
-    from paf_ray.cli import main
     from paf_ray.config import ConfigError, from_dict
 
-    def cfg(lv=None, backbone=None):
+    def cfg(lv=None, backbone=None):  # finetune only: the adapt stage's own weights rule stays out of the way
         return from_dict({"model": {"backbone": {"name": "tiny", **(backbone or {})},
-                                    "lv_adapter": {"enabled": True, **(lv or {})}}})
+                                    "lv_adapter": {"enabled": True, **(lv or {})}},
+                          "train": {"stages": [{"kind": "finetune"}]}})
 
     with pytest.raises(ConfigError, match=r"model\.lv_adapter\.clip_weights: the LV-Adapter carries CLIP"):
         cfg()
@@ -402,14 +403,16 @@ def test_lv_adapter_or_clip_backbone_without_weights_is_refused_at_load(tmp_path
     with pytest.raises(ConfigError, match=r"model\.backbone\.weights: backbone clip_rn50 needs CLIP"):
         cfg({"random_init": True}, {"name": "clip_rn50"})
     assert cfg({"random_init": True}, {"name": "clip_rn50", "random_init": True}).model.backbone.random_init
-    assert not from_dict({}).model.lv_adapter.random_init  # the default refuses
+    assert not from_dict({}, rules=False).model.lv_adapter.random_init  # the default refuses
 
-    # From the command line: refused before any Ray work.
+    # From the command line, in a process pointed at an address where no Ray runs: refused first.
     job = tmp_path / "lv.yaml"
-    job.write_text("model:\n  backbone: {name: tiny}\n  lv_adapter: {enabled: true}\n")
-    assert main(["run", str(job)]) == 2
-    assert "model.lv_adapter.clip_weights" in capsys.readouterr().err
-    assert not ray.is_initialized()
+    job.write_text("model:\n  backbone: {name: tiny}\n  lv_adapter: {enabled: true}\n"
+                   "train:\n  stages: [{kind: finetune}]\n")
+    proc = subprocess.run([sys.executable, "-m", "paf_ray", "run", str(job), "--out", str(tmp_path / "runs")],
+                          env={**os.environ, "RAY_ADDRESS": "127.0.0.1:9"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "model.lv_adapter.clip_weights" in proc.stderr, proc.stderr[-2000:]
 
     # Every job file with the LV-Adapter on names CLIP's weights in the bucket.
     from paf_ray.config import load_config
@@ -654,7 +657,8 @@ def test_clip_rn50_model_starts_its_pixel_text_projection_from_clip_attnpool(cap
     report = inspect_model(cfg, flops=False)
     assert report["lv_projection"] == {"4": FROM_CLIP}
     assert "pixel→text projection (level 4): from CLIP attnpool (v_proj, c_proj)" in _text(report)
-    plain = from_dict({"model": {"backbone": {"name": "tiny", "tiny_width": 8}, "fpn_channels": 16, "seg_channels": 8,
+    plain = from_dict({"model": {"backbone": {"name": "tiny", "tiny_width": 8, "random_init": True},
+                                 "fpn_channels": 16, "seg_channels": 8,
                                  "lv_adapter": {"enabled": True, "clip_model": TINY_CLIP, "random_init": True,
                                                 "n_ctx": 2, "heads": 2}},
                        "data": {"input_size": [64, 64]}})
