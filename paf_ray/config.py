@@ -604,8 +604,10 @@ def _rule_clip_backbone_has_weights(cfg: "Config") -> list[tuple[str, str]]:
 
 def _rule_adapt_needs_weights(cfg: "Config") -> list[tuple[str, str]]:
     bb = cfg.model.backbone
-    if cfg.tune.backbones or cfg.study.checkpoints:  # trials and cells take their backbone from there;
-        return []  # each trial's or cell's own config is checked when it is made
+    # a sweep's trials and a study's cells take their backbone from there; each trial's or cell's
+    # own config is checked when it is made
+    if cfg.tune.backbones or cfg.command == "study" or cfg.study.checkpoints:
+        return []
     if bb.weights is None and not bb.random_init and any(s.kind == "adapt" for s in cfg.train.stages):
         return [("model.backbone.weights", "an adapt stage freezes the backbone, and no pretrained weights are "
                  "named: set the checkpoint (a path or URI), or model.backbone.random_init: true if a randomly "
@@ -619,7 +621,7 @@ def _rule_worker_start_timeout_positive(cfg: "Config") -> list[tuple[str, str]]:
 
 
 def _rule_frozen_norm_needs_statistics(cfg: "Config") -> list[tuple[str, str]]:
-    if cfg.tune.backbones or cfg.study.checkpoints:
+    if cfg.tune.backbones or cfg.command == "study" or cfg.study.checkpoints:
         return []
     if cfg.model.norm == "frozen" and not cfg.model.backbone.weights and not cfg.train.init_checkpoint:
         return [("model.norm", "frozen keeps the backbone's BatchNorm statistics fixed, but the backbone starts from "

@@ -18,6 +18,7 @@ DEMO = os.path.join(ROOT, "jobs", "study_demo.yaml")
 def study_cfg(**grid):
     base = {
         "command": "study",
+        "model": {"lv_adapter": {"random_init": True}},  # LV-on cells without a CLIP file, on purpose
         "train": {"stages": [{"kind": "adapt", "lr": 0.01}, {"kind": "finetune", "lr": 0.001}]},
         "study": {
             "checkpoints": {"sup": {"weights": "s3://bucket/sup.pth", "format": "torchvision"},
