@@ -15,7 +15,11 @@ import torch
 
 # What bench.json must hold (issue 8), section -> keys with a finite number each.
 REQUIRED = {
-    "data": ["ray_data_img_s", "dataloader_img_s", "ratio"],
+    "data": ["ray_data_first_batch_s", "dataloader_first_batch_s", "first_batch_ratio", "ray_data_rows_s",
+             "dataloader_rows_s", "steady_ratio", "ray_data_consumer_rows_s", "dataloader_consumer_rows_s",
+             "consumer_ratio"],
+    "stream": ["epoch_start_ratio", "first_epoch_start_ratio", "whole_store_rows_s", "quarter_store_rows_s",
+               "backpressure_ratio", "backpressure_ratio_unfixed"],
     "step": ["adapt_ms", "finetune_ms", "pretrain_finetune_ms", "adapt_peak_mb", "finetune_peak_mb", "time_ratio",
              "mem_ratio"],
     "ray_overhead": ["plain_ms", "ray_ms", "ratio", "startup_s"],
@@ -33,7 +37,7 @@ def test_quick_bench_writes_every_field(ray_local, tmp_path):
 
     out = tmp_path / "bench"
     # every section but compile (inductor's C++ compilation alone takes minutes on a 2-core machine)
-    assert main(["bench", "--quick", "--cases", "data,step,ray_overhead,lv_overhead,gpu", "--out", str(out)]) == 0
+    assert main(["bench", "--quick", "--cases", "data,stream,step,ray_overhead,lv_overhead,gpu", "--out", str(out)]) == 0
 
     result = json.loads((out / "bench.json").read_text())
     assert result["complete"] is True and result["failed"] == []
@@ -60,7 +64,7 @@ def test_quick_bench_writes_every_field(ray_local, tmp_path):
     assert ro["threads"]["ray"] == ro["threads"]["plain"]
 
     md = (out / "bench.md").read_text()
-    for heading in ("## 1. Input pipeline", "## 2. Step cost", "## 3. Ray Train overhead", "## 4. LV-Adapter overhead",
+    for heading in ("## 1. Input pipeline", "## 1b. The stage stream", "## 2. Step cost", "## 3. Ray Train overhead", "## 4. LV-Adapter overhead",
                     "## 5. GPU"):
         assert heading in md
     assert "FAILED" not in md and "n/a" in md  # MFU has no peak on a CPU

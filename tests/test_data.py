@@ -6,6 +6,7 @@ import filecmp
 import json
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -18,8 +19,8 @@ from paf_ray.data import bdd100k as B
 from paf_ray.data.check import check_dataset
 from paf_ray.data.decode import load_sample
 from paf_ray.data.index import DatasetError, build_index, read_index, write_index
-from paf_ray.data.pipeline import (BatchCollate, build_dataset, iter_train_batches, load_records, resolve_root,
-                                   run_at_idle_priority, synth_cache_name)
+from paf_ray.data.pipeline import (BatchCollate, StreamPlan, build_dataset, iter_train_batches, load_records,
+                                   resolve_root, run_at_idle_priority, synth_cache_name)
 from paf_ray.data.synth import COMPLETE_MARKER, write_synthetic
 from paf_ray.data.transforms import jitter_colors, train_transform, val_transform
 
@@ -401,19 +402,73 @@ def test_pipeline_batches_have_the_contract_shapes_and_presence_flags(ray_local,
     np.testing.assert_allclose(batch["boxes"][i].numpy() / 0.5, np.array(kept).reshape(-1, 4), atol=1e-4)
 
 
-def test_a_limited_pass_serves_max_rows_a_new_subset_each_time(ray_local, synth_root, monkeypatch):
-    from paf_ray.data import pipeline
+def test_stream_plan_serves_each_epoch_its_own_permutation_cut_or_filled_to_its_rows():
+    plan = StreamPlan(n_records=10, rows_per_epoch=6, epochs=3, shuffle=True, seed=7)
+    idx = plan.record_indices(np.arange(plan.total_rows))
+    epochs = idx.reshape(3, 6)
+    assert all(len(set(e)) == 6 for e in epochs)  # no record twice inside an epoch
+    assert len({tuple(e) for e in epochs}) == 3  # a new order (and subset) every epoch
+    assert np.array_equal(plan.record_indices(np.array([13, 2])), idx[[13, 2]])  # any positions, any order
+    # an epoch longer than the records (the last batch filled up) repeats its own order
+    long = StreamPlan(n_records=5, rows_per_epoch=8, epochs=2, shuffle=True, seed=0).record_indices(np.arange(16))
+    assert sorted(long[:5]) == list(range(5)) and np.array_equal(long[5:8], long[:3])
+    # val: the records in turn
+    assert StreamPlan(n_records=4, rows_per_epoch=4, epochs=1, shuffle=False).record_indices(np.arange(4)).tolist() == [0, 1, 2, 3]
 
-    monkeypatch.setattr(pipeline, "ROWS_PER_BLOCK", 2)  # many small blocks, so passes can differ
+
+def test_a_stage_stream_holds_every_epoch_in_one_pass(ray_local, synth_root):
     cfg = _cfg()
     records = load_records(cfg, synth_root, "train")
     assert len(records) >= 16
-    ds = build_dataset(records, cfg, train=True, max_rows=8)
-    passes = [[n for b in iter_train_batches(ds, batch_size=4) for n in b["name"]] for _ in range(4)]
-    assert all(len(p) == 8 for p in passes)
-    assert len({tuple(sorted(p)) for p in passes}) > 1  # blocks come in a new random order every pass
+    ds = build_dataset(records, cfg, train=True, epochs=3, rows_per_epoch=8, seed=1)
+    names = [n for b in iter_train_batches(ds, batch_size=4) for n in b["name"]]
+    assert len(names) == 24  # three epochs of 8 rows, from one execution
+    plan = StreamPlan(n_records=len(records), rows_per_epoch=8, epochs=3, shuffle=True, seed=1)
+    expected = [records[i]["name"] for i in plan.record_indices(np.arange(24))]
+    assert sorted(names) == sorted(expected)
+    assert len(set(expected[:8]) ^ set(expected[8:16])) > 0  # epochs read different records
+
+
+def _coordinator_cpu_while_the_consumer_rests(records, rest_s: float) -> float:
+    """CPU seconds the SplitCoordinator (what feeds a Train worker) burns while its consumer holds
+    a batch for `rest_s` and Ray Data's budget is full."""
+    import psutil
+    import ray
+
+    cfg = _cfg()
+    ds = build_dataset(records, cfg, train=True, epochs=4)
+    ds.context.execution_options.resource_limits = ds.context.execution_options.resource_limits.copy(
+        object_store_memory=2 * 2**20)  # a few batches: the executor is held back at once
+    shard = ds.streaming_split(1, equal=True)[0]
+    batches = iter_train_batches(shard, batch_size=4)
+    next(batches)
+    pid = ray.get(shard._coord_actor.__ray_call__.remote(lambda self: os.getpid()))
+    time.sleep(2.0)  # decoding fills the budget
+    proc = psutil.Process(pid)
+    before = sum(proc.cpu_times()[:2])
+    time.sleep(rest_s)
+    used = sum(proc.cpu_times()[:2]) - before
+    for _ in batches:  # drain, so the actor finishes
+        pass
+    return used
+
+
+def test_the_executor_rests_while_its_consumer_is_busy(ray_local, synth_root, monkeypatch):
+    """Ray 2.60's streaming executor spins while held back; ray_setup.SleepWhileHeldBack ends that.
+    Without it the coordinator takes most of a core; with it, a few percent."""
+    from paf_ray.train.ray_setup import EXECUTOR_FIX_ENV
+
+    records = load_records(_cfg(), synth_root, "train")
+    fixed = _coordinator_cpu_while_the_consumer_rests(records, rest_s=3.0)
+    monkeypatch.setenv(EXECUTOR_FIX_ENV, "0")
+    unfixed = _coordinator_cpu_while_the_consumer_rests(records, rest_s=3.0)
+    assert unfixed > 1.0, unfixed  # the reproduction: Ray as shipped spins
+    assert fixed < 0.4, fixed
+
+
+def test_decode_priority_changes_the_thread_not_the_rows(ray_local, synth_root):
     # with decode_priority=normal the rows are the same: only the thread that makes them differs
-    val = load_records(cfg, synth_root, "val")[:4]
+    val = load_records(_cfg(), synth_root, "val")[:4]
     rows = {prio: next(iter_train_batches(build_dataset(val, _cfg(decode_priority=prio), train=False), batch_size=4))
             for prio in ("idle", "normal")}
     assert rows["idle"]["name"] == rows["normal"]["name"]

@@ -129,7 +129,7 @@ def test_local_mode_loop_reports_metrics(ray_local, synth_root, tmp_path):
 
     cfg = from_dict(tiny_config(synth_root, ray={"num_workers": 0}))
     cfg, train, val = prepare_data(cfg)
-    result = run_stage(cfg, 0, str(tmp_path), make_datasets(cfg, train, val), len(train), None, 0)
+    result = run_stage(cfg, 0, str(tmp_path), make_datasets(cfg, train, val, 0), len(train), None, 0)
     assert result.error is None
     assert result.metrics["epoch"] == 1 and "score" in result.metrics
     assert result.metrics["train/loss_sem"] > 0

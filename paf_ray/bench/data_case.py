@@ -1,17 +1,27 @@
-"""Input pipeline: Ray Data vs a plain torch DataLoader over the same decode + transform code.
+"""Input pipeline: Ray Data vs a plain torch DataLoader over the same row function and collate.
 
-Both sides run the pipeline's own per-record function (``pipeline.LoadRow``: decode the
-1280x720 JPEG and its masks, train transform to the training size) and its own collate
-(``pipeline.BatchCollate``) with the same number of CPU workers: Ray Data's map capped at
-N CPUs (``data.cpus = N``) vs ``DataLoader(num_workers=N)``. A pass is one epoch over the
-frames, from the first request to the last batch in the consumer, start-up included
-(Ray Data plans and starts its executor every epoch; the DataLoader keeps its workers,
-``persistent_workers=True``, as a tuned loop would). Timed passes alternate between the two.
+Both sides run the pipeline's own per-record function (``pipeline.load_row``: read the 1280x720
+JPEG and its masks, decode, train transform to the training size) at the same CPU priority
+(``data.decode_priority``), its own collate (``pipeline.BatchCollate``), with the same number of
+CPUs: Ray Data's map capped at N CPUs (``data.cpus = N``) vs ``DataLoader(num_workers=N)``.
+
+- **pipeline passes**: one epoch over the frames, consumed as fast as it comes. Ray Data builds
+  and starts a new execution every pass (what a stage start costs); the DataLoader keeps its
+  workers (``persistent_workers=True``, its best case). Per pass: time to first batch, and
+  steady-state rows/s = the rows after the first batch / the time after it.
+- **consumer passes**: the same, delivered to a loop that also computes (``FixedWork``, the same
+  arithmetic every batch, on one torch thread): what a training loop sees. The Ray Data side
+  reads through ``streaming_split`` (a ``SplitCoordinator`` actor), as Ray Train's
+  ``get_dataset_shard`` does.
+- **stream** (``measure_stream``): the stage's stream of two epochs (``build_dataset(epochs=2)``)
+  under the consumer: the first 10 steps of each epoch against the median step; and the
+  consumer's rows/s with an object store that holds a quarter of an epoch vs the whole epoch.
+
+Passes alternate between the two sides, so a change in the machine's load hits both alike.
 """
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from dataclasses import replace
@@ -37,19 +47,20 @@ def rows_to_columns(rows: list[dict]) -> dict:
 
 
 class RecordDataset:
-    """torch Dataset over index records, loading each with the Ray Data map's own function."""
+    """torch Dataset over index records, each loaded with the Ray Data map's own row function."""
 
     def __init__(self, records: list[dict], data_cfg, train: bool):
-        from paf_ray.data.pipeline import LoadRow
-
-        self.items = [{"record": json.dumps(r)} for r in records]
-        self.load_row = LoadRow(data_cfg, train)
+        self.records, self.data_cfg, self.train = records, data_cfg, train
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.records)
 
     def __getitem__(self, i: int) -> dict:
-        return self.load_row(self.items[i])
+        from paf_ray.data.pipeline import load_row, run_at_idle_priority
+
+        if self.data_cfg.decode_priority == "idle":
+            return run_at_idle_priority(load_row, self.records[i], self.data_cfg, self.train)
+        return load_row(self.records[i], self.data_cfg, self.train)
 
 
 def collate_rows(rows: list[dict]) -> dict:
@@ -66,28 +77,82 @@ def batch_from_records(records: list[dict], data_cfg, batch_size: int) -> dict:
     return collate_rows([ds[i] for i in range(batch_size)])
 
 
-def _rate(run_pass) -> float:
-    """Images/s of one pass; `run_pass()` consumes one epoch and returns its image count."""
+# --------------------------------------------------------------------------- consumers
+
+
+class FixedWork:
+    """The consumer's step: the same float32 matrix products every call, on one torch thread."""
+
+    def __init__(self, products: int, n: int = 384):
+        import torch
+
+        self.products = products
+        g = torch.Generator().manual_seed(0)
+        self.a = torch.randn(n, n, generator=g)
+
+    def __call__(self) -> None:
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            x = self.a
+            for _ in range(self.products):
+                x = torch.tanh(x @ self.a)
+        finally:
+            torch.set_num_threads(threads)
+
+    @classmethod
+    def lasting(cls, seconds: float) -> FixedWork:
+        """Work that takes about `seconds` now (calibrated once; then fixed for every pass)."""
+        probe = cls(4)
+        probe()
+        t0 = time.perf_counter()
+        probe()
+        per_product = (time.perf_counter() - t0) / 4
+        return cls(max(1, round(seconds / per_product)))
+
+
+def timed_pass(batches, work: FixedWork | None = None) -> dict:
+    """Consume one pass; {"rows", "first_s" (time to first batch), "total_s", "steady_rows_s",
+    "step_s" (per batch, the wait for it included)}."""
     t0 = time.perf_counter()
-    n = run_pass()
-    return n / (time.perf_counter() - t0)
+    rows, first, step_s, t_prev = 0, None, [], t0
+    for batch in batches:
+        n = int(batch["image"].shape[0])
+        now = time.perf_counter()
+        if first is None:
+            first, first_rows = now - t0, n
+        rows += n
+        if work is not None:
+            work()
+        now = time.perf_counter()
+        step_s.append(now - t_prev)
+        t_prev = now
+    total = time.perf_counter() - t0
+    if first is None:
+        raise RuntimeError("bench data: a pass yielded no batch")
+    after = total - first
+    return {"rows": rows, "first_s": first, "total_s": total, "step_s": step_s,
+            "steady_rows_s": (rows - first_rows) / after if after > 0 else float("nan")}
 
 
-def ray_data_pass(records: list[dict], data_cfg):
+def ray_data_batches(records: list[dict], data_cfg, split: bool, epochs: int = 1):
+    """One pass (or `epochs` of the stage stream) of Ray Data batches, whole batches only (as
+    run.make_datasets cuts a stage's epochs); through a SplitCoordinator actor when `split`, as
+    Ray Train's `get_dataset_shard` reads."""
     from paf_ray.data.pipeline import build_dataset, iter_train_batches
 
-    ds = build_dataset(records, data_cfg, train=True)
-
-    def run_pass() -> int:
-        return sum(int(b["image"].shape[0]) for b in iter_train_batches(ds, data_cfg.batch_size, device="cpu"))
-
-    return run_pass
+    rows = len(records) // data_cfg.batch_size * data_cfg.batch_size
+    ds = build_dataset(records, data_cfg, train=True, epochs=epochs, rows_per_epoch=rows)
+    source = ds.streaming_split(1, equal=True)[0] if split else ds
+    return iter_train_batches(source, data_cfg.batch_size)
 
 
-def dataloader_pass(records: list[dict], data_cfg, workers: int, pin_memory: bool):
+def make_dataloader(records: list[dict], data_cfg, workers: int, pin_memory: bool):
     import torch
 
-    loader = torch.utils.data.DataLoader(
+    return torch.utils.data.DataLoader(
         RecordDataset(records, data_cfg, train=True),
         batch_size=data_cfg.batch_size,
         shuffle=True,
@@ -99,35 +164,116 @@ def dataloader_pass(records: list[dict], data_cfg, workers: int, pin_memory: boo
         multiprocessing_context="forkserver" if workers > 0 else None,
     )
 
-    def run_pass() -> int:
-        return sum(int(b["image"].shape[0]) for b in loader)
 
-    return run_pass
+def _median(passes: list[dict], key: str) -> float:
+    return statistics.median(p[key] for p in passes)
 
 
 def measure_input_pipeline(records: list[dict], data_cfg, workers: int, warmup: int, repeats: int,
-                           pin_memory: bool = False) -> dict:
-    """{"ray_data_img_s", "dataloader_img_s", "ratio", ...}; ratio = Ray Data / DataLoader."""
+                           step_s: float, pin_memory: bool = False) -> dict:
+    """Pipeline and consumer passes, alternating between Ray Data and the DataLoader."""
     data_cfg = replace(data_cfg, cpus=float(workers))
-    dl_pass = dataloader_pass(records, data_cfg, workers, pin_memory)
-    rd_pass = ray_data_pass(records, data_cfg)
+    loader = make_dataloader(records, data_cfg, workers, pin_memory)
+    work = FixedWork.lasting(step_s)
+    sides = {"ray_data": lambda split: ray_data_batches(records, data_cfg, split),
+             "dataloader": lambda split, loader=loader: iter(loader)}
     for _ in range(warmup):
-        dl_pass()
-        rd_pass()
-    dl, rd = [], []
-    for _ in range(repeats):  # alternating passes: a load change on a shared machine hits both alike
-        dl.append(_rate(dl_pass))
-        rd.append(_rate(rd_pass))
-    del dl_pass  # stops the DataLoader's persistent workers
-    ray_img_s, dl_img_s = statistics.median(rd), statistics.median(dl)
-    return {
-        "ray_data_img_s": ray_img_s,
-        "dataloader_img_s": dl_img_s,
-        "ratio": ray_img_s / dl_img_s,
-        "ray_data_img_s_all": rd,
-        "dataloader_img_s_all": dl,
+        for make in sides.values():
+            timed_pass(make(False))
+    plain: dict[str, list] = {k: [] for k in sides}
+    consumer: dict[str, list] = {k: [] for k in sides}
+    for _ in range(repeats):
+        for name, make in sides.items():
+            plain[name].append(timed_pass(make(False)))
+        for name, make in sides.items():
+            consumer[name].append(timed_pass(make(True), work))
+    names = list(sides)
+    del sides, loader  # stops the DataLoader's persistent workers
+    out: dict = {}
+    for name in names:
+        out[f"{name}_first_batch_s"] = _median(plain[name], "first_s")
+        out[f"{name}_rows_s"] = _median(plain[name], "steady_rows_s")
+        out[f"{name}_consumer_rows_s"] = _median(consumer[name], "steady_rows_s")
+        out[f"{name}_passes"] = [{k: v for k, v in p.items() if k != "step_s"} for p in plain[name] + consumer[name]]
+    out.update({
+        "steady_ratio": out["ray_data_rows_s"] / out["dataloader_rows_s"],
+        "first_batch_ratio": out["ray_data_first_batch_s"] / out["dataloader_first_batch_s"],
+        "consumer_ratio": out["ray_data_consumer_rows_s"] / out["dataloader_consumer_rows_s"],
+        "consumer_step_s": step_s,
+        "consumer_products": work.products,
         "workers": workers,
         "images_per_pass": len(records),
+        "batch": data_cfg.batch_size,
+        "input_size": list(data_cfg.input_size),
+        "decode_priority": data_cfg.decode_priority,
+    })
+    return out
+
+
+# --------------------------------------------------------------------------- the stage stream
+
+
+def epoch_steps(step_s: list[float], steps_per_epoch: int) -> dict:
+    """Per epoch of a stream: mean of its first 10 steps / the median step of the whole stream."""
+    from paf_ray.train.loop import EPOCH_START_STEPS
+
+    median = statistics.median(step_s)
+    ratios = []
+    for e in range(len(step_s) // steps_per_epoch):
+        first = step_s[e * steps_per_epoch:e * steps_per_epoch + EPOCH_START_STEPS]
+        ratios.append(statistics.fmean(first) / median)
+    return {"median_step_s": median, "epoch_start_ratios": ratios}
+
+
+def stream_pass(records: list[dict], data_cfg, work: FixedWork, epochs: int) -> dict:
+    p = timed_pass(ray_data_batches(records, data_cfg, split=True, epochs=epochs), work)
+    per_epoch = len(records) // data_cfg.batch_size
+    p.update(epoch_steps(p["step_s"], per_epoch))
+    p["steps_per_epoch"] = per_epoch
+    del p["step_s"]
+    return p
+
+
+def measure_stream(records: list[dict], data_cfg, workers: int, step_s: float, object_store_mb: dict) -> dict:
+    """The stage stream under a training-bound consumer, each setting on a fresh local Ray.
+
+    `object_store_mb`: {"whole": MB that hold an epoch's rows, "quarter": MB for a quarter}.
+    Runs: whole store, 2 epochs (epoch starts, throughput); quarter store, 1 epoch, with and
+    without the executor fix (``ray_setup.SleepWhileHeldBack``)."""
+    import os
+
+    import ray
+
+    from paf_ray.train.ray_setup import EXECUTOR_FIX_ENV, init_ray
+
+    data_cfg = replace(data_cfg, cpus=float(workers))
+    work = FixedWork.lasting(step_s)
+    runs = {}
+    for name, store, epochs, fixed in (("whole", "whole", 2, True), ("quarter", "quarter", 1, True),
+                                       ("quarter_unfixed", "quarter", 1, False)):
+        ray.shutdown()
+        init_ray(num_cpus=workers + 1, object_store_mb=object_store_mb[store])
+        os.environ[EXECUTOR_FIX_ENV] = "1" if fixed else "0"
+        try:
+            runs[name] = stream_pass(records, data_cfg, work, epochs)
+        finally:
+            del os.environ[EXECUTOR_FIX_ENV]
+    ray.shutdown()
+    whole, quarter = runs["whole"], runs["quarter"]
+    return {
+        "epoch_start_ratio": max(whole["epoch_start_ratios"][1:]),
+        "first_epoch_start_ratio": whole["epoch_start_ratios"][0],
+        "whole_store_rows_s": whole["steady_rows_s"],
+        "quarter_store_rows_s": quarter["steady_rows_s"],
+        "quarter_store_unfixed_rows_s": runs["quarter_unfixed"]["steady_rows_s"],
+        "backpressure_ratio": quarter["steady_rows_s"] / whole["steady_rows_s"],
+        "backpressure_ratio_unfixed": runs["quarter_unfixed"]["steady_rows_s"] / whole["steady_rows_s"],
+        "object_store_mb": object_store_mb,
+        "runs": runs,
+        "consumer_step_s": step_s,
+        "consumer_products": work.products,
+        "workers": workers,
+        "images_per_epoch": len(records),
         "batch": data_cfg.batch_size,
         "input_size": list(data_cfg.input_size),
     }

@@ -1,7 +1,10 @@
 """`paf-ray bench`: runs every case side by side and writes DIR/bench.json and DIR/bench.md.
 
 Cases (docs/benchmarks.md says what each one is precisely):
-1. data          Ray Data vs DataLoader, same decode + transform + collate, same workers
+1. data          Ray Data vs DataLoader, same row function + collate, same CPUs: time to first
+                 batch, steady-state rows/s, rows/s delivered to a consumer that also computes
+   stream        the stage's stream of two epochs under a training-bound consumer: epoch starts,
+                 and an object store of a quarter epoch vs a whole one (with and without the fix)
 2. step          adapt vs finetune vs pretrain-finetune: ms/step, peak memory, breakdown
    compile       the finetune step with the dense part under torch.compile vs eager
 3. ray_overhead  1-worker TorchTrainer vs a plain loop, same steps; start-up separately
@@ -211,8 +214,10 @@ def run_case_process(spec: dict, workdir: str, name: str, timeout_s: int) -> dic
     if os.path.exists(out_path):
         os.remove(out_path)
     cmd = [sys.executable, "-m", "paf_ray.bench.step_case", spec_path, out_path]
+    # the thread set-up a Ray worker with that many CPUs gets (Ray sets OMP_NUM_THREADS to them)
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec.get("threads", 1))}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"bench case {name}: no result after {timeout_s} s ({' '.join(cmd)})") from None
     if proc.returncode != 0 or not os.path.exists(out_path):
@@ -228,11 +233,34 @@ def _log(msg: str) -> None:
 
 def bench_data(s: BenchSettings, records: list[dict]) -> dict:
     from paf_ray.bench.data_case import measure_input_pipeline
+
+    return measure_input_pipeline(records, bench_data_config(s), s.data_workers, s.data_warmup, s.data_repeats,
+                                  s.consumer_step_s, pin_memory=s.device == "cuda")
+
+
+def bench_data_config(s: BenchSettings):
     from paf_ray.config import from_dict
 
-    data_cfg = from_dict({"data": {"input_size": list(s.data_input_size), "batch_size": s.data_batch}}, rules=False).data
-    return measure_input_pipeline(records, data_cfg, s.data_workers, s.data_warmup, s.data_repeats,
-                                  pin_memory=s.device == "cuda")
+    return from_dict({"data": {"input_size": list(s.data_input_size), "batch_size": s.data_batch}}, rules=False).data
+
+
+def bench_stream(s: BenchSettings, records: list[dict]) -> dict:
+    """The stage stream on fresh local Rays (object stores sized to the epoch); the bench's own
+    Ray is started again afterwards for the sections that follow."""
+    from paf_ray.bench.data_case import measure_stream
+    from paf_ray.data.pipeline import row_bytes
+    from paf_ray.train.ray_setup import init_ray
+
+    data_cfg = bench_data_config(s)
+    records = records[:s.stream_frames]
+    epoch_mb = len(records) * row_bytes(data_cfg) / 2**20
+    # Ray Data takes half the store for its rows: "whole" holds an epoch in that half.
+    stores = {"whole": max(MIN_STORE_MB, int(2.5 * epoch_mb)), "quarter": max(MIN_STORE_MB, int(epoch_mb / 4))}
+    _log(f"stream: {len(records)} frames an epoch ({epoch_mb:.0f} MB of rows), stores {stores} MB ...")
+    try:
+        return measure_stream(records, data_cfg, s.data_workers, s.stream_step_s, stores)
+    finally:
+        init_ray(num_cpus=os.cpu_count(), object_store_mb=BENCH_STORE_MB[s.device])
 
 
 def bench_steps(s: BenchSettings, frames: Frames) -> dict:
@@ -313,6 +341,8 @@ def bench_ray_overhead(s: BenchSettings, frames: Frames) -> dict:
                                        s.case_timeout_s))
     plain = {"ms": sum(r["ms"] for r in plain_runs) / 2, "ms_all": [r["ms_all"] for r in plain_runs],
              "threads": plain_runs[0]["threads"]}
+    plain_cpu = _mean_dicts([r["cpu_ms_per_step"] for r in plain_runs])
+    ray_cpu = in_ray["cpu_ms_per_step"]
     _log(f"ray_overhead: plain {plain_runs[1]['ms']:.0f} ms/step")
     return {
         "plain_ms": plain["ms"],
@@ -324,11 +354,20 @@ def bench_ray_overhead(s: BenchSettings, frames: Frames) -> dict:
         "ray_ms_all": in_ray["ms_all"],
         "threads": {"plain": plain["threads"], "ray": in_ray["threads"]},
         "ray_worker_omp_num_threads": in_ray.get("omp_num_threads"),
+        # CPU ms per timed step, by process: where the difference goes (docs/benchmarks.md)
+        "cpu_ms_per_step": {"plain": plain_cpu, "ray": ray_cpu},
+        "others_cpu_ms_per_step": {"plain": sum(v for k, v in plain_cpu.items() if k != "self"),
+                                   "ray": sum(v for k, v in ray_cpu.items() if k != "self")},
         "steps": s.small_repeats,
         "model": s.small_model["backbone"]["name"],
         "input_size": list(s.small_input_size),
         "batch": s.small_batch,
     }
+
+
+def _mean_dicts(dicts: list[dict]) -> dict:
+    keys = {k for d in dicts for k in d}
+    return dict(sorted(((k, sum(d.get(k, 0.0) for d in dicts) / len(dicts)) for k in keys), key=lambda kv: -kv[1]))
 
 
 def bench_lv_overhead(s: BenchSettings, frames: Frames) -> dict:
@@ -420,8 +459,8 @@ def bench_gpu(s: BenchSettings, frames: Frames, data: dict, machine: dict) -> di
         "adapt_mfu": a["achieved_tflops"] / peak if peak else None,
         "adapt_over_finetune_img_s": a["img_s"] / f["img_s"],
         "adapt_over_finetune_peak": a["peak_mb"] / f["peak_mb"],
-        "pipeline_img_s": data.get("ray_data_img_s"),
-        "pipeline_headroom": data["ray_data_img_s"] / f["img_s"] if same_size and "ray_data_img_s" in data else None,
+        "pipeline_img_s": data.get("ray_data_rows_s"),
+        "pipeline_headroom": data["ray_data_rows_s"] / f["img_s"] if same_size and "ray_data_rows_s" in data else None,
         "box_check": box,
         "breakdown": {"finetune": f["breakdown"], "adapt": a["breakdown"]},
     }
@@ -438,13 +477,15 @@ def write_synth_frames(root: str, s: BenchSettings) -> list[dict]:
     from paf_ray.data.pipeline import load_records
     from paf_ray.data.synth import write_synthetic
 
-    write_synthetic(root, images=s.frames, seed=0, size=s.frame_size, val_fraction=0.1)
+    write_synthetic(root, images=s.frames, seed=0, size=s.frame_size, val_fraction=0.02)
     data_cfg = from_dict({}, rules=False).data
     return load_records(data_cfg, root, "train")
 
 
-SECTIONS = ("data", "step", "compile", "ray_overhead", "lv_overhead", "gpu")
-RAY_SECTIONS = ("data", "ray_overhead")  # the sections that start a local Ray
+SECTIONS = ("data", "stream", "step", "compile", "ray_overhead", "lv_overhead", "gpu")
+RAY_SECTIONS = ("data", "stream", "ray_overhead")  # the sections that start a local Ray
+BENCH_STORE_MB = {"cpu": 512, "cuda": 4096}
+MIN_STORE_MB = 80  # Ray refuses an object store under 75 MB
 
 
 def write_results(out: str, result: dict) -> None:
@@ -485,17 +526,20 @@ def run_bench(out: str, quick: bool = False, device: str = "cpu", cases: list[st
     if any(c in RAY_SECTIONS for c in sections):
         from paf_ray.train.ray_setup import init_ray
 
-        init_ray(num_cpus=os.cpu_count(), object_store_mb=4096 if device == "cuda" and not quick else 512)
+        init_ray(num_cpus=os.cpu_count(), object_store_mb=BENCH_STORE_MB["cpu" if quick else device])
     frames = Frames(workdir, s.frame_size)
+    written: list = []
 
-    def data_case() -> dict:
-        frames_root = os.path.join(out, f"synth-{s.frames}-{s.frame_size[0]}x{s.frame_size[1]}")
-        records = write_synth_frames(frames_root, s)
-        _log(f"{len(records)} training frames at {s.frame_size[0]}x{s.frame_size[1]} in {frames_root}")
-        return bench_data(s, records)
+    def frame_records() -> list[dict]:
+        if not written:
+            frames_root = os.path.join(out, f"synth-{s.frames}-{s.frame_size[0]}x{s.frame_size[1]}")
+            written.append(write_synth_frames(frames_root, s))
+            _log(f"{len(written[0])} training frames at {s.frame_size[0]}x{s.frame_size[1]} in {frames_root}")
+        return written[0]
 
     runners = {
-        "data": data_case,
+        "data": lambda: bench_data(s, frame_records()),
+        "stream": lambda: bench_stream(s, frame_records()),
         "step": lambda: bench_steps(s, frames),
         "compile": lambda: bench_compile(s, frames),
         "ray_overhead": lambda: bench_ray_overhead(s, frames),

@@ -53,6 +53,10 @@ class BenchSettings:
     data_workers: int  # DataLoader num_workers == Ray Data CPUs for the map
     data_warmup: int  # whole passes over the frames before timing
     data_repeats: int
+    consumer_step_s: float  # the consumer's fixed work per batch in the data case's consumer passes
+    # 1b. the stage stream: an epoch of stream_frames frames under a training-bound consumer
+    stream_frames: int
+    stream_step_s: float
     # 2. step cost (adapt / finetune / pretrain-finetune), one process per case
     step_model: dict
     step_input_size: tuple[int, int]
@@ -96,6 +100,9 @@ def bench_settings(device: str, quick: bool) -> BenchSettings:
             data_workers=min(2, cpus),
             data_warmup=1,
             data_repeats=2,
+            consumer_step_s=0.01,
+            stream_frames=8,
+            stream_step_s=0.05,
             step_model=TINY,
             step_input_size=(128, 96),
             step_batch=2,
@@ -116,12 +123,15 @@ def bench_settings(device: str, quick: bool) -> BenchSettings:
         return BenchSettings(
             device="cpu",
             quick=False,
-            frames=48,
+            frames=512,
             data_input_size=(640, 384),
             data_batch=4,
             data_workers=min(2, cpus),
             data_warmup=1,
             data_repeats=3,
+            consumer_step_s=0.08,  # one batch decodes in ~0.2 CPU-s: both sides stay CPU-bound
+            stream_frames=256,
+            stream_step_s=0.3,  # longer than a batch's decode: training-bound, so rows pile up
             step_model=R50_FPN,  # the target is stated for R50 at 640x384
             step_input_size=(640, 384),
             step_batch=1,
@@ -145,6 +155,9 @@ def bench_settings(device: str, quick: bool) -> BenchSettings:
         data_workers=workers,
         data_warmup=1,
         data_repeats=3,
+        consumer_step_s=0.05,
+        stream_frames=256,
+        stream_step_s=0.2,
         step_model=R50_FPN,
         step_input_size=(640, 384),
         step_batch=8,

@@ -232,12 +232,52 @@ def timed_steps(spec: dict) -> dict:
         step()
     sync()
     times = []
+    cpu_before = cpu_by_process()
     for _ in range(int(spec["repeats"])):
         t0 = time.perf_counter()
         step()
         sync()
         times.append(1000 * (time.perf_counter() - t0))
-    return {"ms": statistics.median(times), "ms_all": times, "threads": torch.get_num_threads()}
+    cpu = cpu_ms_per_step(cpu_before, cpu_by_process(), os.getpid(), len(times))
+    return {"ms": statistics.median(times), "ms_all": times, "threads": torch.get_num_threads(), "cpu_ms_per_step": cpu}
+
+
+def cpu_by_process() -> dict[int, tuple[str, float]]:
+    """pid -> (name, CPU seconds so far) of every process on this machine (Linux /proc; {} elsewhere).
+    The name is the first word of the command line (Ray names its workers ``ray::Class``)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    out = {}
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return out
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read().decode(errors="replace")
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        words = [a.decode(errors="replace") for a in argv if a]
+        name = os.path.basename(words[0]) if words else stat[stat.index("(") + 1:stat.rindex(")")]
+        if name.startswith("python") and len(words) > 1:  # a Python daemon: name it by its script
+            name = os.path.basename(words[1]) if not words[1].startswith("-") else " ".join(words[1:3])
+        out[pid] = (name.split(" ")[0], (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def cpu_ms_per_step(before: dict, after: dict, me: int, steps: int) -> dict[str, float]:
+    """CPU milliseconds per step between two `cpu_by_process` snapshots, by process name; this
+    process is "self" (its torch threads), the rest summed under their names."""
+    used: dict[str, float] = {}
+    for pid, (name, seconds) in after.items():
+        spent = seconds - (before[pid][1] if pid in before and before[pid][0] == name else 0.0)
+        if spent > 0:
+            key = "self" if pid == me else name
+            used[key] = used.get(key, 0.0) + 1000 * spent / max(1, steps)
+    return dict(sorted(used.items(), key=lambda kv: -kv[1]))
 
 
 def measure_step(spec: dict) -> dict:

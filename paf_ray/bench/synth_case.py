@@ -3,7 +3,7 @@
     python -m paf_ray.bench.synth_case [--synth-images 60] [--pipeline-images 48] [--cpus 2]
 
 1. generator: ``write_synthetic`` at 640x360 in this process (wall and CPU seconds);
-2. rows: CPU milliseconds per row of ``LoadRow`` (decode + train transform), the work each
+2. rows: CPU milliseconds per row of ``load_row`` (decode + train transform), the work each
    Ray Data task does per frame, in this process: 320x180 frames to 320x192 (the demo) and
    1280x720 frames to 640x384;
 3. pipeline: 1280x720 synthetic frames -> index -> Ray Data decode + train transform to
@@ -33,19 +33,18 @@ def bench_synth(images: int, size=(640, 360)) -> dict:
 
 def bench_rows(images: int, size, input_size, repeats: int = 3) -> dict:
     from paf_ray.config import DataConfig
-    from paf_ray.data.pipeline import LoadRow, load_records
+    from paf_ray.data.pipeline import load_records, load_row
     from paf_ray.data.synth import write_synthetic
 
     with tempfile.TemporaryDirectory() as d:
         root = write_synthetic(os.path.join(d, "s"), images=images, seed=0, size=size, val_fraction=0.0)
         cfg = DataConfig(input_size=input_size)
-        items = [{"record": json.dumps(r)} for r in load_records(cfg, root, "train")]
-        load = LoadRow(cfg, train=True)
-        load(items[0])  # warm-up
+        items = load_records(cfg, root, "train")
+        load_row(items[0], cfg, True)  # warm-up
         c0 = time.process_time()
         for _ in range(repeats):
             for item in items:
-                load(item)
+                load_row(item, cfg, True)
         cpu = time.process_time() - c0
     return {"frame": f"{size[0]}x{size[1]}", "input": f"{input_size[0]}x{input_size[1]}",
             "rows": repeats * len(items), "cpu_ms_per_row": round(1000 * cpu / (repeats * len(items)), 2)}

@@ -49,7 +49,7 @@ class Sample(TypedDict):
 
 
 class Row(TypedDict):
-    """A training/eval row as Ray Data carries it (``transforms.transform_sample`` + ``LoadRow``)."""
+    """A training/eval row as Ray Data carries it (``transforms.transform_sample`` + ``pipeline.load_row``)."""
 
     image: np.ndarray  # uint8 (H, W, 3), H x W = data.input_size, content top-left, zero pad
     boxes: np.ndarray  # float32 (k, 4) network-input pixels

@@ -7,12 +7,14 @@ the batch of §3). Nothing here depends on running inside Ray Train.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import ray
@@ -28,7 +30,7 @@ from paf_ray.data.transforms import train_transform, val_transform
 
 log = logging.getLogger(__name__)
 
-ROWS_PER_BLOCK = 16  # records per read block: fewer, larger tasks cost Ray less per row; still streams
+BLOCKS_PER_DECODE_SLOT = 8  # read blocks per concurrent decode task (see read_blocks)
 
 
 # ----------------------------------------------------------------------------- root and records
@@ -119,37 +121,100 @@ def run_at_idle_priority(fn, *args):
     return _idle_thread.submit(fn, *args).result()
 
 
-class LoadRow:
-    """The Ray Data map: one JSON record -> one transformed row (or a placeholder for a bad one)."""
+class RecordTable:
+    """The index records of a stage as two numpy arrays (JSON bytes and their offsets).
 
-    def __init__(self, data_cfg: DataConfig, train: bool):
-        self.input_size = tuple(data_cfg.input_size)
-        self.train = train
-        self.scale_range = tuple(data_cfg.scale_range)
-        self.hflip = data_cfg.hflip
-        self.color_jitter = data_cfg.color_jitter
-        self.skip = data_cfg.on_bad_sample == "skip"
-        self.idle = data_cfg.decode_priority == "idle"
+    Put in the object store once per stage: every decode task reads it from shared memory without
+    a copy, so a stream of many epochs carries only row positions, not a record per row.
+    """
+
+    def __init__(self, records: list[Record]):
+        encoded = [json.dumps(r).encode() for r in records]
+        self.offsets = np.cumsum([0] + [len(e) for e in encoded], dtype=np.int64)
+        self.data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> Record:
+        return json.loads(self.data[self.offsets[i]:self.offsets[i + 1]].tobytes())
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The record order of one training epoch: a fresh permutation per (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """Row position k of a stream -> record index: epoch k // rows_per_epoch, and inside it the
+    epoch's order (train) or the records in turn (val), repeated when an epoch asks for more rows
+    than there are records."""
+
+    n_records: int
+    rows_per_epoch: int
+    epochs: int
+    shuffle: bool
+    seed: int = 0
+
+    @property
+    def total_rows(self) -> int:
+        return self.rows_per_epoch * self.epochs
+
+    def record_indices(self, positions: np.ndarray) -> np.ndarray:
+        epochs, within = np.divmod(np.asarray(positions, np.int64), self.rows_per_epoch)
+        within %= self.n_records
+        if not self.shuffle:
+            return within
+        out = np.empty_like(within)
+        for e in np.unique(epochs):
+            pick = epochs == e
+            out[pick] = epoch_order(self.seed, int(e), self.n_records)[within[pick]]
+        return out
+
+
+_tables: dict[str, RecordTable] = {}  # this process's view of each stage's table, by object id
+
+
+def _table(ref) -> RecordTable:
+    key = ref.hex()
+    if key not in _tables:
+        _tables.clear()  # one stage at a time per process
+        _tables[key] = ray.get(ref)
+    return _tables[key]
+
+
+def load_row(record: Record, data_cfg: DataConfig, train: bool) -> Row:
+    """One index record -> one transformed row (or, with on_bad_sample: skip, a placeholder)."""
+    try:
+        sample = load_sample(record)
+    except DatasetError as e:
+        if data_cfg.on_bad_sample != "skip":
+            raise
+        return placeholder_row(record["name"], str(e))
+    if train:
+        row = train_transform(sample, tuple(data_cfg.input_size), tuple(data_cfg.scale_range), data_cfg.hflip,
+                              data_cfg.color_jitter, np.random.default_rng())
+    else:
+        row = val_transform(sample, tuple(data_cfg.input_size))
+    row["name"] = record["name"]
+    row["error"] = ""
+    return row
+
+
+class LoadRows:
+    """The Ray Data map: a stream position -> its record (``StreamPlan``) -> the transformed row."""
+
+    def __init__(self, table_ref, plan: StreamPlan, data_cfg: DataConfig, train: bool):
+        self.table_ref, self.plan, self.data_cfg, self.train = table_ref, plan, data_cfg, train
 
     def __call__(self, item: dict) -> Row:
-        return run_at_idle_priority(self.load, item) if self.idle else self.load(item)
-
-    def load(self, item: dict) -> Row:
-        record: Record = json.loads(item["record"])
-        try:
-            sample = load_sample(record)
-        except DatasetError as e:
-            if not self.skip:
-                raise
-            return placeholder_row(record["name"], str(e))
-        if self.train:
-            row = train_transform(sample, self.input_size, self.scale_range, self.hflip, self.color_jitter,
-                                  np.random.default_rng())
-        else:
-            row = val_transform(sample, self.input_size)
-        row["name"] = record["name"]
-        row["error"] = ""
-        return row
+        index = int(self.plan.record_indices(np.asarray([item["id"]]))[0])
+        record = _table(self.table_ref)[index]
+        if self.data_cfg.decode_priority == "idle":
+            return run_at_idle_priority(load_row, record, self.data_cfg, self.train)
+        return load_row(record, self.data_cfg, self.train)
 
 
 def map_cpus(data_cfg: DataConfig) -> float:
@@ -157,29 +222,39 @@ def map_cpus(data_cfg: DataConfig) -> float:
     return 0.5 if data_cfg.cpus <= 1 else 1.0
 
 
-def build_dataset(records: list[dict], data_cfg: DataConfig, train: bool,
-                  max_rows: int | None = None) -> ray.data.Dataset:
+def row_bytes(data_cfg: DataConfig) -> int:
+    """Bytes of one transformed row: the uint8 image and its two uint8 masks at the input size."""
+    w, h = data_cfg.input_size
+    return w * h * (3 + 1 + 1)
+
+
+def read_blocks(total_rows: int, data_cfg: DataConfig) -> int:
+    """Read blocks of a stream: Ray Data plans every block up front (a few ms each), so a long
+    stream gets a few blocks per decode slot; rows leave a task a batch at a time regardless
+    (the output block size, ``ray_setup.configure_data_context``), so the first batch waits
+    for one batch of decoding, not for a whole block."""
+    slots = max(1, int(data_cfg.cpus / map_cpus(data_cfg)))
+    return max(1, min(-(-total_rows // data_cfg.batch_size), BLOCKS_PER_DECODE_SLOT * slots))
+
+
+def build_dataset(records: list[Record], data_cfg: DataConfig, train: bool, epochs: int = 1,
+                  rows_per_epoch: int | None = None, seed: int = 0) -> ray.data.Dataset:
     """Records -> Dataset of transformed rows; Ray Data's CPU use is capped at ``data.cpus``.
 
-    ``max_rows``: each pass reads only this many records (train: a different random subset of
-    blocks every pass), for stages that stop an epoch early (``max_steps_per_epoch``).
+    One dataset serves a whole stage: ``epochs`` epochs of ``rows_per_epoch`` rows each (default:
+    every record once), in a fresh order per epoch when ``train``. The loop counts an epoch's
+    steps itself, so the next epoch's rows are decoded while the previous one ends, and the
+    pipeline is planned and started once per stage.
     """
     from paf_ray.train.ray_setup import configure_data_context
 
     if not records:
         raise DatasetError("build_dataset: no records")
-    configure_data_context(data_cfg.cpus)
-    items = [{"record": json.dumps(r)} for r in records]
-    if train:  # a fixed shuffle of the records; the block order is shuffled again every epoch
-        order = np.random.default_rng(0).permutation(len(items))
-        items = [items[i] for i in order]
-    blocks = max(1, min(len(items), -(-len(items) // ROWS_PER_BLOCK)))
-    ds = ray.data.from_items(items, override_num_blocks=blocks)
-    if train:
-        ds = ds.randomize_block_order()
-    if max_rows is not None and max_rows < len(items):
-        ds = ds.limit(max_rows)  # before the map: the rows past it are never decoded
-    return ds.map(LoadRow(data_cfg, train), num_cpus=map_cpus(data_cfg))
+    configure_data_context(data_cfg.cpus, batch_bytes=data_cfg.batch_size * row_bytes(data_cfg))
+    plan = StreamPlan(n_records=len(records), rows_per_epoch=rows_per_epoch or len(records), epochs=epochs,
+                      shuffle=train, seed=seed)
+    ds = ray.data.range(plan.total_rows, override_num_blocks=read_blocks(plan.total_rows, data_cfg))
+    return ds.map(LoadRows(ray.put(RecordTable(records)), plan, data_cfg, train), num_cpus=map_cpus(data_cfg))
 
 
 # ----------------------------------------------------------------------------- batches

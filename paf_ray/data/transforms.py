@@ -79,7 +79,7 @@ def jitter_colors(image: np.ndarray, strength: float, rng: np.random.Generator) 
 
 
 def _transform(sample: Sample, input_size, scale: float, flip: bool, offset: tuple[int, int]) -> dict:
-    """The Row of `sample` (all of contracts.Row but `name` and `error`, which LoadRow adds)."""
+    """The Row of `sample` (all of contracts.Row but `name` and `error`, which pipeline.load_row adds)."""
     image = sample["image"]
     h0, w0 = image.shape[:2]
     new_w, new_h = max(1, int(round(w0 * scale))), max(1, int(round(h0 * scale)))

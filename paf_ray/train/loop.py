@@ -188,6 +188,7 @@ class StageRun:
     steps_per_epoch: int
     step_offset: int  # global steps of the stages before this one (TensorBoard x axis)
     log: _RunLog
+    waits: _WaitClock = field(default_factory=lambda: _WaitClock())
 
 
 def build_and_restore(cfg: Config, init_checkpoint) -> tuple[torch.nn.Module, dict | None]:
@@ -254,9 +255,7 @@ def setup_stage(config: dict) -> tuple[StageRun, Progress] | None:
     model, net, synced = place_model(model, cfg, spec.kind, device, world)
     if synced and rank == 0:
         print(f"[{name}] model.norm syncbn: {synced} BatchNorm layers use the statistics of all {world} workers")
-    steps_per_epoch = int(config["steps_per_epoch"])
-    if spec.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, spec.max_steps_per_epoch)
+    steps_per_epoch = int(config["steps_per_epoch"])  # run.stage_steps_per_epoch: the stream is cut to it
     amp = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and device.type == "cuda")
     trainee = make_trainee(model, net, spec, device, amp=amp,
                            total_updates=max(1, spec.epochs * steps_per_epoch // max(1, spec.accum_steps)),
@@ -293,25 +292,47 @@ def log_step(run: StageRun, progress: Progress, epoch: int, done: int, outcome, 
     clock["t_log"], clock["images"] = now, 0
 
 
-def train_one_epoch(run: StageRun, progress: Progress, epoch: int) -> dict:
-    """Train one epoch of this worker's shard; return the epoch's loss means and counts (all ranks)."""
+def stage_batches(run: StageRun):
+    """This worker's batches of the whole stage: one stream over every epoch (run.make_datasets)."""
     from paf_ray.data.pipeline import iter_train_batches
 
-    device = run.trainee.device
     shard = ray.train.get_dataset_shard("train")
+    return run.waits.timed(iter_train_batches(shard, run.cfg.data.batch_size, device=run.trainee.device))
+
+
+EPOCH_START_STEPS = 10  # the first steps of an epoch, timed against the epoch's median step
+
+
+def epoch_start_ratio(step_s: list[float]) -> float | None:
+    """Mean time of an epoch's first EPOCH_START_STEPS steps / the median of the rest."""
+    n = EPOCH_START_STEPS
+    if len(step_s) < 2 * n:
+        return None
+    rest = sorted(step_s[n:])
+    return (sum(step_s[:n]) / n) / max(1e-9, rest[len(rest) // 2])
+
+
+def train_one_epoch(run: StageRun, progress: Progress, epoch: int, batches) -> dict:
+    """Train one epoch (`steps_per_epoch` batches of the stage's stream); return the epoch's loss
+    means and counts (all ranks)."""
     counter = StepCounter()
     sums: dict[str, float] = {}
     n_loss = skipped = images_seen = 0
     clock = {"t_epoch": time.perf_counter(), "t_log": time.perf_counter(), "images": 0,
              "first_step": progress.skip_steps}
-    waits = _WaitClock()
-    for step_in_epoch, batch in enumerate(waits.timed(iter_train_batches(shard, run.cfg.data.batch_size, device=device))):
-        if step_in_epoch >= run.steps_per_epoch:
+    step_s: list[float] = []  # wall time of each step, its wait for the batch included
+    t_prev = clock["t_epoch"]
+    for step_in_epoch in range(run.steps_per_epoch):
+        batch = next(batches, None)
+        if batch is None:  # the stream ran out (a stage resumed from an earlier epoch than its stream holds)
             break
         skipped += int(batch.get("skipped", 0))
         if step_in_epoch < progress.skip_steps:  # resumed mid-epoch: these steps are in the checkpoint already
             continue
         outcome = train_step(run.trainee, batch, counter)
+        now = time.perf_counter()
+        step_s.append(now - t_prev)
+        t_prev = now
         if outcome.skipped == "nonfinite loss" and run.rank == 0:
             print(f"[{run.name}] non-finite loss at step {progress.global_step}: step skipped on every rank "
                   f"({counter.bad_in_a_row} in a row): {outcome.losses}")
@@ -326,19 +347,22 @@ def train_one_epoch(run: StageRun, progress: Progress, epoch: int) -> dict:
             continue
         progress.global_step += 1
         if run.rank == 0 and run.cfg.train.log_every and progress.global_step % run.cfg.train.log_every == 0:
-            log_step(run, progress, epoch, step_in_epoch + 1, outcome, clock, waits)
+            log_step(run, progress, epoch, step_in_epoch + 1, outcome, clock, run.waits)
         if run.cfg.train.checkpoint_every_steps and progress.global_step % run.cfg.train.checkpoint_every_steps == 0:
             report(run, progress, epoch, step_in_epoch + 1, dict(progress.last_metrics), final=False)
     progress.skip_steps = 0
 
     keys = sorted(sums)
-    totals = all_reduce_sum([sums[k] for k in keys] + [n_loss, skipped, images_seen], device)
+    totals = all_reduce_sum([sums[k] for k in keys] + [n_loss, skipped, images_seen], device=run.trainee.device)
     n_all = max(1.0, totals[len(keys)])
     wall = time.perf_counter() - clock["t_epoch"]
     metrics = {f"train/loss_{k}": totals[i] / n_all for i, k in enumerate(keys)}
     metrics["data/skipped"] = int(totals[len(keys) + 1])
     metrics["train/img_s"] = totals[len(keys) + 2] / max(1e-9, wall)
     metrics["train/epoch_s"] = wall
+    start = epoch_start_ratio(step_s)
+    if start is not None:  # epoch 1 of a stage includes the pipeline's start (its first batch)
+        metrics["train/epoch_start_ratio"] = start
     return metrics
 
 
@@ -396,8 +420,9 @@ def train_loop(config: dict) -> None:
         return
     run, progress = started
     run.trainee.model.train()
+    batches = stage_batches(run)
     for epoch in range(progress.epoch, run.spec.epochs):
-        metrics = train_one_epoch(run, progress, epoch)
+        metrics = train_one_epoch(run, progress, epoch, batches)
         metrics.update(evaluate_epoch(run, progress, epoch))
         last = epoch == run.spec.epochs - 1
         if last:

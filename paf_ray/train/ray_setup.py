@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
 
 import ray
+from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 # Ray Train V2 re-routes print() in its workers through the root logger and, since Ray's own log
 # capture also replaced stdout there, every line of the loop reached the driver twice. The loop
@@ -21,12 +23,50 @@ RAY_LOG_LEVEL = "WARNING"
 os.environ.setdefault("RAY_DATA_LOG_LEVEL", RAY_LOG_LEVEL)
 
 
-def configure_data_context(data_cpus: float) -> None:
-    """Bound Ray Data to its CPU budget so training workers always get theirs (2-core boxes hang otherwise)."""
+def configure_data_context(data_cpus: float, batch_bytes: int | None = None) -> None:
+    """The Ray Data settings of every dataset this process builds (a dataset keeps a copy of them).
+
+    - CPU cap: decoding never takes the training workers' CPUs (2-core boxes hang otherwise).
+    - Output block size of about one batch: a decode task hands its rows on a batch at a time,
+      so the first batch waits for one batch of decoding, not for a whole read block.
+    - ``SleepWhileHeldBack``: see there.
+    """
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.resource_limits = ray.data.ExecutionResources(cpu=data_cpus)
+    if batch_bytes:
+        ctx.target_max_block_size = max(batch_bytes, MIN_BLOCK_BYTES)
+    callbacks = ctx.custom_execution_callback_classes
+    fix = os.environ.get(EXECUTOR_FIX_ENV, "1") != "0"
+    if fix and SleepWhileHeldBack not in callbacks:
+        callbacks.append(SleepWhileHeldBack)
+    elif not fix and SleepWhileHeldBack in callbacks:
+        callbacks.remove(SleepWhileHeldBack)
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+
+
+MIN_BLOCK_BYTES = 1 << 20
+# "0" leaves Ray Data's executor as Ray ships it (the bench's reproduction of the busy loop)
+EXECUTOR_FIX_ENV = "PAF_RAY_DATA_EXECUTOR_FIX"
+HELD_BACK_SLEEP_S = 0.02
+
+
+class SleepWhileHeldBack(ExecutionCallback):
+    """Ends a busy loop of Ray Data's streaming executor (Ray 2.60).
+
+    The executor's loop blocks (``ray.wait``, up to 0.1 s) only until some task has output ready.
+    When the consumer is slower than decoding, the object-store budget fills and the ready
+    outputs may not be read, or no task may start while none runs: the loop then spins without
+    sleeping, a whole core in the process that runs it (the ``SplitCoordinator`` actor behind
+    ``get_dataset_shard``, or the driver). So while the consumer has rows waiting, each step of
+    the loop ends with a 20 ms sleep; while it waits for rows, the loop runs as Ray made it.
+    docs/benchmarks.md has the measurement and a reproduction.
+    """
+
+    def on_execution_step(self, executor) -> None:
+        consumer_idling = getattr(executor, "_consumer_idling", None)  # private: without it, do nothing
+        if consumer_idling is not None and not consumer_idling():
+            time.sleep(HELD_BACK_SLEEP_S)
 
 
 def quiet_ray_warnings() -> None:

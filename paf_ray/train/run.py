@@ -116,25 +116,34 @@ def training_world_size(cfg: Config) -> int:
     return max(1, cfg.ray.num_workers)
 
 
-def make_datasets(cfg: Config, train: list[dict], val: list[dict], max_steps_per_epoch: int | None = None) -> dict:
-    """{"train": split across workers by Ray, "val_<rank>": one exact share per worker}.
-
-    With ``max_steps_per_epoch``, a train pass reads only the rows those steps use.
-    """
+def make_datasets(cfg: Config, train: list[dict], val: list[dict], stage_index: int) -> dict:
+    """{"train": the stage's whole stream, split across workers by Ray; "val_<rank>": one exact
+    share per worker}. The train stream holds every epoch of the stage (each epoch
+    ``stage_steps_per_epoch`` full batches per worker), so epochs follow each other without a
+    new pipeline start."""
     from paf_ray.data.pipeline import build_dataset
 
     world = training_world_size(cfg)
-    max_rows = max_steps_per_epoch * cfg.data.batch_size * world if max_steps_per_epoch else None
-    datasets = {"train": build_dataset(train, cfg.data, train=True, max_rows=max_rows)}
+    stage = cfg.train.stages[stage_index]
+    rows_per_epoch = stage_steps_per_epoch(len(train), cfg, stage_index) * cfg.data.batch_size * world
+    datasets = {"train": build_dataset(train, cfg.data, train=True, epochs=stage.epochs, rows_per_epoch=rows_per_epoch,
+                                       seed=cfg.train.seed + 1000 * stage_index)}
     for rank in range(world):
         datasets[f"val_{rank}"] = build_dataset(val[rank::world], cfg.data, train=False)
     return datasets
 
 
 def steps_per_epoch(n_train: int, cfg: Config) -> int:
+    """Batches per worker in one pass over the training records (the last one filled up)."""
     world = training_world_size(cfg)
-    per_worker = n_train // world if world > 1 else n_train  # streaming_split(equal=True) floors
+    per_worker = n_train // world if world > 1 else n_train
     return max(1, math.ceil(per_worker / cfg.data.batch_size))
+
+
+def stage_steps_per_epoch(n_train: int, cfg: Config, stage_index: int) -> int:
+    """Steps per epoch of a stage: a pass over the records, or `max_steps_per_epoch` if fewer."""
+    n = steps_per_epoch(n_train, cfg)
+    return min(n, cfg.train.stages[stage_index].max_steps_per_epoch or n)
 
 
 # --------------------------------------------------------------------------- stages
@@ -171,7 +180,7 @@ def run_stage(
             "stage_index": index,
             "stage_name": stage_run_name(index, stage.kind),
             "init_checkpoint": init_checkpoint,
-            "steps_per_epoch": steps_per_epoch(n_train, cfg),
+            "steps_per_epoch": stage_steps_per_epoch(n_train, cfg, index),
             "step_offset": step_offset,
             "log_dir": run_dir,
         },
@@ -250,21 +259,20 @@ def run_pipeline(
         # a path or URI every worker reads itself (a URI from any node)
         init_checkpoint = ray.train.Checkpoint(checkpoint_location(cfg.train.init_checkpoint))
     step_offset = 0
-    n_steps = steps_per_epoch(len(train_records), cfg)
     for index, stage in enumerate(cfg.train.stages):
         name = stage_run_name(index, stage.kind)
         done_path = storage.join(run_dir, name, STAGE_DONE_FILE)
         done = read_json(done_path) if resume else None
-        stage_steps_per_epoch = min(n_steps, stage.max_steps_per_epoch or n_steps)
-        stage_steps = stage.epochs * stage_steps_per_epoch
+        epoch_steps = stage_steps_per_epoch(len(train_records), cfg, index)
+        stage_steps = stage.epochs * epoch_steps
         if done is not None:
             print(f"[paf-ray] {name}: already done, checkpoint {done['checkpoint']}", flush=True)
             init_checkpoint = ray.train.Checkpoint(done["checkpoint"])
             summary["stages"].append(done)
             step_offset += stage_steps
             continue
-        datasets = make_datasets(cfg, train_records, val_records, stage.max_steps_per_epoch)  # lazy: cheap
-        print(f"[paf-ray] {name}: {stage.epochs} epoch(s) x {stage_steps_per_epoch} steps, lr {stage.lr}", flush=True)
+        datasets = make_datasets(cfg, train_records, val_records, index)  # lazy: cheap
+        print(f"[paf-ray] {name}: {stage.epochs} epoch(s) x {epoch_steps} steps, lr {stage.lr}", flush=True)
         t_stage = time.perf_counter()
         result = run_stage(cfg, index, run_dir, datasets, len(train_records), init_checkpoint, step_offset, callbacks)
         if result.error is not None:
