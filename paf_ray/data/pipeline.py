@@ -228,13 +228,15 @@ def row_bytes(data_cfg: DataConfig) -> int:
     return w * h * (3 + 1 + 1)
 
 
-def read_blocks(total_rows: int, data_cfg: DataConfig) -> int:
-    """Read blocks of a stream: Ray Data plans every block up front (a few ms each), so a long
-    stream gets a few blocks per decode slot; rows leave a task a batch at a time regardless
-    (the output block size, ``ray_setup.configure_data_context``), so the first batch waits
-    for one batch of decoding, not for a whole block."""
+def read_blocks(plan: StreamPlan, data_cfg: DataConfig) -> int:
+    """Read blocks of a stream. Ray Data plans every block up front (a few ms each), so a stream
+    gets a few blocks per decode slot, and at least one per epoch and slot: the tasks running
+    at once then read neighbouring parts of the stream, and an epoch's rows arrive in that epoch.
+    Rows leave a task a batch at a time regardless (``ray_setup.configure_data_context``), so the
+    first batch waits for one batch of decoding, not for a whole block."""
     slots = max(1, int(data_cfg.cpus / map_cpus(data_cfg)))
-    return max(1, min(-(-total_rows // data_cfg.batch_size), BLOCKS_PER_DECODE_SLOT * slots))
+    wanted = max(BLOCKS_PER_DECODE_SLOT, plan.epochs) * slots
+    return max(1, min(-(-plan.total_rows // data_cfg.batch_size), wanted))
 
 
 def build_dataset(records: list[Record], data_cfg: DataConfig, train: bool, epochs: int = 1,
@@ -253,7 +255,7 @@ def build_dataset(records: list[Record], data_cfg: DataConfig, train: bool, epoc
     configure_data_context(data_cfg.cpus, batch_bytes=data_cfg.batch_size * row_bytes(data_cfg))
     plan = StreamPlan(n_records=len(records), rows_per_epoch=rows_per_epoch or len(records), epochs=epochs,
                       shuffle=train, seed=seed)
-    ds = ray.data.range(plan.total_rows, override_num_blocks=read_blocks(plan.total_rows, data_cfg))
+    ds = ray.data.range(plan.total_rows, override_num_blocks=read_blocks(plan, data_cfg))
     return ds.map(LoadRows(ray.put(RecordTable(records)), plan, data_cfg, train), num_cpus=map_cpus(data_cfg))
 
 

@@ -423,6 +423,11 @@ def train_loop(config: dict) -> None:
     batches = stage_batches(run)
     for epoch in range(progress.epoch, run.spec.epochs):
         metrics = train_one_epoch(run, progress, epoch, batches)
+        if run.rank == 0:
+            start = metrics.get("train/epoch_start_ratio")
+            print(f"[{run.name}] epoch {epoch + 1}/{run.spec.epochs}: {metrics['train/epoch_s']:.1f} s, "
+                  f"{metrics['train/img_s']:.1f} img/s" +
+                  (f", first {EPOCH_START_STEPS} steps {start:.2f}x the median step" if start else ""), flush=True)
         metrics.update(evaluate_epoch(run, progress, epoch))
         last = epoch == run.spec.epochs - 1
         if last:
