@@ -222,6 +222,17 @@ def map_cpus(data_cfg: DataConfig) -> float:
     return 0.5 if data_cfg.cpus <= 1 else 1.0
 
 
+def decode_slots(data_cfg: DataConfig) -> int:
+    """Decode tasks that run at once under the ``data.cpus`` cap."""
+    return max(1, int(data_cfg.cpus / map_cpus(data_cfg)))
+
+
+def block_rows(data_cfg: DataConfig) -> int:
+    """Rows a decode task hands on at a time: a batch's share per task, so the tasks running at
+    once fill the first batch together."""
+    return max(1, -(-data_cfg.batch_size // decode_slots(data_cfg)))
+
+
 def row_bytes(data_cfg: DataConfig) -> int:
     """Bytes of one transformed row: the uint8 image and its two uint8 masks at the input size."""
     w, h = data_cfg.input_size
@@ -232,10 +243,9 @@ def read_blocks(plan: StreamPlan, data_cfg: DataConfig) -> int:
     """Read blocks of a stream. Ray Data plans every block up front (a few ms each), so a stream
     gets a few blocks per decode slot, and at least one per epoch and slot: the tasks running
     at once then read neighbouring parts of the stream, and an epoch's rows arrive in that epoch.
-    Rows leave a task a batch at a time regardless (``ray_setup.configure_data_context``), so the
-    first batch waits for one batch of decoding, not for a whole block."""
-    slots = max(1, int(data_cfg.cpus / map_cpus(data_cfg)))
-    wanted = max(BLOCKS_PER_DECODE_SLOT, plan.epochs) * slots
+    Rows leave a task a few at a time regardless (``block_rows``), so the first batch waits for
+    a batch's share of decoding per task, not for a whole block."""
+    wanted = max(BLOCKS_PER_DECODE_SLOT, plan.epochs) * decode_slots(data_cfg)
     return max(1, min(-(-plan.total_rows // data_cfg.batch_size), wanted))
 
 
@@ -252,7 +262,7 @@ def build_dataset(records: list[Record], data_cfg: DataConfig, train: bool, epoc
 
     if not records:
         raise DatasetError("build_dataset: no records")
-    configure_data_context(data_cfg.cpus, batch_bytes=data_cfg.batch_size * row_bytes(data_cfg))
+    configure_data_context(data_cfg.cpus, block_bytes=block_rows(data_cfg) * row_bytes(data_cfg))
     plan = StreamPlan(n_records=len(records), rows_per_epoch=rows_per_epoch or len(records), epochs=epochs,
                       shuffle=train, seed=seed)
     ds = ray.data.range(plan.total_rows, override_num_blocks=read_blocks(plan, data_cfg))

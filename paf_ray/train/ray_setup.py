@@ -23,18 +23,24 @@ RAY_LOG_LEVEL = "WARNING"
 os.environ.setdefault("RAY_DATA_LOG_LEVEL", RAY_LOG_LEVEL)
 
 
-def configure_data_context(data_cpus: float, batch_bytes: int | None = None) -> None:
+MIN_BLOCK_BYTES = 1 << 20  # Ray Data's default target_min_block_size: blocks are not made smaller
+# "0" leaves Ray Data's executor as Ray ships it (the bench's reproduction of the busy loop)
+EXECUTOR_FIX_ENV = "PAF_RAY_DATA_EXECUTOR_FIX"
+HELD_BACK_SLEEP_S = 0.02
+
+
+def configure_data_context(data_cpus: float, block_bytes: int | None = None) -> None:
     """The Ray Data settings of every dataset this process builds (a dataset keeps a copy of them).
 
     - CPU cap: decoding never takes the training workers' CPUs (2-core boxes hang otherwise).
-    - Output block size of about one batch: a decode task hands its rows on a batch at a time,
-      so the first batch waits for one batch of decoding, not for a whole read block.
+    - Output blocks of `block_bytes` (``pipeline.block_rows`` rows): a decode task hands its rows
+      on a few at a time, so the first batch waits for its share of decoding, not a whole read block.
     - ``SleepWhileHeldBack``: see there.
     """
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.resource_limits = ray.data.ExecutionResources(cpu=data_cpus)
-    if batch_bytes:
-        ctx.target_max_block_size = max(batch_bytes, MIN_BLOCK_BYTES)
+    if block_bytes:
+        ctx.target_max_block_size = max(block_bytes, MIN_BLOCK_BYTES)
     callbacks = ctx.custom_execution_callback_classes
     fix = os.environ.get(EXECUTOR_FIX_ENV, "1") != "0"
     if fix and SleepWhileHeldBack not in callbacks:
@@ -43,12 +49,6 @@ def configure_data_context(data_cpus: float, batch_bytes: int | None = None) -> 
         callbacks.remove(SleepWhileHeldBack)
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-
-
-MIN_BLOCK_BYTES = 1 << 20
-# "0" leaves Ray Data's executor as Ray ships it (the bench's reproduction of the busy loop)
-EXECUTOR_FIX_ENV = "PAF_RAY_DATA_EXECUTOR_FIX"
-HELD_BACK_SLEEP_S = 0.02
 
 
 class SleepWhileHeldBack(ExecutionCallback):
