@@ -63,19 +63,21 @@ def jitter_colors(image: np.ndarray, strength: float, rng: np.random.Generator) 
     """Random brightness, contrast and saturation, each by a factor in [1 - s, 1 + s].
 
     Brightness b, then contrast c around the frame mean m, then saturation s around each
-    pixel's grey (mean of its channels) compose to one affine colour map, applied as a 3x3
-    matrix product: out = x @ (s*b*c * I + (1-s)*b*c/3 * ones) + b*(1-c)*m. One pass
-    instead of six keeps this, the dearest part of a train row, cheap for the data workers.
+    pixel's grey (mean of its channels) compose to one affine colour map:
+    out = s*b*c * x + (1-s)*b*c/3 * (x_r + x_g + x_b) + b*(1-c)*m. Written as element-wise
+    passes, not as the equal 3x3 matrix product: numpy hands a matrix product to its BLAS,
+    whose threads (one per core in every decode process) fought each other and tripled the CPU
+    time of a row where several decode processes ran at once (docs/benchmarks.md).
     """
     if strength <= 0:
         return image
     b, c, s = rng.uniform(1 - strength, 1 + strength, 3)
-    x = image.reshape(-1, 3).astype(np.float32)
-    matrix = np.full((3, 3), (1 - s) * b * c / 3, np.float32) + np.eye(3, dtype=np.float32) * (s * b * c)
-    out = x @ matrix
-    out += b * (1 - c) * float(x.mean())
+    x = image.astype(np.float32)
+    out = x * np.float32(s * b * c)
+    out += x.sum(axis=2, keepdims=True) * np.float32((1 - s) * b * c / 3)
+    out += np.float32(b * (1 - c) * float(x.mean()))
     np.clip(out, 0, 255, out=out)
-    return out.astype(np.uint8).reshape(image.shape)
+    return out.astype(np.uint8)
 
 
 def _transform(sample: Sample, input_size, scale: float, flip: bool, offset: tuple[int, int]) -> dict:
