@@ -15,8 +15,8 @@ import torch
 
 # What bench.json must hold (issue 8), section -> keys with a finite number each.
 REQUIRED = {
-    "data": ["ray_data_first_batch_s", "dataloader_first_batch_s", "first_batch_ratio", "ray_data_rows_s",
-             "dataloader_rows_s", "steady_ratio", "ray_data_consumer_rows_s", "dataloader_consumer_rows_s",
+    "data": ["ray_data_first_batch_s", "dataloader_first_batch_s", "dataloader_new_first_batch_s", "first_batch_ratio",
+             "ray_data_rows_s", "dataloader_rows_s", "steady_ratio", "ray_data_consumer_rows_s", "dataloader_consumer_rows_s",
              "consumer_ratio"],
     "stream": ["epoch_start_ratio", "first_epoch_start_ratio", "whole_store_rows_s", "quarter_store_rows_s",
                "backpressure_ratio", "backpressure_ratio_unfixed"],

@@ -30,7 +30,7 @@ from paf_ray.data.transforms import train_transform, val_transform
 
 log = logging.getLogger(__name__)
 
-BLOCKS_PER_DECODE_SLOT = 8  # read blocks per concurrent decode task (see read_blocks)
+BLOCKS_PER_DECODE_SLOT = 4  # read blocks per concurrent decode task (see read_blocks)
 
 
 # ----------------------------------------------------------------------------- root and records
@@ -228,9 +228,10 @@ def decode_slots(data_cfg: DataConfig) -> int:
 
 
 def block_rows(data_cfg: DataConfig) -> int:
-    """Rows a decode task hands on at a time: a batch's share per task, so the tasks running at
-    once fill the first batch together."""
-    return max(1, -(-data_cfg.batch_size // decode_slots(data_cfg)))
+    """Rows a decode task hands on at a time: one batch, so a batch reaches the training loop
+    as one block, without a copy to join pieces (smaller blocks cost more per row: measured in
+    docs/benchmarks.md)."""
+    return max(1, data_cfg.batch_size)
 
 
 def row_bytes(data_cfg: DataConfig) -> int:
@@ -243,8 +244,8 @@ def read_blocks(plan: StreamPlan, data_cfg: DataConfig) -> int:
     """Read blocks of a stream. Ray Data plans every block up front (a few ms each), so a stream
     gets a few blocks per decode slot, and at least one per epoch and slot: the tasks running
     at once then read neighbouring parts of the stream, and an epoch's rows arrive in that epoch.
-    Rows leave a task a few at a time regardless (``block_rows``), so the first batch waits for
-    a batch's share of decoding per task, not for a whole block."""
+    Rows leave a task a batch at a time regardless (``block_rows``), so the first batch waits for
+    one batch of decoding, not for a whole block."""
     wanted = max(BLOCKS_PER_DECODE_SLOT, plan.epochs) * decode_slots(data_cfg)
     return max(1, min(-(-plan.total_rows // data_cfg.batch_size), wanted))
 
