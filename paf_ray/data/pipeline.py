@@ -204,13 +204,13 @@ def load_row(record: Record, data_cfg: DataConfig, train: bool) -> Row:
 
 
 class LoadRows:
-    """The Ray Data map: a stream position -> its record (``StreamPlan``) -> the transformed row."""
+    """The Ray Data map: a stream position (column "data") -> its record (``StreamPlan``) -> the transformed row."""
 
     def __init__(self, table_ref, plan: StreamPlan, data_cfg: DataConfig, train: bool):
         self.table_ref, self.plan, self.data_cfg, self.train = table_ref, plan, data_cfg, train
 
     def __call__(self, item: dict) -> Row:
-        index = int(self.plan.record_indices(np.asarray([item["id"]]))[0])
+        index = int(self.plan.record_indices(np.asarray([item["data"]]))[0])
         record = _table(self.table_ref)[index]
         if self.data_cfg.decode_priority == "idle":
             return run_at_idle_priority(load_row, record, self.data_cfg, self.train)
@@ -266,7 +266,11 @@ def build_dataset(records: list[Record], data_cfg: DataConfig, train: bool, epoc
     configure_data_context(data_cfg.cpus, block_bytes=block_rows(data_cfg) * row_bytes(data_cfg))
     plan = StreamPlan(n_records=len(records), rows_per_epoch=rows_per_epoch or len(records), epochs=epochs,
                       shuffle=train, seed=seed)
-    ds = ray.data.range(plan.total_rows, override_num_blocks=read_blocks(plan, data_cfg))
+    # Positions as numpy blocks made here, not ray.data.range: a read task asks for a whole CPU
+    # and, where the map asks for less, runs as its own operator that can hold the data budget
+    # (or wait for a CPU training holds) while the map starves.
+    positions = np.array_split(np.arange(plan.total_rows, dtype=np.int64), read_blocks(plan, data_cfg))
+    ds = ray.data.from_numpy(positions)
     return ds.map(LoadRows(ray.put(RecordTable(records)), plan, data_cfg, train), num_cpus=map_cpus(data_cfg))
 
 
