@@ -40,7 +40,7 @@ from typing import Any
 
 import ray.tune
 
-from paf_ray.config import Config, ConfigError, PretrainConfig, from_dict, load_config, to_dict
+from paf_ray.config import Config, ConfigError, from_dict, load_config, to_dict
 from paf_ray.data import storage
 
 CELLS_DIR = "cells"
@@ -342,7 +342,7 @@ def run_study(cfg: Config, out: str | None = None, resume: bool = False, source:
     warm_data_cache(cfg)
     check_epoch_length(cfg, cells)
     weights = checkpoint_weights(cfg, out_dir)
-    pretrained = make_checkpoints(cfg, out_dir, weights)
+    make_checkpoints(cfg, out_dir, weights)  # written beside the study; the results read them back
     cell_cfgs = {c.id: to_dict(cell_config(cfg, c, weights[c.checkpoint], source)) for c in cells}
     done_before = sum(cell_metrics(runs_dir, c.id) is not None for c in cells) if resume else 0
     split = {p: stage_steps(cfg, p) for p in cfg.study.paradigms}
