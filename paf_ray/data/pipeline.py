@@ -30,8 +30,6 @@ from paf_ray.data.transforms import train_transform, val_transform
 
 log = logging.getLogger(__name__)
 
-BLOCKS_PER_DECODE_SLOT = 4  # read blocks per concurrent decode task (see read_blocks)
-
 
 # ----------------------------------------------------------------------------- root and records
 
@@ -241,12 +239,13 @@ def row_bytes(data_cfg: DataConfig) -> int:
 
 
 def read_blocks(plan: StreamPlan, data_cfg: DataConfig) -> int:
-    """Read blocks of a stream. Ray Data plans every block up front (a few ms each), so a stream
-    gets a few blocks per decode slot, and at least one per epoch and slot: the tasks running
-    at once then read neighbouring parts of the stream, and an epoch's rows arrive in that epoch.
-    Rows leave a task a batch at a time regardless (``block_rows``), so the first batch waits for
-    one batch of decoding, not for a whole block."""
-    wanted = max(BLOCKS_PER_DECODE_SLOT, plan.epochs) * decode_slots(data_cfg)
+    """Read blocks of a stream: one per epoch and decode slot, so the tasks running at once
+    read neighbouring parts of the stream and an epoch's rows arrive in that epoch. Each block
+    is one decode task, and the executor takes 0.1-0.3 s to notice a finished task and start
+    the next (Ray 2.60 polls its tasks every 0.1 s): 4 blocks per slot cost a 500-frame pass
+    6% of its rows/s (docs/benchmarks.md). Rows leave a task a batch at a time regardless
+    (``block_rows``), so the first batch waits for one batch of decoding, not a whole block."""
+    wanted = plan.epochs * decode_slots(data_cfg)
     return max(1, min(-(-plan.total_rows // data_cfg.batch_size), wanted))
 
 
@@ -310,8 +309,8 @@ class BatchCollate(NumpyBatchCollateFn):
             "labels": [tensor(np.asarray(batch["labels"][i], np.int64).reshape(-1)) for i in good],
             "ignore_boxes": [tensor(np.asarray(batch["ignore_boxes"][i], np.float32).reshape(-1, 4)) for i in good],
             "ignore_labels": [tensor(np.asarray(batch["ignore_labels"][i], np.int64).reshape(-1)) for i in good],
-            "sem": torch.from_numpy(sem.astype(np.int64)),
-            "drv": torch.from_numpy(drv.astype(np.int64)),
+            "sem": tensor(sem),
+            "drv": tensor(drv),
             "has_det": torch.from_numpy(np.asarray([bool(batch["has_det"][i]) for i in good])),
             "has_sem": torch.from_numpy(np.asarray([bool(batch["has_sem"][i]) for i in good])),
             "has_drv": torch.from_numpy(np.asarray([bool(batch["has_drv"][i]) for i in good])),
