@@ -216,13 +216,17 @@ class LoadRows:
 
 
 def map_cpus(data_cfg: DataConfig) -> float:
-    """CPUs per decode task: half a CPU on small budgets so two tasks overlap I/O and compute."""
-    return 0.5 if data_cfg.cpus <= 1 else 1.0
+    """CPUs per decode task: more tasks than CPUs, so the CPUs stay busy while a task waits for
+    I/O, while the executor starts the next task (0.1-0.3 s in Ray 2.60), and at the end of a
+    stream, where tasks finish at different times: two tasks share one CPU on small budgets,
+    three share two CPUs from 2 CPUs up (0.65 each) (a 500-frame pass ended with 0.8 s on one CPU with one
+    task per CPU; docs/benchmarks.md)."""
+    return 0.5 if data_cfg.cpus <= 1 else 0.65  # not 2/3: Ray keeps 4 decimals, and 3 x 0.6667 > 2
 
 
 def decode_slots(data_cfg: DataConfig) -> int:
     """Decode tasks that run at once under the ``data.cpus`` cap."""
-    return max(1, int(data_cfg.cpus / map_cpus(data_cfg)))
+    return max(1, int(data_cfg.cpus / map_cpus(data_cfg) + 1e-6))
 
 
 def block_rows(data_cfg: DataConfig) -> int:
