@@ -8,7 +8,8 @@ CPUs: Ray Data's map capped at N CPUs (``data.cpus = N``) vs ``DataLoader(num_wo
 - **pipeline passes**: one epoch over the frames, consumed as fast as it comes. Ray Data builds
   and starts a new execution every pass (what a stage start costs); the DataLoader keeps its
   workers (``persistent_workers=True``, its best case). Per pass: time to first batch, and
-  steady-state rows/s = the rows after the first batch / the time after it. Time to first batch
+  steady-state rows/s = the rows after the first batch / the time after it (ratios: the median
+  of each repeat's Ray Data / DataLoader, its two passes back to back). Time to first batch
   is compared like for like: a new Ray Data execution against a new DataLoader (its workers
   start); against the persistent DataLoader's epoch start it is reported too.
 - **consumer passes**: the same, delivered to a loop that also computes (``FixedWork``, the same
@@ -171,6 +172,10 @@ def _median(passes: list[dict], key: str) -> float:
     return statistics.median(p[key] for p in passes)
 
 
+def _paired_ratio(passes: dict[str, list], key: str) -> float:
+    return statistics.median(r[key] / d[key] for r, d in zip(passes["ray_data"], passes["dataloader"]))
+
+
 def measure_input_pipeline(records: list[dict], data_cfg, workers: int, warmup: int, repeats: int,
                            step_s: float, pin_memory: bool = False) -> dict:
     """Pipeline and consumer passes, alternating between Ray Data and the DataLoader."""
@@ -205,12 +210,14 @@ def measure_input_pipeline(records: list[dict], data_cfg, workers: int, warmup: 
         out[f"{name}_passes"] = [{k: v for k, v in p.items() if k != "step_s"} for p in plain[name] + consumer[name]]
     out["dataloader_new_first_batch_s"] = statistics.median(fresh_first_s)
     out.update({
-        "steady_ratio": out["ray_data_rows_s"] / out["dataloader_rows_s"],
+        # medians of each repeat's ratio: the two passes of a repeat run back to back, so a drift
+        # of the machine's speed over the run (up to 20% here) cancels
+        "steady_ratio": _paired_ratio(plain, "steady_rows_s"),
         # both start a pipeline: a new Ray Data execution vs a new DataLoader (its workers start)
         "first_batch_ratio": out["ray_data_first_batch_s"] / out["dataloader_new_first_batch_s"],
         # vs the DataLoader's epoch start with persistent workers (the stage stream has no epoch start)
         "first_batch_vs_persistent": out["ray_data_first_batch_s"] / out["dataloader_first_batch_s"],
-        "consumer_ratio": out["ray_data_consumer_rows_s"] / out["dataloader_consumer_rows_s"],
+        "consumer_ratio": _paired_ratio(consumer, "steady_rows_s"),
         "consumer_step_s": step_s,
         "consumer_products": work.products,
         "workers": workers,

@@ -128,7 +128,7 @@ def bench_settings(device: str, quick: bool) -> BenchSettings:
             data_batch=4,
             data_workers=min(2, cpus),
             data_warmup=1,
-            data_repeats=3,
+            data_repeats=5,
             consumer_step_s=0.08,  # one batch decodes in ~0.2 CPU-s: both sides stay CPU-bound
             stream_frames=256,
             stream_step_s=0.3,  # longer than a batch's decode: training-bound, so rows pile up
@@ -141,7 +141,7 @@ def bench_settings(device: str, quick: bool) -> BenchSettings:
             small_input_size=(320, 192),
             small_batch=2,
             small_warmup=1,
-            small_repeats=5,
+            small_repeats=10,  # 5 steps of ~0.45 s moved the Ray Train ratio by 10% between runs
             threads=min(2, cpus),
         )
     # A GPU machine: feed the GPU from most of its cores, measure at full resolution.
