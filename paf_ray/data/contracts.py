@@ -75,7 +75,7 @@ class Batch(TypedDict):
     labels: list[torch.Tensor]  # B x int64 [k]
     ignore_boxes: list[torch.Tensor]
     ignore_labels: list[torch.Tensor]
-    sem: torch.Tensor  # uint8 [B, H, W], 255 = ignore; the loss takes int64 on the device (8x fewer bytes to move)
+    sem: torch.Tensor  # uint8 [B, H, W], 255 = ignore (the model takes int64 on its device)
     drv: torch.Tensor
     has_det: torch.Tensor  # bool [B]
     has_sem: torch.Tensor

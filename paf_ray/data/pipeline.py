@@ -217,10 +217,9 @@ class LoadRows:
 
 def map_cpus(data_cfg: DataConfig) -> float:
     """CPUs per decode task: more tasks than CPUs, so the CPUs stay busy while a task waits for
-    I/O, while the executor starts the next task (0.1-0.3 s in Ray 2.60), and at the end of a
-    stream, where tasks finish at different times: two tasks share one CPU on small budgets,
-    three share two CPUs from 2 CPUs up (0.65 each) (a 500-frame pass ended with 0.8 s on one CPU with one
-    task per CPU; docs/benchmarks.md)."""
+    I/O, while the executor starts the next task, and at the end of a stream, where tasks finish
+    at different times (with one task per CPU a 500-frame pass ended with 0.8 s on one CPU;
+    docs/benchmarks.md). Two tasks share one CPU on small budgets, three share two from 2 CPUs up."""
     return 0.5 if data_cfg.cpus <= 1 else 0.65  # not 2/3: Ray keeps 4 decimals, and 3 x 0.6667 > 2
 
 
