@@ -228,11 +228,18 @@ def decode_slots(data_cfg: DataConfig) -> int:
     return max(1, int(data_cfg.cpus / map_cpus(data_cfg) + 1e-6))
 
 
+BLOCK_TARGET_BYTES = 5 << 20  # about one batch of 4 rows at 640x384
+
+
 def block_rows(data_cfg: DataConfig) -> int:
-    """Rows a decode task hands on at a time: one batch, so a batch reaches the training loop
-    as one block, without a copy to join pieces (smaller blocks cost more per row: measured in
-    docs/benchmarks.md)."""
-    return max(1, data_cfg.batch_size)
+    """Rows a decode task hands on at a time: whole batches, as many as make about
+    BLOCK_TARGET_BYTES. A batch never spans two blocks, so it reaches the training loop without
+    a copy to join pieces. Each block costs CPU beyond its rows (building and storing it, the
+    executor, the consumer's get), outside the idle-priority decode thread: at 640x384 one-batch
+    blocks (5 MB) cost least per row, while the demo's 320x192 batches (1.2 MB) as blocks took
+    its training ~5% slower than 4-batch blocks (docs/benchmarks.md)."""
+    batch = max(1, data_cfg.batch_size)
+    return batch * max(1, round(BLOCK_TARGET_BYTES / (batch * row_bytes(data_cfg))))
 
 
 def row_bytes(data_cfg: DataConfig) -> int:
@@ -246,8 +253,8 @@ def read_blocks(plan: StreamPlan, data_cfg: DataConfig) -> int:
     read neighbouring parts of the stream and an epoch's rows arrive in that epoch. Each block
     is one decode task, and the executor takes 0.1-0.3 s to notice a finished task and start
     the next (Ray 2.60 polls its tasks every 0.1 s): 4 blocks per slot cost a 500-frame pass
-    6% of its rows/s (docs/benchmarks.md). Rows leave a task a batch at a time regardless
-    (``block_rows``), so the first batch waits for one batch of decoding, not a whole block."""
+    6% of its rows/s (docs/benchmarks.md). Rows leave a task in small output blocks regardless
+    (``block_rows``), so the first batch waits for one of those, not a whole read block."""
     wanted = plan.epochs * decode_slots(data_cfg)
     return max(1, min(-(-plan.total_rows // data_cfg.batch_size), wanted))
 
