@@ -19,8 +19,8 @@ from paf_ray.data import bdd100k as B
 from paf_ray.data.check import check_dataset
 from paf_ray.data.decode import load_sample
 from paf_ray.data.index import DatasetError, build_index, read_index, write_index
-from paf_ray.data.pipeline import (BatchCollate, StreamPlan, build_dataset, iter_train_batches, load_records,
-                                   resolve_root, run_at_idle_priority, synth_cache_name)
+from paf_ray.data.pipeline import (BatchCollate, StreamPlan, block_rows, build_dataset, iter_train_batches,
+                                   load_records, resolve_root, run_at_idle_priority, synth_cache_name)
 from paf_ray.data.synth import COMPLETE_MARKER, write_synthetic
 from paf_ray.data.transforms import jitter_colors, train_transform, val_transform
 
@@ -427,6 +427,20 @@ def test_a_stage_stream_holds_every_epoch_in_one_pass(ray_local, synth_root):
     expected = [records[i]["name"] for i in plan.record_indices(np.arange(24))]
     assert sorted(names) == sorted(expected)
     assert len(set(expected[:8]) ^ set(expected[8:16])) > 0  # epochs read different records
+
+
+def test_decode_tasks_hand_on_whole_batches_of_about_five_mb(ray_local, synth_root):
+    def cfg(size, batch):
+        return DataConfig(input_size=size, batch_size=batch, cpus=1.0)
+
+    # whole batches per block: one at 640x384 (5 MB), four of the demo's 1.2 MB batches, at most four
+    sizes_and_batches = (((640, 384), 4), ((320, 192), 4), ((1280, 736), 2), ((64, 32), 4))
+    assert [block_rows(cfg(s, b)) for s, b in sizes_and_batches] == [4, 16, 2, 16]
+    demo = cfg((320, 192), 4)
+    records = load_records(demo, synth_root, "train")
+    ds = build_dataset(records, demo, train=True, epochs=1, rows_per_epoch=64)  # 2 read blocks of 32 rows
+    sizes = [len(b["name"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy")]
+    assert sizes == [16] * 4
 
 
 def _coordinator_cpu_while_the_consumer_rests(records, rest_s: float) -> float:

@@ -270,10 +270,11 @@ def cpu_by_process() -> dict[int, tuple[str, float]]:
 
 def cpu_ms_per_step(before: dict, after: dict, me: int, steps: int) -> dict[str, float]:
     """CPU milliseconds per step between two `cpu_by_process` snapshots, by process name; this
-    process is "self" (its torch threads), the rest summed under their names."""
+    process is "self" (its torch threads), the rest summed under their names as they end (a Ray
+    worker renames itself for each task it runs; its earlier CPU time is not counted again)."""
     used: dict[str, float] = {}
     for pid, (name, seconds) in after.items():
-        spent = seconds - (before[pid][1] if pid in before and before[pid][0] == name else 0.0)
+        spent = seconds - (before[pid][1] if pid in before else 0.0)
         if spent > 0:
             key = "self" if pid == me else name
             used[key] = used.get(key, 0.0) + 1000 * spent / max(1, steps)

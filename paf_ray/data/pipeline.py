@@ -229,6 +229,7 @@ def decode_slots(data_cfg: DataConfig) -> int:
 
 
 BLOCK_TARGET_BYTES = 5 << 20  # about one batch of 4 rows at 640x384
+MAX_BATCHES_PER_BLOCK = 4  # the first batch of a stream waits for one block
 
 
 def block_rows(data_cfg: DataConfig) -> int:
@@ -236,10 +237,11 @@ def block_rows(data_cfg: DataConfig) -> int:
     BLOCK_TARGET_BYTES. A batch never spans two blocks, so it reaches the training loop without
     a copy to join pieces. Each block costs CPU beyond its rows (building and storing it, the
     executor, the consumer's get), outside the idle-priority decode thread: at 640x384 one-batch
-    blocks (5 MB) cost least per row, while the demo's 320x192 batches (1.2 MB) as blocks took
-    its training ~5% slower than 4-batch blocks (docs/benchmarks.md)."""
+    blocks (5 MB) cost least per row; at the demo's 320x192, 4-batch blocks took 1-12% less CPU
+    per row than one-batch blocks (docs/benchmarks.md)."""
     batch = max(1, data_cfg.batch_size)
-    return batch * max(1, round(BLOCK_TARGET_BYTES / (batch * row_bytes(data_cfg))))
+    batches = round(BLOCK_TARGET_BYTES / (batch * row_bytes(data_cfg)))
+    return batch * min(MAX_BATCHES_PER_BLOCK, max(1, batches))
 
 
 def row_bytes(data_cfg: DataConfig) -> int:
