@@ -229,7 +229,8 @@ def decode_slots(data_cfg: DataConfig) -> int:
 
 
 BLOCK_TARGET_BYTES = 5 << 20  # about one batch of 4 rows at 640x384
-MAX_BATCHES_PER_BLOCK = 4  # the first batch of a stream waits for one block
+# the first batch of a stream waits for one block (never under ray_setup.MIN_BLOCK_BYTES, though)
+MAX_BATCHES_PER_BLOCK = 4
 
 
 def block_rows(data_cfg: DataConfig) -> int:
