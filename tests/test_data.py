@@ -531,6 +531,25 @@ def test_decode_work_runs_at_idle_priority_and_leaves_the_calling_thread_alone()
     assert os.sched_getscheduler(0) == os.SCHED_OTHER
 
 
+def test_the_decode_map_loads_in_a_process_without_torch():
+    # Every decode worker and the SplitCoordinator behind get_dataset_shard unpickle the map and
+    # so import its module; with torch among its imports each of them held ~650 MB instead of
+    # ~220 MB, and a stage's first batch waited ~1.5 s longer for the coordinator (docs/benchmarks.md).
+    import pickle
+    import subprocess
+    import sys
+
+    from paf_ray.data.pipeline import LoadRows
+
+    plan = StreamPlan(n_records=4, rows_per_epoch=4, epochs=1, shuffle=True)
+    blob = pickle.dumps(LoadRows(None, plan, _cfg(), True))
+    code = ("import pickle, sys; m = pickle.loads(sys.stdin.buffer.read()); "
+            "assert m.plan.n_records == 4; print(sorted(k for k in sys.modules if k.split('.')[0] == 'torch'))")
+    done = subprocess.run([sys.executable, "-c", code], input=blob, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode().strip() == "[]"
+
+
 def test_pipeline_skips_and_counts_bad_samples_or_fails_naming_the_file(ray_local, bad_root):
     records = build_index(bad_root)["val"]
     victim = records[0]

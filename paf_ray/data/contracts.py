@@ -10,12 +10,14 @@ are kept apart with the class they hide. A mask value of 255 (``IGNORE_INDEX``) 
 
 from __future__ import annotations
 
-from typing import Any, Optional, TypedDict
+from typing import TYPE_CHECKING, Any, Optional, TypedDict
 
 import numpy as np
-import torch
 
 from paf_ray.data.bdd100k import IGNORE_INDEX
+
+if TYPE_CHECKING:  # no torch at import: the processes that decode rows never need it
+    import torch
 
 
 class Record(TypedDict):
@@ -106,6 +108,8 @@ def placeholder_row(name: str, error: str) -> Row:
 
 def empty_batch(skipped: int) -> Batch:
     """The batch of a collate whose every row was bad."""
+    import torch
+
     no_flags = torch.zeros(0, dtype=torch.bool)
     return Batch(
         image=torch.zeros((0, 3, 1, 1), dtype=torch.uint8), boxes=[], labels=[], ignore_boxes=[], ignore_labels=[],

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import ray
-import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from paf_ray.config import DataConfig
@@ -293,6 +292,8 @@ class BatchCollate(NumpyBatchCollateFn):
     """Numpy rows -> the training batch (docs/architecture.md §3); bad rows are dropped and counted."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Batch:
+        import torch
+
         errors = batch["error"]
         good = [i for i, e in enumerate(errors) if not e]
         skipped = len(errors) - len(good)
@@ -336,6 +337,8 @@ class BatchCollate(NumpyBatchCollateFn):
 
 def batch_to_device(batch: dict, device) -> dict:
     """Move every tensor (also those in lists) to `device`; other values are kept."""
+    import torch
+
     device = torch.device(device)
     if device.type == "cpu":
         return batch
