@@ -23,6 +23,7 @@ REQUIRED = {
     "step": ["adapt_ms", "finetune_ms", "pretrain_finetune_ms", "adapt_peak_mb", "finetune_peak_mb", "time_ratio",
              "mem_ratio"],
     "ray_overhead": ["plain_ms", "ray_ms", "ratio", "startup_s"],
+    "idle_share": ["alone_ratio", "beside_ratio"],
     "lv_overhead": ["ratio"],
     "gpu": ["step_ms", "train_img_s", "flops_per_step", "achieved_tflops", "pipeline_headroom"],
 }
@@ -37,7 +38,7 @@ def test_quick_bench_writes_every_field(ray_local, tmp_path):
 
     out = tmp_path / "bench"
     # every section but compile (inductor's C++ compilation alone takes minutes on a 2-core machine)
-    assert main(["bench", "--quick", "--cases", "data,stream,step,ray_overhead,lv_overhead,gpu", "--out", str(out)]) == 0
+    assert main(["bench", "--quick", "--cases", "data,stream,step,ray_overhead,idle_share,lv_overhead,gpu", "--out", str(out)]) == 0
 
     result = json.loads((out / "bench.json").read_text())
     assert result["complete"] is True and result["failed"] == []
@@ -62,9 +63,20 @@ def test_quick_bench_writes_every_field(ray_local, tmp_path):
     # the Ray worker ran with as many torch threads as the plain loop
     ro = result["ray_overhead"]
     assert ro["threads"]["ray"] == ro["threads"]["plain"]
+    # and with OpenMP's waiting as a training worker of train/run.py has it (train.step.train_process_env)
+    from paf_ray.train.step import OPENMP_WAIT_VARS, train_process_env
+
+    expected = {**{name: os.environ.get(name) for name in OPENMP_WAIT_VARS}, **train_process_env()}
+    assert ro["openmp_wait"]["ray"] == ro["openmp_wait"]["plain"] == expected
+
+    # each idle_share case's step process had its own OpenMP waiting (the case waits for the decoder's first row)
+    share = result["idle_share"]
+    assert share["openmp_default"]["openmp_wait"] == {"GOMP_SPINCOUNT": None, "OMP_WAIT_POLICY": None}
+    assert share["train_worker"]["openmp_wait"] == {"GOMP_SPINCOUNT": "30000", "OMP_WAIT_POLICY": None}
 
     md = (out / "bench.md").read_text()
-    for heading in ("## 1. Input pipeline", "## 1b. The stage stream", "## 2. Step cost", "## 3. Ray Train overhead", "## 4. LV-Adapter overhead",
+    for heading in ("## 1. Input pipeline", "## 1b. The stage stream", "## 2. Step cost", "## 3. Ray Train overhead",
+                    "## 3b. Training beside idle-priority decoding", "## 4. LV-Adapter overhead",
                     "## 5. GPU"):
         assert heading in md
     assert "FAILED" not in md and "n/a" in md  # MFU has no peak on a CPU

@@ -68,6 +68,16 @@ def test_lr_schedule_warmup_then_cosine_to_zero():
     assert 0 < f(12) < 1
 
 
+def test_training_processes_get_a_short_openmp_spin_unless_the_user_set_one():
+    from paf_ray.train.step import TRAIN_PROCESS_ENV, train_process_env
+
+    assert train_process_env({}) == TRAIN_PROCESS_ENV == {"GOMP_SPINCOUNT": "30000"}
+    assert train_process_env({"PATH": "/bin"}) == TRAIN_PROCESS_ENV
+    # a user's own setting reaches the workers unchanged (they inherit the job's environment)
+    assert train_process_env({"OMP_WAIT_POLICY": "ACTIVE"}) == {}
+    assert train_process_env({"GOMP_SPINCOUNT": "infinite"}) == {}
+
+
 def test_epoch_start_ratio_compares_the_first_ten_steps_with_the_median():
     from paf_ray.train.loop import epoch_start_ratio
 

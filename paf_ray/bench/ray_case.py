@@ -37,6 +37,8 @@ def ray_train_steps(spec: dict, storage_path: str, name: str) -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from paf_ray.train.step import train_process_env
+
     use_gpu = spec["device"] == "cuda"
     resources = {"CPU": float(spec["threads"])}
     if use_gpu:
@@ -50,6 +52,7 @@ def ray_train_steps(spec: dict, storage_path: str, name: str) -> dict:
             storage_path=os.path.abspath(storage_path),
             # fail instead of retrying forever when the worker cannot be placed
             failure_config=ray.train.FailureConfig(max_failures=0, controller_failure_limit=0),
+            worker_runtime_env={"env_vars": train_process_env()},  # as train/run.py gives its workers
         ),
     )
     t0 = time.time()

@@ -121,6 +121,25 @@ def _ray(ro: dict) -> list[str]:
     ] + _cpu_account(ro)
 
 
+def _share(sh: dict) -> list[str]:
+    lines = [
+        f"## 3b. Training beside idle-priority decoding ({sh['model']}, {sh['input_size'][0]}x{sh['input_size'][1]}, "
+        f"batch {sh['batch']}, {sh['threads']} torch threads; the decoder makes {sh['decoder_input_size'][0]}x"
+        f"{sh['decoder_input_size'][1]} rows at idle priority)",
+        "",
+        "| OpenMP waiting | step alone, ms | step beside the decoder, ms | decoder rows/s |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, label in (("openmp_default", "library default"), ("train_worker", "a training worker's")):
+        v = sh[name]
+        setting = ", ".join(f"{k}={x}" for k, x in v["openmp_wait"].items() if x is not None) or "unset"
+        lines.append(f"| {label} ({setting}) | {_f(v['alone_ms'], 0)} | {_f(v['beside_ms'], 0)} | "
+                     f"{_f(v['decoder_rows_s'], 2)} |")
+    lines += [f"| **training worker / default** | {_f(sh['alone_ratio'], 3)} | {_f(sh['beside_ratio'], 3)} | "
+              f"**{_f(sh['decoder_share_ratio'], 2)}** |"]
+    return lines
+
+
 def _cpu_account(ro: dict) -> list[str]:
     """Where the CPU went during the timed steps: the loop's own process and the others."""
     cpu = ro.get("cpu_ms_per_step") or {}
@@ -209,7 +228,8 @@ def _compile(c: dict) -> list[str]:
     ]
 
 
-SECTION_WRITERS = {"data": _data, "stream": _stream, "step": _step, "compile": _compile, "ray_overhead": _ray, "lv_overhead": _lv,
+SECTION_WRITERS = {"data": _data, "stream": _stream, "step": _step, "compile": _compile, "ray_overhead": _ray, "idle_share": _share,
+                   "lv_overhead": _lv,
                    "gpu": _gpu}
 
 

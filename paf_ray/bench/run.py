@@ -8,6 +8,8 @@ Cases (docs/benchmarks.md says what each one is precisely):
 2. step          adapt vs finetune vs pretrain-finetune: ms/step, peak memory, breakdown
    compile       the finetune step with the dense part under torch.compile vs eager
 3. ray_overhead  1-worker TorchTrainer vs a plain loop, same steps; start-up separately
+   idle_share    that step alone and beside an idle-priority decoder, with OpenMP's default
+                 waiting vs a training worker's: the share of the cores left to decoding
 4. lv_overhead   the adapt step with and without the LV-Adapter
 5. gpu           (--device cuda) images/s of the 3-task R50-FPN at full resolution, adapt and
                  finetune, peak memory, MFU, input-pipeline headroom, fp32-vs-bf16 box check;
@@ -24,6 +26,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -204,8 +207,10 @@ def step_spec(s: BenchSettings, frames: Frames, stage: str, model: dict, input_s
     }
 
 
-def run_case_process(spec: dict, workdir: str, name: str, timeout_s: int) -> dict:
-    """Run one case in a fresh Python process (its own peak memory); returns its result dict."""
+def run_case_process(spec: dict, workdir: str, name: str, timeout_s: int, openmp_wait: dict | None = None) -> dict:
+    """Run one case in a fresh Python process (its own peak memory); returns its result dict.
+    The process has a training worker's environment (`train_process_env`), or OpenMP's waiting
+    set to exactly `openmp_wait` ({} = the library's default)."""
     os.makedirs(workdir, exist_ok=True)
     spec_path = os.path.join(workdir, f"{name}.spec.json")
     out_path = os.path.join(workdir, f"{name}.result.json")
@@ -214,8 +219,14 @@ def run_case_process(spec: dict, workdir: str, name: str, timeout_s: int) -> dic
     if os.path.exists(out_path):
         os.remove(out_path)
     cmd = [sys.executable, "-m", "paf_ray.bench.step_case", spec_path, out_path]
-    # the thread set-up a Ray worker with that many CPUs gets (Ray sets OMP_NUM_THREADS to them)
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec.get("threads", 1))}
+    from paf_ray.train.step import OPENMP_WAIT_VARS, train_process_env
+
+    if openmp_wait is None:
+        env = {**os.environ, **train_process_env()}
+    else:
+        env = {**{k: v for k, v in os.environ.items() if k not in OPENMP_WAIT_VARS}, **openmp_wait}
+    # the thread set-up of a training worker with that many CPUs (Ray sets OMP_NUM_THREADS to them)
+    env["OMP_NUM_THREADS"] = str(spec.get("threads", 1))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
@@ -353,6 +364,7 @@ def bench_ray_overhead(s: BenchSettings, frames: Frames) -> dict:
         "plain_ms_all": plain["ms_all"],
         "ray_ms_all": in_ray["ms_all"],
         "threads": {"plain": plain["threads"], "ray": in_ray["threads"]},
+        "openmp_wait": {"plain": plain_runs[0]["openmp_wait"], "ray": in_ray["openmp_wait"]},
         "ray_worker_omp_num_threads": in_ray.get("omp_num_threads"),
         # CPU ms per timed step, by process: where the difference goes (docs/benchmarks.md)
         "cpu_ms_per_step": {"plain": plain_cpu, "ray": ray_cpu},
@@ -363,6 +375,44 @@ def bench_ray_overhead(s: BenchSettings, frames: Frames) -> dict:
         "input_size": list(s.small_input_size),
         "batch": s.small_batch,
     }
+
+
+def bench_idle_share(s: BenchSettings, frames: Frames, records: list[dict]) -> dict:
+    """The Ray Train overhead case's step alone and beside an idle-priority decoder (share_case.py),
+    with OpenMP's default waiting and with a training worker's; processes in the order A B B A."""
+    from paf_ray.config import to_dict
+    from paf_ray.train.step import TRAIN_PROCESS_ENV
+
+    spec = step_spec(s, frames, "finetune", s.small_model, s.small_input_size, s.small_batch, s.small_warmup,
+                     s.small_repeats, adapter="bypass")
+    spec.update(entry="beside_decoder", decoder_records=records[:64], decoder_data=to_dict(bench_data_config(s)))
+    variants = {"openmp_default": {}, "train_worker": dict(TRAIN_PROCESS_ENV)}
+    order = ["openmp_default", "train_worker"] + ([] if s.quick else ["train_worker", "openmp_default"])
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    for i, name in enumerate(order):
+        _log(f"idle_share: {name} ({i + 1}/{len(order)}) ...")
+        r = run_case_process(spec, frames.workdir, f"idle_share_{i}_{name}", s.case_timeout_s, openmp_wait=variants[name])
+        _log(f"idle_share: {name}: step {r['alone_ms']:.0f} ms alone, {r['beside_ms']:.0f} ms beside the decoder, "
+             f"which made {r['decoder_rows_s']:.2f} rows/s")
+        runs[name].append(r)
+    out: dict[str, Any] = {}
+    for name, rs in runs.items():
+        out[name] = {key: statistics.mean(r[key] for r in rs) for key in ("alone_ms", "beside_ms", "decoder_rows_s")}
+        out[name]["openmp_wait"] = rs[0]["openmp_wait"]
+        out[name]["runs"] = rs
+    base, worker = out["openmp_default"], out["train_worker"]
+    out.update(
+        decoder_share_ratio=worker["decoder_rows_s"] / base["decoder_rows_s"] if base["decoder_rows_s"] else None,
+        alone_ratio=worker["alone_ms"] / base["alone_ms"],
+        beside_ratio=worker["beside_ms"] / base["beside_ms"],
+        threads=runs["openmp_default"][0]["threads"],
+        model=s.small_model["backbone"]["name"],
+        input_size=list(s.small_input_size),
+        batch=s.small_batch,
+        steps=s.small_repeats,
+        decoder_input_size=list(s.data_input_size),
+    )
+    return out
 
 
 def _mean_dicts(dicts: list[dict]) -> dict:
@@ -482,7 +532,7 @@ def write_synth_frames(root: str, s: BenchSettings) -> list[dict]:
     return load_records(data_cfg, root, "train")
 
 
-SECTIONS = ("data", "stream", "step", "compile", "ray_overhead", "lv_overhead", "gpu")
+SECTIONS = ("data", "stream", "step", "compile", "ray_overhead", "idle_share", "lv_overhead", "gpu")
 RAY_SECTIONS = ("data", "stream", "ray_overhead")  # the sections that start a local Ray
 BENCH_STORE_MB = {"cpu": 512, "cuda": 4096}
 MIN_STORE_MB = 80  # Ray refuses an object store under 75 MB
@@ -510,7 +560,9 @@ def run_bench(out: str, quick: bool = False, device: str = "cpu", cases: list[st
 
     # On CPU inductor's C++ build of the compile case alone takes longer than every other case
     # together (docs/benchmarks.md): there it runs when asked for by name.
-    sections = list(cases) if cases else [c for c in SECTIONS if not (c == "compile" and device == "cpu")]
+    # idle_share is about CPUs that training and decoding share: a GPU run leaves it out unless named.
+    sections = list(cases) if cases else [c for c in SECTIONS if not (c == "compile" and device == "cpu")
+                                          and not (c == "idle_share" and device == "cuda")]
     unknown = [c for c in sections if c not in SECTIONS]
     if unknown:
         raise ValueError(f"bench --cases: unknown {unknown} (known: {', '.join(SECTIONS)})")
@@ -545,6 +597,7 @@ def run_bench(out: str, quick: bool = False, device: str = "cpu", cases: list[st
         "step": lambda: bench_steps(s, frames),
         "compile": lambda: bench_compile(s, frames),
         "ray_overhead": lambda: bench_ray_overhead(s, frames),
+        "idle_share": lambda: bench_idle_share(s, frames, frame_records()),
         "lv_overhead": lambda: bench_lv_overhead(s, frames),
         "gpu": lambda: bench_gpu(s, frames, result.get("data") or {}, result["machine"]),
     }

@@ -239,7 +239,10 @@ def timed_steps(spec: dict) -> dict:
         sync()
         times.append(1000 * (time.perf_counter() - t0))
     cpu = cpu_ms_per_step(cpu_before, cpu_by_process(), os.getpid(), len(times))
-    return {"ms": statistics.median(times), "ms_all": times, "threads": torch.get_num_threads(), "cpu_ms_per_step": cpu}
+    from paf_ray.train.step import OPENMP_WAIT_VARS
+
+    return {"ms": statistics.median(times), "ms_all": times, "threads": torch.get_num_threads(), "cpu_ms_per_step": cpu,
+            "openmp_wait": {name: os.environ.get(name) for name in OPENMP_WAIT_VARS}}
 
 
 def cpu_by_process() -> dict[int, tuple[str, float]]:
@@ -411,6 +414,10 @@ def main(argv: list[str]) -> int:
         spec = json.load(f)
     if spec.get("entry") == "timed_steps":  # the plain loop of the Ray Train overhead case
         result = timed_steps(spec)
+    elif spec.get("entry") == "beside_decoder":
+        from paf_ray.bench.share_case import steps_beside_decoder
+
+        result = steps_beside_decoder(spec)
     elif spec.get("entry") == "interleaved":
         result = measure_interleaved(spec)
     elif spec.get("entry") == "box_check":

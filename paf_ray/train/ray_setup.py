@@ -26,7 +26,9 @@ os.environ.setdefault("RAY_DATA_LOG_LEVEL", RAY_LOG_LEVEL)
 MIN_BLOCK_BYTES = 1 << 20  # Ray Data's default target_min_block_size: blocks are not made smaller
 # "0" leaves Ray Data's executor as Ray ships it (the bench's reproduction of the busy loop and the slow start)
 EXECUTOR_FIX_ENV = "PAF_RAY_DATA_EXECUTOR_FIX"
+# a still loop step sleeps HELD_BACK_SLEEP_S, the next one twice as long, up to HELD_BACK_MAX_SLEEP_S
 HELD_BACK_SLEEP_S = 0.02
+HELD_BACK_MAX_SLEEP_S = 0.2
 
 
 def configure_data_context(data_cpus: float, block_bytes: int | None = None) -> None:
@@ -60,12 +62,16 @@ class SleepWhileHeldBack(ExecutionCallback):
     not be read and no task may start: the loop then spins without sleeping, a whole core in the
     process that runs it (the ``SplitCoordinator`` actor behind ``get_dataset_shard``, or the
     driver). So after a step in which nothing moved (no task started, no output made or taken,
-    no queue changed) this sleeps 20 ms; a step that moved anything is followed at once by the
-    next. docs/benchmarks.md has the measurement and a reproduction.
+    no queue changed) this sleeps 20 ms, after the next still step 40 ms, and so on up to 0.2 s;
+    a step that moved anything is followed at once by the next. A stage's stream is held back
+    most of the time, each consumer's batch wakes it: at a fixed 20 ms the loop's ~50 steps a
+    second took 7% of a core beside the demo's training. docs/benchmarks.md has the measurements
+    and a reproduction.
     """
 
     def __init__(self):
         self.last: tuple | None = None
+        self.still_steps = 0
 
     def on_execution_step(self, executor) -> None:
         topology = getattr(executor, "_topology", None)  # private: without it, do nothing
@@ -73,7 +79,10 @@ class SleepWhileHeldBack(ExecutionCallback):
             return
         now = tuple(_progress(op, state) for op, state in topology.items())
         if now == self.last:
-            time.sleep(HELD_BACK_SLEEP_S)
+            time.sleep(min(HELD_BACK_MAX_SLEEP_S, HELD_BACK_SLEEP_S * 2 ** min(self.still_steps, 8)))
+            self.still_steps += 1
+        else:
+            self.still_steps = 0
         self.last = now
 
 

@@ -165,6 +165,7 @@ def run_stage(
 
     from paf_ray.train.loop import train_loop
     from paf_ray.train.ray_setup import RAY_LOG_LEVEL, configure_data_context
+    from paf_ray.train.step import train_process_env
 
     stage = cfg.train.stages[index]
     configure_data_context(cfg.data.cpus)  # copied into the trainer when it is built
@@ -200,6 +201,7 @@ def run_stage(
             ),
             callbacks=list(callbacks),
             logging_config=ray.train.LoggingConfig(log_level=RAY_LOG_LEVEL),
+            worker_runtime_env={"env_vars": train_process_env()},
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),

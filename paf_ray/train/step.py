@@ -12,12 +12,33 @@ No Ray here: the GPU benchmark runs this on machines where only torch is install
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from paf_ray.config import StageConfig
+
+
+# OpenMP (libgomp, torch's CPU thread pool) lets a thread that waits at a barrier or for work spin
+# 300,000 times before it sleeps. A training step is hundreds of such waits, so where the decode
+# tasks share the cores (at idle priority, data/pipeline.py) the trainer's spinning threads held
+# both: beside the demo's step an idle-priority decoder got 3-17 rows/s, with 30,000 spins 63-81,
+# and the step alone was as fast (docs/benchmarks.md). libgomp reads this when it loads, so it goes
+# into the environment of a training process, not into the loop.
+TRAIN_PROCESS_ENV = {"GOMP_SPINCOUNT": "30000"}
+OPENMP_WAIT_VARS = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
+
+
+def train_process_env(environ=None) -> dict[str, str]:
+    """Environment variables for the processes that run training steps (Ray Train workers, the
+    benchmarks' step processes): TRAIN_PROCESS_ENV, unless `environ` (default: this process's: the
+    user's shell, a job's runtime_env) sets OpenMP's waiting itself, which the workers then inherit."""
+    environ = os.environ if environ is None else environ
+    if any(name in environ for name in OPENMP_WAIT_VARS):
+        return {}
+    return dict(TRAIN_PROCESS_ENV)
 
 
 def dist_on() -> bool:
