@@ -520,8 +520,8 @@ def bench_gpu(s: BenchSettings, frames: Frames, data: dict, machine: dict) -> di
 
 
 def write_synth_frames(root: str, s: BenchSettings) -> list[dict]:
-    """Needs Ray (the pipeline's index loading): only the data case uses these files."""
-    """Synthetic BDD100K at 1280x720 under `root` (reused when already there); its train records."""
+    """Synthetic BDD100K at 1280x720 under `root` (reused when already there); its train records.
+    Imports Ray's side of the pipeline (the index loading): the data, stream and idle_share cases use them."""
 
     from paf_ray.config import from_dict
     from paf_ray.data.pipeline import load_records

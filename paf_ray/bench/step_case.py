@@ -245,6 +245,61 @@ def timed_steps(spec: dict) -> dict:
             "openmp_wait": {name: os.environ.get(name) for name in OPENMP_WAIT_VARS}}
 
 
+def _timed_steps(step, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(1000 * (time.perf_counter() - t0))
+    return times
+
+
+def steps_beside_decoder(spec: dict) -> dict:
+    """The idle_share case (share_case.py): spec is a step case (``build_case``) plus
+    "decoder_records" and "decoder_data" (the ``data`` section of a config). The step timed
+    alone, then beside the decoder (started first and timed from its first row on, so its
+    start-up is not counted)."""
+    import multiprocessing as mp
+
+    import torch
+
+    from paf_ray.bench.share_case import decode_until_stopped
+    from paf_ray.config import from_dict
+    from paf_ray.train.step import OPENMP_WAIT_VARS
+
+    torch.set_num_threads(int(spec["threads"]))
+    _, model, stage, batch, device = build_case(spec)
+    _, step = make_step(model, stage, batch, device, bool(spec["amp"]), _updates(spec))
+    for _ in range(int(spec["warmup"])):
+        step()
+    repeats = int(spec["repeats"])
+    alone = _timed_steps(step, repeats)
+
+    data_cfg = from_dict({"data": spec["decoder_data"]}, "<bench idle_share>", rules=False).data
+    ctx = mp.get_context("spawn")  # a fresh interpreter: nothing of this process's torch threads
+    stop, rows = ctx.Event(), ctx.Value("l", 0)
+    decoder = ctx.Process(target=decode_until_stopped, args=(spec["decoder_records"], data_cfg, stop, rows),
+                          daemon=True)
+    decoder.start()
+    try:
+        deadline = time.time() + 120
+        while rows.value == 0:
+            if not decoder.is_alive() or time.time() > deadline:
+                raise RuntimeError(f"bench idle_share: the decoder made no row (exit code {decoder.exitcode})")
+            time.sleep(0.05)
+        rows_before, t0 = rows.value, time.perf_counter()
+        beside = _timed_steps(step, repeats)
+        rows_s = (rows.value - rows_before) / (time.perf_counter() - t0)
+    finally:
+        stop.set()
+        decoder.join(timeout=60)
+        if decoder.is_alive():
+            decoder.kill()
+    return {"alone_ms": statistics.median(alone), "beside_ms": statistics.median(beside), "decoder_rows_s": rows_s,
+            "alone_ms_all": alone, "beside_ms_all": beside, "threads": torch.get_num_threads(),
+            "openmp_wait": {name: os.environ.get(name) for name in OPENMP_WAIT_VARS}}
+
+
 def cpu_by_process() -> dict[int, tuple[str, float]]:
     """pid -> (name, CPU seconds so far) of every process on this machine (Linux /proc; {} elsewhere).
     The name is the first word of the command line (Ray names its workers ``ray::Class``)."""
@@ -415,8 +470,6 @@ def main(argv: list[str]) -> int:
     if spec.get("entry") == "timed_steps":  # the plain loop of the Ray Train overhead case
         result = timed_steps(spec)
     elif spec.get("entry") == "beside_decoder":
-        from paf_ray.bench.share_case import steps_beside_decoder
-
         result = steps_beside_decoder(spec)
     elif spec.get("entry") == "interleaved":
         result = measure_interleaved(spec)
