@@ -231,27 +231,29 @@ def timed_steps(spec: dict) -> dict:
     for _ in range(int(spec["warmup"])):
         step()
     sync()
-    times = []
     cpu_before = cpu_by_process()
-    for _ in range(int(spec["repeats"])):
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(1000 * (time.perf_counter() - t0))
+    times = _timed_steps(step, int(spec["repeats"]), sync)
     cpu = cpu_ms_per_step(cpu_before, cpu_by_process(), os.getpid(), len(times))
-    from paf_ray.train.step import OPENMP_WAIT_VARS
-
     return {"ms": statistics.median(times), "ms_all": times, "threads": torch.get_num_threads(), "cpu_ms_per_step": cpu,
-            "openmp_wait": {name: os.environ.get(name) for name in OPENMP_WAIT_VARS}}
+            "openmp_wait": _openmp_wait()}
 
 
-def _timed_steps(step, repeats: int) -> list[float]:
+def _timed_steps(step, repeats: int, sync=lambda: None) -> list[float]:
+    """ms of each of `repeats` calls of `step`, each synchronised (`sync`) before its clock stops."""
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         step()
+        sync()
         times.append(1000 * (time.perf_counter() - t0))
     return times
+
+
+def _openmp_wait() -> dict:
+    """How this process's OpenMP threads wait (train.step.OPENMP_WAIT_VARS; None = unset)."""
+    from paf_ray.train.step import OPENMP_WAIT_VARS
+
+    return {name: os.environ.get(name) for name in OPENMP_WAIT_VARS}
 
 
 def steps_beside_decoder(spec: dict) -> dict:
@@ -265,7 +267,6 @@ def steps_beside_decoder(spec: dict) -> dict:
 
     from paf_ray.bench.share_case import decode_until_stopped
     from paf_ray.config import from_dict
-    from paf_ray.train.step import OPENMP_WAIT_VARS
 
     torch.set_num_threads(int(spec["threads"]))
     _, model, stage, batch, device = build_case(spec)
@@ -297,7 +298,7 @@ def steps_beside_decoder(spec: dict) -> dict:
             decoder.kill()
     return {"alone_ms": statistics.median(alone), "beside_ms": statistics.median(beside), "decoder_rows_s": rows_s,
             "alone_ms_all": alone, "beside_ms_all": beside, "threads": torch.get_num_threads(),
-            "openmp_wait": {name: os.environ.get(name) for name in OPENMP_WAIT_VARS}}
+            "openmp_wait": _openmp_wait()}
 
 
 def cpu_by_process() -> dict[int, tuple[str, float]]:
