@@ -27,8 +27,6 @@ def _f(v, digits: int = 1) -> str:
     return str(v)
 
 
-# The input pipeline's targeted ratios are printed with 3 digits: 0.997 must not read as
-# "1.00 >= 1.0 (missed)".
 def _target(section: str, key: str, value) -> str:
     if (section, key) not in TARGETS or value is None:
         return ""
@@ -49,6 +47,7 @@ def _data(d: dict) -> list[str]:
         f"**{_f(d['first_batch_ratio'], 2)}** {_target('data', 'first_batch_ratio', d['first_batch_ratio'])} |",
         f"| time to first batch, the DataLoader's epoch start (persistent workers) | | "
         f"{_f(d['dataloader_first_batch_s'], 2)} s | {_f(d['first_batch_vs_persistent'], 2)} |",
+        # ratios with a target near 1 get 3 digits: 0.997 must not read as "1.00 >= 1.0 (missed)"
         f"| steady state, rows/s | {_f(d['ray_data_rows_s'])} | {_f(d['dataloader_rows_s'])} | "
         f"**{_f(d['steady_ratio'], 3)}** {_target('data', 'steady_ratio', d['steady_ratio'])} |",
         f"| delivered to a consumer computing {1000 * d['consumer_step_s']:.0f} ms a batch, rows/s | "
