@@ -17,7 +17,7 @@ import torch
 REQUIRED = {
     "data": ["ray_data_first_batch_s", "dataloader_first_batch_s", "dataloader_new_first_batch_s", "first_batch_ratio",
              "ray_data_rows_s", "dataloader_rows_s", "steady_ratio", "ray_data_consumer_rows_s", "dataloader_consumer_rows_s",
-             "consumer_ratio"],
+             "consumer_ratio", "consumer_stage_ratio"],
     "stream": ["epoch_start_ratio", "first_epoch_start_ratio", "whole_store_rows_s", "quarter_store_rows_s",
                "backpressure_ratio", "backpressure_ratio_unfixed", "backpressure_ratio_both_epochs"],
     "step": ["adapt_ms", "finetune_ms", "pretrain_finetune_ms", "adapt_peak_mb", "finetune_peak_mb", "time_ratio",

@@ -429,13 +429,16 @@ def test_a_stage_stream_holds_every_epoch_in_one_pass(ray_local, synth_root):
     assert len(set(expected[:8]) ^ set(expected[8:16])) > 0  # epochs read different records
 
 
-def test_decode_tasks_hand_on_whole_batches_of_about_five_mb(ray_local, synth_root):
+def test_decode_tasks_hand_on_whole_batches_of_about_twenty_mb(ray_local, synth_root):
     def cfg(size, batch):
         return DataConfig(input_size=size, batch_size=batch, cpus=1.0)
 
-    # whole batches per block: one at 640x384 (5 MB), four of the demo's 1.2 MB batches, at most four
-    sizes_and_batches = (((640, 384), 4), ((320, 192), 4), ((1280, 736), 2), ((64, 32), 4))
-    assert [block_rows(cfg(s, b)) for s, b in sizes_and_batches] == [4, 16, 2, 16]
+    # whole batches per block, about 20 MB, at most four: four of 5 MB at 640x384 and of the demo's
+    # 1.2 MB, two of 9.4 MB at 1280x736, one of 38 MB (batch 8 at 1280x736)
+    sizes_and_batches = (((640, 384), 4), ((320, 192), 4), ((1280, 736), 2), ((64, 32), 4), ((1280, 736), 8))
+    assert [block_rows(cfg(s, b)) for s, b in sizes_and_batches] == [16, 16, 4, 16, 8]
+    # a small object store takes smaller blocks: at 640x384 one batch in 80 MB, two in 240 MB
+    assert [block_rows(cfg((640, 384), 4), mb << 20) for mb in (80, 240, 512)] == [4, 8, 16]
     demo = cfg((320, 192), 4)
     records = load_records(demo, synth_root, "train")
     ds = build_dataset(records, demo, train=True, epochs=1, rows_per_epoch=64)  # 2 read blocks of 32 rows

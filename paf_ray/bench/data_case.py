@@ -8,14 +8,17 @@ CPUs: Ray Data's map capped at N CPUs (``data.cpus = N``) vs ``DataLoader(num_wo
 - **pipeline passes**: one epoch over the frames, consumed as fast as it comes. Ray Data builds
   and starts a new execution every pass (what a stage start costs); the DataLoader keeps its
   workers (``persistent_workers=True``, its best case). Per pass: time to first batch, and
-  steady-state rows/s = the rows after the first batch / the time after it (ratios: the median
-  of each repeat's Ray Data / DataLoader, its two passes back to back). Time to first batch
+  steady-state rows/s = the rows after the pass's first fifth / the time they took (ratios:
+  the median of each repeat's Ray Data / DataLoader, its two passes back to back). Time to first batch
   is compared like for like: a new Ray Data execution against a new DataLoader (its workers
   start); against the persistent DataLoader's epoch start it is reported too.
-- **consumer passes**: the same, delivered to a loop that also computes (``FixedWork``, the same
-  arithmetic every batch, on one torch thread): what a training loop sees. The Ray Data side
-  reads through ``streaming_split`` (a ``SplitCoordinator`` actor), as Ray Train's
-  ``get_dataset_shard`` does.
+- **consumer stages**: what a training loop sees over a stage of several epochs, each batch
+  followed by fixed work (``FixedWork``, the same arithmetic every batch, on one torch thread).
+  The Ray Data side reads the stage's stream (``build_dataset(epochs=E)``) through one
+  ``streaming_split`` (a ``SplitCoordinator`` actor), as a Train worker's ``get_dataset_shard``
+  does for a stage; the DataLoader side runs the same E epochs on its persistent workers.
+  Rows/s over the stage's epochs after the first (its steady state, epoch boundaries included),
+  and over the whole stage from its start.
 - **stream** (``measure_stream``): the stage's stream of two epochs (``build_dataset(epochs=2)``)
   under the consumer: the first 10 steps of each epoch against the median step; and the
   consumer's rows/s with an object store that holds a quarter of an epoch vs the whole epoch.
@@ -116,28 +119,41 @@ class FixedWork:
         return cls(max(1, round(seconds / per_product)))
 
 
+STEADY_SKIP = 0.2  # the part of a pass before its steady state: the start and the rows made before the first batch
+
+
 def timed_pass(batches, work: FixedWork | None = None) -> dict:
-    """Consume one pass; {"rows", "first_s" (time to first batch), "total_s", "steady_rows_s",
-    "step_s" (per batch, the wait for it included)}."""
+    """Consume one pass; {"rows", "first_s" (time to first batch), "total_s", "step_s" (per batch,
+    the wait for it included), "rows_s" (rows / total_s), "after_first_rows_s" (the rows after the
+    first batch / the time after it), "steady_rows_s"}.
+
+    ``steady_rows_s`` counts the batches after the pass's first STEADY_SKIP, over the time they
+    took: rows decoded before the first batch arrived (up to a block per decode task on Ray
+    Data's side, a batch per worker on the DataLoader's) are handed on at once after it, and
+    would count as made in no time."""
     t0 = time.perf_counter()
-    rows, first, step_s, t_prev = 0, None, [], t0
+    rows, first, step_s, batch_rows, t_prev = 0, None, [], [], t0
     for batch in batches:
         n = int(batch["image"].shape[0])
         now = time.perf_counter()
         if first is None:
-            first, first_rows = now - t0, n
+            first = now - t0
         rows += n
         if work is not None:
             work()
         now = time.perf_counter()
         step_s.append(now - t_prev)
+        batch_rows.append(n)
         t_prev = now
     total = time.perf_counter() - t0
     if first is None:
         raise RuntimeError("bench data: a pass yielded no batch")
     after = total - first
-    return {"rows": rows, "first_s": first, "total_s": total, "step_s": step_s,
-            "steady_rows_s": (rows - first_rows) / after if after > 0 else float("nan")}
+    skip = max(1, round(STEADY_SKIP * len(step_s)))
+    steady_s = sum(step_s[skip:])
+    return {"rows": rows, "first_s": first, "total_s": total, "step_s": step_s, "rows_s": rows / total,
+            "after_first_rows_s": (rows - batch_rows[0]) / after if after > 0 else float("nan"),
+            "steady_rows_s": sum(batch_rows[skip:]) / steady_s if steady_s > 0 else float("nan")}
 
 
 def ray_data_batches(records: list[dict], data_cfg, split: bool, epochs: int = 1):
@@ -159,6 +175,7 @@ def make_dataloader(records: list[dict], data_cfg, workers: int, pin_memory: boo
         RecordDataset(records, data_cfg, train=True),
         batch_size=data_cfg.batch_size,
         shuffle=True,
+        drop_last=True,  # whole batches only, as Ray Data's side (and run.make_datasets) cut them
         num_workers=workers,
         collate_fn=collate_rows,
         persistent_workers=workers > 0,
@@ -166,6 +183,19 @@ def make_dataloader(records: list[dict], data_cfg, workers: int, pin_memory: boo
         # not fork: this process runs Ray's threads
         multiprocessing_context="forkserver" if workers > 0 else None,
     )
+
+
+def dataloader_epochs(loader, epochs: int):
+    """The DataLoader's batches over `epochs` epochs: a training loop's ``for epoch: for batch``."""
+    for _ in range(epochs):
+        yield from loader
+
+
+def later_epochs_rows_s(p: dict, batches_per_epoch: int, batch_size: int) -> float:
+    """Rows/s of a timed stage over its epochs after the first (whole batches: every batch has
+    `batch_size` rows)."""
+    later = p["step_s"][batches_per_epoch:]
+    return len(later) * batch_size / sum(later) if later else float("nan")
 
 
 def _median(passes: list[dict], key: str) -> float:
@@ -177,36 +207,43 @@ def _paired_ratio(passes: dict[str, list], key: str) -> float:
 
 
 def measure_input_pipeline(records: list[dict], data_cfg, workers: int, warmup: int, repeats: int,
-                           step_s: float, pin_memory: bool = False) -> dict:
-    """Pipeline and consumer passes, alternating between Ray Data and the DataLoader."""
+                           step_s: float, consumer_epochs: int, pin_memory: bool = False) -> dict:
+    """Pipeline passes and consumer stages of `consumer_epochs` epochs, alternating between Ray
+    Data and the DataLoader."""
     data_cfg = replace(data_cfg, cpus=float(workers))
     loader = make_dataloader(records, data_cfg, workers, pin_memory)
     work = FixedWork.lasting(step_s)
-    sides = {"ray_data": lambda split: ray_data_batches(records, data_cfg, split),
-             "dataloader": lambda split, loader=loader: iter(loader)}
+    batches_per_epoch = len(records) // data_cfg.batch_size
+    passes = {"ray_data": lambda: ray_data_batches(records, data_cfg, split=False),
+              "dataloader": lambda loader=loader: iter(loader)}
+    stages = {"ray_data": lambda: ray_data_batches(records, data_cfg, split=True, epochs=consumer_epochs),
+              "dataloader": lambda loader=loader: dataloader_epochs(loader, consumer_epochs)}
     for _ in range(warmup):
-        for make in sides.values():
-            timed_pass(make(False))
-    plain: dict[str, list] = {k: [] for k in sides}
-    consumer: dict[str, list] = {k: [] for k in sides}
+        for make in passes.values():
+            timed_pass(make())
+    plain: dict[str, list] = {k: [] for k in passes}
+    consumer: dict[str, list] = {k: [] for k in passes}
     fresh_first_s = []  # a new DataLoader (its workers start): a stage start, like a new Ray Data execution
     for _ in range(repeats):
-        for name, make in sides.items():
-            plain[name].append(timed_pass(make(False)))
+        for name, make in passes.items():
+            plain[name].append(timed_pass(make()))
         fresh = iter(make_dataloader(records, data_cfg, workers, pin_memory))
         t0 = time.perf_counter()
         next(fresh)
         fresh_first_s.append(time.perf_counter() - t0)
         del fresh
-        for name, make in sides.items():
-            consumer[name].append(timed_pass(make(True), work))
-    names = list(sides)
-    del sides, loader  # stops the DataLoader's persistent workers
+        for name, make in stages.items():
+            stage = timed_pass(make(), work)
+            stage["later_epochs_rows_s"] = later_epochs_rows_s(stage, batches_per_epoch, data_cfg.batch_size)
+            consumer[name].append(stage)
+    names = list(passes)
+    del passes, stages, loader  # stops the DataLoader's persistent workers
     out: dict = {}
     for name in names:
         out[f"{name}_first_batch_s"] = _median(plain[name], "first_s")
         out[f"{name}_rows_s"] = _median(plain[name], "steady_rows_s")
-        out[f"{name}_consumer_rows_s"] = _median(consumer[name], "steady_rows_s")
+        out[f"{name}_consumer_rows_s"] = _median(consumer[name], "later_epochs_rows_s")
+        out[f"{name}_consumer_stage_rows_s"] = _median(consumer[name], "rows_s")
         out[f"{name}_passes"] = [{k: v for k, v in p.items() if k != "step_s"} for p in plain[name] + consumer[name]]
     out["dataloader_new_first_batch_s"] = statistics.median(fresh_first_s)
     out.update({
@@ -217,7 +254,12 @@ def measure_input_pipeline(records: list[dict], data_cfg, workers: int, warmup: 
         "first_batch_ratio": out["ray_data_first_batch_s"] / out["dataloader_new_first_batch_s"],
         # vs the DataLoader's epoch start with persistent workers (the stage stream has no epoch start)
         "first_batch_vs_persistent": out["ray_data_first_batch_s"] / out["dataloader_first_batch_s"],
-        "consumer_ratio": _paired_ratio(consumer, "steady_rows_s"),
+        # the stage's epochs after its first: the steady state a training loop sees, epoch boundaries included
+        "consumer_ratio": _paired_ratio(consumer, "later_epochs_rows_s"),
+        # the whole stage from its start: Ray Data's stream (and its coordinator) start against the
+        # persistent DataLoader's first epoch start (its workers started before)
+        "consumer_stage_ratio": _paired_ratio(consumer, "rows_s"),
+        "consumer_epochs": consumer_epochs,
         "consumer_step_s": step_s,
         "consumer_products": work.products,
         "workers": workers,
@@ -294,7 +336,7 @@ def measure_stream(records: list[dict], data_cfg, workers: int, step_s: float, o
         "backpressure_ratio": quarter["epoch_rows_s"][1] / whole["epoch_rows_s"][1],
         "backpressure_ratio_unfixed": runs["quarter_unfixed"]["epoch_rows_s"][1] / whole["epoch_rows_s"][1],
         # the whole stream, first epoch and its start included
-        "backpressure_ratio_both_epochs": quarter["steady_rows_s"] / whole["steady_rows_s"],
+        "backpressure_ratio_both_epochs": quarter["after_first_rows_s"] / whole["after_first_rows_s"],
         "object_store_mb": object_store_mb,
         "runs": runs,
         "consumer_step_s": step_s,

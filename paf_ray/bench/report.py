@@ -48,11 +48,15 @@ def _data(d: dict) -> list[str]:
         f"| time to first batch, the DataLoader's epoch start (persistent workers) | | "
         f"{_f(d['dataloader_first_batch_s'], 2)} s | {_f(d['first_batch_vs_persistent'], 2)} |",
         # ratios with a target near 1 get 3 digits: 0.997 must not read as "1.00 >= 1.0 (missed)"
-        f"| steady state, rows/s | {_f(d['ray_data_rows_s'])} | {_f(d['dataloader_rows_s'])} | "
+        f"| steady state (a pass after its first fifth), rows/s | {_f(d['ray_data_rows_s'])} | {_f(d['dataloader_rows_s'])} | "
         f"**{_f(d['steady_ratio'], 3)}** {_target('data', 'steady_ratio', d['steady_ratio'])} |",
-        f"| delivered to a consumer computing {1000 * d['consumer_step_s']:.0f} ms a batch, rows/s | "
+        f"| delivered to a consumer computing {1000 * d['consumer_step_s']:.0f} ms a batch: a stage of "
+        f"{d['consumer_epochs']} epochs, its epochs after the first, rows/s | "
         f"{_f(d['ray_data_consumer_rows_s'])} | {_f(d['dataloader_consumer_rows_s'])} | "
         f"**{_f(d['consumer_ratio'], 3)}** {_target('data', 'consumer_ratio', d['consumer_ratio'])} |",
+        f"| the same, the whole stage from its start (the DataLoader's workers started before), rows/s | "
+        f"{_f(d['ray_data_consumer_stage_rows_s'])} | {_f(d['dataloader_consumer_stage_rows_s'])} | "
+        f"{_f(d['consumer_stage_ratio'], 3)} |",
     ]
 
 
@@ -111,13 +115,16 @@ def _step(st: dict) -> list[str]:
 def _ray(ro: dict) -> list[str]:
     return [
         f"## 3. Ray Train overhead ({ro['model']}, {ro['input_size'][0]}x{ro['input_size'][1]}, batch {ro['batch']}, "
-        f"{ro['steps']} timed steps, {ro['threads']['plain']} torch threads each)",
+        f"{ro['steps']} timed steps a run, {ro['threads']['plain']} torch threads each; {ro['rounds']} TorchTrainer "
+        f"runs, each between two plain runs)",
         "",
-        "| loop | ms/step |",
+        "| loop | ms/step (median of the runs' medians) |",
         "| --- | --- |",
         f"| plain loop, one process | {_f(ro['plain_ms'], 0)} |",
         f"| TorchTrainer, 1 worker | {_f(ro['ray_ms'], 0)} |",
-        f"| **ratio** | **{_f(ro['ratio'], 3)}** {_target('ray_overhead', 'ratio', ro['ratio'])} |",
+        f"| **ratio** (median over the TorchTrainer runs of its ms / the mean of the plain runs around it: "
+        f"{', '.join(_f(r, 3) for r in ro['ratios'])}) | **{_f(ro['ratio'], 3)}** "
+        f"{_target('ray_overhead', 'ratio', ro['ratio'])} |",
         f"| start-up (fit() to the worker's first line) | {_f(ro['startup_s'])} s |",
     ] + _cpu_account(ro)
 

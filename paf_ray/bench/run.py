@@ -2,7 +2,7 @@
 
 Cases (docs/benchmarks.md says what each one is precisely):
 1. data          Ray Data vs DataLoader, same row function + collate, same CPUs: time to first
-                 batch, steady-state rows/s, rows/s delivered to a consumer that also computes
+                 batch, steady-state rows/s, rows/s delivered over a stage to a consumer that computes
    stream        the stage's stream of two epochs under a training-bound consumer: epoch starts,
                  and an object store of a quarter epoch vs a whole one (with and without the fix)
 2. step          adapt vs finetune vs pretrain-finetune: ms/step, peak memory, breakdown
@@ -246,7 +246,7 @@ def bench_data(s: BenchSettings, records: list[dict]) -> dict:
     from paf_ray.bench.data_case import measure_input_pipeline
 
     return measure_input_pipeline(records, bench_data_config(s), s.data_workers, s.data_warmup, s.data_repeats,
-                                  s.consumer_step_s, pin_memory=s.device == "cuda")
+                                  s.consumer_step_s, s.consumer_epochs, pin_memory=s.device == "cuda")
 
 
 def bench_data_config(s: BenchSettings):
@@ -334,43 +334,48 @@ def bench_ray_overhead(s: BenchSettings, frames: Frames) -> dict:
     from paf_ray.bench.ray_case import ray_train_steps
 
     spec = step_spec(s, frames, "finetune", s.small_model, s.small_input_size, s.small_batch, s.small_warmup,
-                     s.small_repeats, adapter="bypass")
+                     s.overhead_steps, adapter="bypass")
     deadline = time.time() + 60  # Ray Data's tasks from the data case may still be releasing their CPUs
     while (free_cpus := ray.available_resources().get("CPU", 0.0)) < s.threads and time.time() < deadline:
         time.sleep(1)
     if free_cpus < s.threads:
         raise RuntimeError(f"bench ray_overhead: the worker needs {s.threads} CPUs, Ray has {free_cpus:g} free")
-    # The plain loop runs before and after the trainer; their mean brackets a load drift.
-    plain_runs = []
-    _log("ray_overhead: plain loop ...")
-    plain_runs.append(run_case_process({**spec, "entry": "timed_steps"}, frames.workdir, "ray_overhead_plain_1",
-                                       s.case_timeout_s))
-    _log(f"ray_overhead: plain {plain_runs[0]['ms']:.0f} ms/step; TorchTrainer ...")
-    in_ray = ray_train_steps(spec, os.path.join(frames.workdir, "ray_train"), f"bench-overhead-{os.getpid()}-{int(time.time())}")
-    _log(f"ray_overhead: ray {in_ray['ms']:.0f} ms/step, start-up {in_ray['startup_s']:.1f} s; plain loop again ...")
-    plain_runs.append(run_case_process({**spec, "entry": "timed_steps"}, frames.workdir, "ray_overhead_plain_2",
-                                       s.case_timeout_s))
-    plain = {"ms": sum(r["ms"] for r in plain_runs) / 2, "ms_all": [r["ms_all"] for r in plain_runs],
-             "threads": plain_runs[0]["threads"]}
+    # plain, Ray, plain, Ray, ..., plain: every TorchTrainer run between two plain runs, whose mean
+    # it is compared with, so the box's drift over the minutes of the case hits both sides alike
+    def plain_run(i: int) -> dict:
+        r = run_case_process({**spec, "entry": "timed_steps"}, frames.workdir, f"ray_overhead_plain_{i}",
+                             s.case_timeout_s)
+        _log(f"ray_overhead: plain {r['ms']:.0f} ms/step")
+        return r
+
+    plain_runs, ray_runs = [plain_run(1)], []
+    for i in range(s.overhead_rounds):
+        r = ray_train_steps(spec, os.path.join(frames.workdir, "ray_train"),
+                            f"bench-overhead-{os.getpid()}-{int(time.time())}-{i}")
+        _log(f"ray_overhead: TorchTrainer {r['ms']:.0f} ms/step, start-up {r['startup_s']:.1f} s")
+        ray_runs.append(r)
+        plain_runs.append(plain_run(i + 2))
+    ratios = [r["ms"] / ((plain_runs[i]["ms"] + plain_runs[i + 1]["ms"]) / 2) for i, r in enumerate(ray_runs)]
     plain_cpu = _mean_dicts([r["cpu_ms_per_step"] for r in plain_runs])
-    ray_cpu = in_ray["cpu_ms_per_step"]
-    _log(f"ray_overhead: plain {plain_runs[1]['ms']:.0f} ms/step")
+    ray_cpu = _mean_dicts([r["cpu_ms_per_step"] for r in ray_runs])
     return {
-        "plain_ms": plain["ms"],
-        "ray_ms": in_ray["ms"],
-        "ratio": in_ray["ms"] / plain["ms"],
-        "startup_s": in_ray["startup_s"],
-        "fit_s": in_ray["fit_s"],
-        "plain_ms_all": plain["ms_all"],
-        "ray_ms_all": in_ray["ms_all"],
-        "threads": {"plain": plain["threads"], "ray": in_ray["threads"]},
-        "openmp_wait": {"plain": plain_runs[0]["openmp_wait"], "ray": in_ray["openmp_wait"]},
-        "ray_worker_omp_num_threads": in_ray.get("omp_num_threads"),
+        "plain_ms": statistics.median(r["ms"] for r in plain_runs),
+        "ray_ms": statistics.median(r["ms"] for r in ray_runs),
+        "ratio": statistics.median(ratios),
+        "ratios": ratios,
+        "startup_s": statistics.median(r["startup_s"] for r in ray_runs),
+        "fit_s": [r["fit_s"] for r in ray_runs],
+        "plain_ms_all": [r["ms_all"] for r in plain_runs],
+        "ray_ms_all": [r["ms_all"] for r in ray_runs],
+        "threads": {"plain": plain_runs[0]["threads"], "ray": ray_runs[0]["threads"]},
+        "openmp_wait": {"plain": plain_runs[0]["openmp_wait"], "ray": ray_runs[0]["openmp_wait"]},
+        "ray_worker_omp_num_threads": ray_runs[0].get("omp_num_threads"),
         # CPU ms per timed step, by process: where the difference goes (docs/benchmarks.md)
         "cpu_ms_per_step": {"plain": plain_cpu, "ray": ray_cpu},
         "others_cpu_ms_per_step": {"plain": sum(v for k, v in plain_cpu.items() if k != "self"),
                                    "ray": sum(v for k, v in ray_cpu.items() if k != "self")},
-        "steps": s.small_repeats,
+        "steps": s.overhead_steps,
+        "rounds": s.overhead_rounds,
         "model": s.small_model["backbone"]["name"],
         "input_size": list(s.small_input_size),
         "batch": s.small_batch,

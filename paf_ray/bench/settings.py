@@ -53,7 +53,8 @@ class BenchSettings:
     data_workers: int  # DataLoader num_workers == Ray Data CPUs for the map
     data_warmup: int  # whole passes over the frames before timing
     data_repeats: int
-    consumer_step_s: float  # the consumer's fixed work per batch in the data case's consumer passes
+    consumer_step_s: float  # the consumer's fixed work per batch in the data case's consumer stages
+    consumer_epochs: int  # epochs of a consumer stage (one stream, as a training stage reads it)
     # 1b. the stage stream: an epoch of stream_frames frames under a training-bound consumer
     stream_frames: int
     stream_step_s: float
@@ -70,6 +71,10 @@ class BenchSettings:
     small_warmup: int
     small_repeats: int
     threads: int  # torch threads of every timed loop (the Ray worker gets this many CPUs)
+    # 3. Ray Train overhead: `overhead_rounds` TorchTrainer runs of `overhead_steps` timed steps,
+    # each between two plain runs of as many
+    overhead_steps: int = 30
+    overhead_rounds: int = 2
     # 5. GPU: throughput of the 3-task R50-FPN at full resolution
     gpu_model: dict = field(default_factory=dict)
     gpu_input_size: tuple[int, int] = (1280, 736)
@@ -101,6 +106,7 @@ def bench_settings(device: str, quick: bool) -> BenchSettings:
             data_warmup=1,
             data_repeats=2,
             consumer_step_s=0.01,
+            consumer_epochs=2,
             stream_frames=8,
             stream_step_s=0.05,
             step_model=TINY,
@@ -114,6 +120,8 @@ def bench_settings(device: str, quick: bool) -> BenchSettings:
             small_warmup=1,
             small_repeats=2,
             threads=min(2, cpus),
+            overhead_steps=2,
+            overhead_rounds=1,
             gpu_model=TINY,
             gpu_input_size=(256, 160),
             gpu_batch=2,
@@ -130,6 +138,7 @@ def bench_settings(device: str, quick: bool) -> BenchSettings:
             data_warmup=1,
             data_repeats=5,
             consumer_step_s=0.08,  # one batch decodes in ~0.2 CPU-s: both sides stay CPU-bound
+            consumer_epochs=3,
             stream_frames=256,
             stream_step_s=0.3,  # longer than a batch's decode: training-bound, so rows pile up
             step_model=R50_FPN,  # the target is stated for R50 at 640x384
@@ -141,8 +150,12 @@ def bench_settings(device: str, quick: bool) -> BenchSettings:
             small_input_size=(320, 192),
             small_batch=2,
             small_warmup=1,
-            small_repeats=10,  # 5 steps of ~0.45 s moved the Ray Train ratio by 10% between runs
+            small_repeats=10,
             threads=min(2, cpus),
+            # single steps of one side take 410-770 ms within a run: 10 steps and one TorchTrainer
+            # run moved the ratio between 0.98 and 1.17 across three runs (docs/benchmarks.md)
+            overhead_steps=30,
+            overhead_rounds=2,
         )
     # A GPU machine: feed the GPU from most of its cores, measure at full resolution.
     workers = max(1, min(8, cpus - 2))
@@ -156,6 +169,7 @@ def bench_settings(device: str, quick: bool) -> BenchSettings:
         data_warmup=1,
         data_repeats=3,
         consumer_step_s=0.05,
+        consumer_epochs=3,
         stream_frames=256,
         stream_step_s=0.2,
         step_model=R50_FPN,
@@ -169,6 +183,7 @@ def bench_settings(device: str, quick: bool) -> BenchSettings:
         small_warmup=3,
         small_repeats=20,
         threads=min(4, cpus),
+        overhead_steps=20,
         gpu_model=R50_FPN,
         gpu_input_size=(1280, 736),
         gpu_batch=8,

@@ -227,21 +227,38 @@ def decode_slots(data_cfg: DataConfig) -> int:
     return max(1, int(data_cfg.cpus / map_cpus(data_cfg) + 1e-6))
 
 
-BLOCK_TARGET_BYTES = 5 << 20  # about one batch of 4 rows at 640x384
+BLOCK_TARGET_BYTES = 20 << 20  # four batches of 4 rows at 640x384
 # the first batch of a stream waits for one block (never under ray_setup.MIN_BLOCK_BYTES, though)
 MAX_BATCHES_PER_BLOCK = 4
+# A block is at most this part of a node's object store: Ray Data keeps half the store for its
+# rows, and a decode task that may not start while the blocks of the others fill that half
+# leaves its CPU idle (20-MB blocks in an 80-MB store: 0.78x the rows/s of a store that holds
+# the epoch; docs/benchmarks.md)
+STORE_BLOCKS = 24
 
 
-def block_rows(data_cfg: DataConfig) -> int:
+def block_rows(data_cfg: DataConfig, store_bytes: int | None = None) -> int:
     """Rows a decode task hands on at a time: whole batches, as many as make about
-    BLOCK_TARGET_BYTES. A batch never spans two blocks, so it reaches the training loop without
-    a copy to join pieces. Each block costs CPU beyond its rows (building and storing it, the
-    executor, the consumer's get), outside the idle-priority decode thread: at 640x384 one-batch
-    blocks (5 MB) cost least per row; at the demo's 320x192, 4-batch blocks took 1-12% less CPU
-    per row than one-batch blocks (docs/benchmarks.md)."""
+    BLOCK_TARGET_BYTES (and no more than 1/STORE_BLOCKS of `store_bytes`, the smallest node's
+    object store), at most MAX_BATCHES_PER_BLOCK. A batch never spans two blocks, so it
+    reaches the training loop without a copy to join pieces. Each block costs CPU beyond its
+    rows (building and storing it, the executor and the ``SplitCoordinator`` handing it on, the
+    consumer's get), outside the idle-priority decode thread: 4-batch blocks took less CPU per
+    row than one-batch blocks at the demo's 320x192 (1-12%) and at 640x384 (6-12%, the
+    coordinator 3.7-4.2 ms a row instead of 5.5-6.5; docs/benchmarks.md)."""
     batch = max(1, data_cfg.batch_size)
-    batches = round(BLOCK_TARGET_BYTES / (batch * row_bytes(data_cfg)))
+    target = BLOCK_TARGET_BYTES if store_bytes is None else min(BLOCK_TARGET_BYTES, store_bytes // STORE_BLOCKS)
+    batches = round(target / (batch * row_bytes(data_cfg)))
     return batch * min(MAX_BATCHES_PER_BLOCK, max(1, batches))
+
+
+def smallest_object_store() -> int | None:
+    """Bytes of the smallest object store among the cluster's alive nodes (None without Ray)."""
+    if not ray.is_initialized():
+        return None
+    stores = [n["Resources"].get("object_store_memory") for n in ray.nodes() if n.get("Alive")]
+    stores = [int(b) for b in stores if b]
+    return min(stores) if stores else None
 
 
 def row_bytes(data_cfg: DataConfig) -> int:
@@ -274,7 +291,8 @@ def build_dataset(records: list[Record], data_cfg: DataConfig, train: bool, epoc
 
     if not records:
         raise DatasetError("build_dataset: no records")
-    configure_data_context(data_cfg.cpus, block_bytes=block_rows(data_cfg) * row_bytes(data_cfg))
+    configure_data_context(data_cfg.cpus,
+                           block_bytes=block_rows(data_cfg, smallest_object_store()) * row_bytes(data_cfg))
     plan = StreamPlan(n_records=len(records), rows_per_epoch=rows_per_epoch or len(records), epochs=epochs,
                       shuffle=train, seed=seed)
     # Positions as numpy blocks made here, not ray.data.range: a read task asks for a whole CPU
