@@ -20,7 +20,8 @@ from paf_ray.data.check import check_dataset
 from paf_ray.data.decode import load_sample
 from paf_ray.data.index import DatasetError, build_index, read_index, write_index
 from paf_ray.data.pipeline import (BatchCollate, StreamPlan, block_rows, build_dataset, iter_train_batches,
-                                   load_records, resolve_root, run_at_idle_priority, synth_cache_name)
+                                   load_records, resolve_root, run_at_idle_priority, smallest_object_store,
+                                   synth_cache_name)
 from paf_ray.data.synth import COMPLETE_MARKER, write_synthetic
 from paf_ray.data.transforms import jitter_colors, train_transform, val_transform
 
@@ -439,6 +440,7 @@ def test_decode_tasks_hand_on_whole_batches_of_about_twenty_mb(ray_local, synth_
     assert [block_rows(cfg(s, b)) for s, b in sizes_and_batches] == [16, 16, 4, 16, 8]
     # a small object store takes smaller blocks: at 640x384 one batch in 80 MB, two in 240 MB
     assert [block_rows(cfg((640, 384), 4), mb << 20) for mb in (80, 240, 512)] == [4, 8, 16]
+    assert smallest_object_store() == pytest.approx(512 << 20, rel=0.01)  # the store build_dataset sizes by
     demo = cfg((320, 192), 4)
     records = load_records(demo, synth_root, "train")
     ds = build_dataset(records, demo, train=True, epochs=1, rows_per_epoch=64)  # 2 read blocks of 32 rows
