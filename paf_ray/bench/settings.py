@@ -73,8 +73,8 @@ class BenchSettings:
     threads: int  # torch threads of every timed loop (the Ray worker gets this many CPUs)
     # 3. Ray Train overhead: `overhead_rounds` TorchTrainer runs of `overhead_steps` timed steps,
     # each between two plain runs of as many
-    overhead_steps: int = 30
-    overhead_rounds: int = 2
+    overhead_steps: int
+    overhead_rounds: int
     # 5. GPU: throughput of the 3-task R50-FPN at full resolution
     gpu_model: dict = field(default_factory=dict)
     gpu_input_size: tuple[int, int] = (1280, 736)
@@ -152,7 +152,7 @@ def bench_settings(device: str, quick: bool) -> BenchSettings:
             small_warmup=1,
             small_repeats=10,
             threads=min(2, cpus),
-            # single steps of one side take 410-770 ms within a run: 10 steps and one TorchTrainer
+            # single steps of one side took 300-940 ms within a run: 10 steps and one TorchTrainer
             # run moved the ratio between 0.98 and 1.17 across three runs (docs/benchmarks.md)
             overhead_steps=30,
             overhead_rounds=2,
@@ -184,6 +184,7 @@ def bench_settings(device: str, quick: bool) -> BenchSettings:
         small_repeats=20,
         threads=min(4, cpus),
         overhead_steps=20,
+        overhead_rounds=2,
         gpu_model=R50_FPN,
         gpu_input_size=(1280, 736),
         gpu_batch=8,
