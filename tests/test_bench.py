@@ -19,7 +19,7 @@ REQUIRED = {
              "ray_data_rows_s", "dataloader_rows_s", "steady_ratio", "ray_data_consumer_rows_s", "dataloader_consumer_rows_s",
              "consumer_ratio", "consumer_stage_ratio"],
     "stream": ["epoch_start_ratio", "first_epoch_start_ratio", "whole_store_rows_s", "quarter_store_rows_s",
-               "backpressure_ratio", "backpressure_ratio_unfixed", "backpressure_ratio_both_epochs"],
+               "backpressure_ratio", "backpressure_ratio_unfixed", "backpressure_ratio_epoch2"],
     "step": ["adapt_ms", "finetune_ms", "pretrain_finetune_ms", "adapt_peak_mb", "finetune_peak_mb", "time_ratio",
              "mem_ratio"],
     "ray_overhead": ["plain_ms", "ray_ms", "ratio", "startup_s"],
@@ -49,6 +49,10 @@ def test_quick_bench_writes_every_field(ray_local, tmp_path):
     for section, keys in REQUIRED.items():
         for key in keys:
             assert _finite_positive(result[section].get(key)), (section, key, result[section].get(key))
+    # each stream run accounts for its epochs: the consumer's wait and where the CPU went
+    for run in result["stream"]["runs"].values():
+        assert len(run["epoch_wait_ms"]) == len(run["epoch_cpu_ms"]) == len(run["epoch_rows_s"]) == 2
+        assert all(c["consumer"] > 0 and c["others"] > 0 for c in run["epoch_cpu_ms"]), run["epoch_cpu_ms"]
     step = result["step"]
     assert step["time_ratio"] == step["adapt_ms"] / step["finetune_ms"]
     # the breakdown covers the step: backbone fwd/bwd, neck + heads fwd/bwd, optimizer

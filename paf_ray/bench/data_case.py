@@ -124,18 +124,19 @@ STEADY_SKIP = 0.2  # the part of a pass before its steady state: the start and t
 
 def timed_pass(batches, work: FixedWork | None = None) -> dict:
     """Consume one pass; {"rows", "first_s" (time to first batch), "total_s", "step_s" (per batch,
-    the wait for it included), "rows_s" (rows / total_s), "after_first_rows_s" (the rows after the
-    first batch / the time after it), "steady_rows_s"}.
+    the wait for it included), "wait_s" (per batch, the wait alone), "rows_s" (rows / total_s),
+    "after_first_rows_s" (the rows after the first batch / the time after it), "steady_rows_s"}.
 
     ``steady_rows_s`` counts the batches after the pass's first STEADY_SKIP, over the time they
     took: rows decoded before the first batch arrived (up to a block per decode task on Ray
     Data's side, a batch per worker on the DataLoader's) are handed on at once after it, and
     would count as made in no time."""
     t0 = time.perf_counter()
-    rows, first, step_s, batch_rows, t_prev = 0, None, [], [], t0
+    rows, first, step_s, wait_s, batch_rows, t_prev = 0, None, [], [], [], t0
     for batch in batches:
         n = int(batch["image"].shape[0])
         now = time.perf_counter()
+        wait_s.append(now - t_prev)
         if first is None:
             first = now - t0
         rows += n
@@ -151,7 +152,8 @@ def timed_pass(batches, work: FixedWork | None = None) -> dict:
     after = total - first
     skip = max(1, round(STEADY_SKIP * len(step_s)))
     steady_s = sum(step_s[skip:])
-    return {"rows": rows, "first_s": first, "total_s": total, "step_s": step_s, "rows_s": rows / total,
+    return {"rows": rows, "first_s": first, "total_s": total, "step_s": step_s, "wait_s": wait_s,
+            "rows_s": rows / total,
             "after_first_rows_s": (rows - batch_rows[0]) / after if after > 0 else float("nan"),
             "steady_rows_s": sum(batch_rows[skip:]) / steady_s if steady_s > 0 else float("nan")}
 
@@ -244,7 +246,8 @@ def measure_input_pipeline(records: list[dict], data_cfg, workers: int, warmup: 
         out[f"{name}_rows_s"] = _median(plain[name], "steady_rows_s")
         out[f"{name}_consumer_rows_s"] = _median(consumer[name], "later_epochs_rows_s")
         out[f"{name}_consumer_stage_rows_s"] = _median(consumer[name], "rows_s")
-        out[f"{name}_passes"] = [{k: v for k, v in p.items() if k != "step_s"} for p in plain[name] + consumer[name]]
+        out[f"{name}_passes"] = [{k: v for k, v in p.items() if k not in ("step_s", "wait_s")}
+                                 for p in plain[name] + consumer[name]]
     out["dataloader_new_first_batch_s"] = statistics.median(fresh_first_s)
     out.update({
         # medians of each repeat's ratio: the two passes of a repeat run back to back, so a drift
@@ -286,16 +289,43 @@ def epoch_steps(step_s: list[float], steps_per_epoch: int) -> dict:
     return {"median_step_s": median, "epoch_start_ratios": ratios}
 
 
+def cpu_at_epochs(batches, steps_per_epoch: int, snapshots: list):
+    """`batches` unchanged; a CPU snapshot of every process (``step_case.cpu_by_process``) as the
+    first batch of each epoch arrives, and one at the end."""
+    from paf_ray.bench.step_case import cpu_by_process
+
+    for k, batch in enumerate(batches):
+        if k % steps_per_epoch == 0:
+            snapshots.append(cpu_by_process())
+        yield batch
+    snapshots.append(cpu_by_process())
+
+
 def stream_pass(records: list[dict], data_cfg, work: FixedWork, epochs: int) -> dict:
-    """One stage stream of `epochs` epochs; besides timed_pass's keys, per epoch its start ratio
-    and its rows/s (``epoch_rows_s``: the epoch's rows / the time its steps took)."""
-    p = timed_pass(ray_data_batches(records, data_cfg, split=True, epochs=epochs), work)
+    """One stage stream of `epochs` epochs; besides timed_pass's keys (``step_s`` and ``wait_s``
+    dropped), per epoch: its start ratio, its rows/s (``epoch_rows_s``: the epoch's rows / the
+    time its steps took), the consumer's wait for data (``epoch_wait_ms``, ms a step) and the CPU
+    of the consumer and of every other process (``epoch_cpu_ms``, CPU-ms a step: where the
+    epoch's rows were decoded)."""
+    import os
+
+    from paf_ray.bench.step_case import cpu_ms_per_step
+
     per_epoch = len(records) // data_cfg.batch_size
+    snapshots: list = []
+    p = timed_pass(cpu_at_epochs(ray_data_batches(records, data_cfg, split=True, epochs=epochs), per_epoch,
+                                 snapshots), work)
     p.update(epoch_steps(p["step_s"], per_epoch))
-    p["epoch_rows_s"] = [per_epoch * data_cfg.batch_size / sum(p["step_s"][e * per_epoch:(e + 1) * per_epoch])
-                         for e in range(epochs)]
+    epoch = [slice(e * per_epoch, (e + 1) * per_epoch) for e in range(epochs)]
+    p["epoch_rows_s"] = [per_epoch * data_cfg.batch_size / sum(p["step_s"][e]) for e in epoch]
+    p["epoch_wait_ms"] = [1000 * statistics.fmean(p["wait_s"][e]) for e in epoch]
+    p["epoch_cpu_ms"] = []
+    for before, after in zip(snapshots, snapshots[1:]):
+        used = cpu_ms_per_step(before, after, os.getpid(), per_epoch)
+        consumer = used.pop("self", 0.0)
+        p["epoch_cpu_ms"].append({"consumer": consumer, "others": sum(used.values())})
     p["steps_per_epoch"] = per_epoch
-    del p["step_s"]
+    del p["step_s"], p["wait_s"]
     return p
 
 
@@ -304,9 +334,10 @@ def measure_stream(records: list[dict], data_cfg, workers: int, step_s: float, o
 
     `object_store_mb`: {"whole": MB that hold an epoch's rows, "quarter": MB for a quarter}.
     Runs, 2 epochs each: whole store (epoch starts, throughput); quarter store, with and without
-    the executor fixes (``ray_setup.EXECUTOR_FIXES``). Stores are compared on the second epoch's
-    rows/s, when the stream runs steadily: the first epoch also carries the start of Ray Data's
-    actors (a few CPU seconds on a fresh Ray), which is not what the store size changes."""
+    the executor fixes (``ray_setup.EXECUTOR_FIXES``). Stores are compared on the stage's rows/s
+    after its first batch: both runs decode the same rows in it. Epoch 2 alone would credit the
+    whole store with rows it decoded ahead during epoch 1 (while the consumer of epoch 1 shared
+    the CPUs with it); its ratio is reported beside it."""
     import os
 
     import ray
@@ -330,13 +361,13 @@ def measure_stream(records: list[dict], data_cfg, workers: int, step_s: float, o
     return {
         "epoch_start_ratio": max(whole["epoch_start_ratios"][1:]),
         "first_epoch_start_ratio": whole["epoch_start_ratios"][0],
-        "whole_store_rows_s": whole["epoch_rows_s"][1],
-        "quarter_store_rows_s": quarter["epoch_rows_s"][1],
-        "quarter_store_unfixed_rows_s": runs["quarter_unfixed"]["epoch_rows_s"][1],
-        "backpressure_ratio": quarter["epoch_rows_s"][1] / whole["epoch_rows_s"][1],
-        "backpressure_ratio_unfixed": runs["quarter_unfixed"]["epoch_rows_s"][1] / whole["epoch_rows_s"][1],
-        # the whole stream, first epoch and its start included
-        "backpressure_ratio_both_epochs": quarter["after_first_rows_s"] / whole["after_first_rows_s"],
+        # the stage after its first batch (both epochs): the same rows decoded in both runs
+        "whole_store_rows_s": whole["after_first_rows_s"],
+        "quarter_store_rows_s": quarter["after_first_rows_s"],
+        "quarter_store_unfixed_rows_s": runs["quarter_unfixed"]["after_first_rows_s"],
+        "backpressure_ratio": quarter["after_first_rows_s"] / whole["after_first_rows_s"],
+        "backpressure_ratio_unfixed": runs["quarter_unfixed"]["after_first_rows_s"] / whole["after_first_rows_s"],
+        "backpressure_ratio_epoch2": quarter["epoch_rows_s"][1] / whole["epoch_rows_s"][1],
         "object_store_mb": object_store_mb,
         "runs": runs,
         "consumer_step_s": step_s,
