@@ -1,16 +1,14 @@
-"""Drawing predictions on frames: semantic classes, drivable area and boxes in the official palettes.
+"""Drawing on frames: masks in a palette and tagged boxes (each task draws its predictions with these).
 
-Overlay functions take and return RGB uint8 arrays (H, W, 3) at the frame's resolution.
+The functions take and return RGB uint8 arrays (H, W, 3) at the frame's resolution.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-
-from paf_ray.data.bdd100k import DET_CLASSES, DET_PALETTE, DRV_BACKGROUND, DRV_PALETTE, SEM_PALETTE
 
 
 def _palette_lut(palette: Sequence[Sequence[int]]) -> np.ndarray:
@@ -51,46 +49,23 @@ def _font(size: int):
 def draw_boxes(
     image: np.ndarray,
     boxes: np.ndarray,
-    labels: np.ndarray,
-    scores: Optional[np.ndarray] = None,
+    tags: Sequence[str],
+    colours: Sequence[Sequence[int]],
     line_width: int = 3,
     font_size: int = 16,
 ) -> np.ndarray:
-    """Draw x1y1x2y2 boxes with "class score" tags in DET_PALETTE colours."""
+    """Draw x1y1x2y2 boxes, each in its colour with its tag ("car 0.93") above it."""
     pil = Image.fromarray(np.asarray(image, dtype=np.uint8))
     draw = ImageDraw.Draw(pil)
     font = _font(font_size)
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-    labels = np.asarray(labels).reshape(-1)
-    for i, (box, label) in enumerate(zip(boxes, labels)):
-        colour = tuple(DET_PALETTE[int(label)])
+    for box, text, colour in zip(boxes, tags, colours):
+        colour = tuple(int(c) for c in colour)
         x1, y1, x2, y2 = (float(v) for v in box)
         draw.rectangle([x1, y1, x2, y2], outline=colour, width=line_width)
-        text = DET_CLASSES[int(label)] + ("" if scores is None else f" {float(scores[i]):.2f}")
         tx1, ty1, tx2, ty2 = draw.textbbox((0, 0), text, font=font)
         tw, th = tx2 - tx1 + 4, ty2 - ty1 + 4
         ty = y1 - th if y1 - th >= 0 else y1  # tag above the box unless it would leave the frame
         draw.rectangle([x1, ty, x1 + tw, ty + th], fill=colour)
         draw.text((x1 + 2 - tx1, ty + 2 - ty1), text, fill=(255, 255, 255), font=font)
     return np.asarray(pil)
-
-
-def overlay(
-    image: np.ndarray,
-    sem: Optional[np.ndarray] = None,
-    drv: Optional[np.ndarray] = None,
-    boxes: Optional[np.ndarray] = None,
-    labels: Optional[np.ndarray] = None,
-    scores: Optional[np.ndarray] = None,
-    sem_alpha: float = 0.45,
-    drv_alpha: float = 0.5,
-) -> np.ndarray:
-    """The prediction overlay: semantic classes (alpha), drivable area tinted direct/alternative, then boxes."""
-    out = np.asarray(image, dtype=np.uint8)
-    if sem is not None:
-        out = blend_mask(out, sem, SEM_PALETTE, sem_alpha)
-    if drv is not None:
-        out = blend_mask(out, drv, DRV_PALETTE, drv_alpha, skip=(DRV_BACKGROUND,))
-    if boxes is not None and labels is not None:
-        out = draw_boxes(out, boxes, labels, scores)
-    return out

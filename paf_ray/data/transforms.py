@@ -1,20 +1,20 @@
-"""Joint transforms: image, masks and boxes resized, cropped and flipped together.
+"""Joint transforms: the image and every task's target resized, cropped and flipped together.
 
-Input sample (numpy): ``image`` (H, W, 3) uint8 RGB, ``boxes`` (k, 4) float32 x1y1x2y2,
-``labels`` (k,) int64, ``ignore_boxes`` (m, 4) float32, ``sem`` / ``drv`` (H, W) uint8 or
-None. Output: the transformed row of docs/architecture.md §2 minus ``name`` / ``error``
-(the loader adds those). The frame is resized keeping its aspect so it fits
-``input_size`` = (width, height), content at the top-left, padded with 0 (image) and 255
-(masks). ``scale`` = network pixels per original pixel. Normalisation is the model's job.
+A :class:`Geometry` says where the frame's pixels go: resized by ``scale`` (keeping the aspect),
+optionally flipped, cropped at ``offset`` and placed at the top-left of the ``out_hw`` canvas
+(the network input, ``data.input_size``), the rest padded (image 0, masks 255). The image goes
+through ``Geometry.image``; each task moves its own target with ``Geometry.mask`` / ``Geometry.boxes``
+(``Task.transform``). Normalisation is the model's job.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from PIL import Image
 
-from paf_ray.data.bdd100k import IGNORE_INDEX
-from paf_ray.data.contracts import Sample
+from paf_ray.data.contracts import IGNORE_INDEX
 
 MIN_BOX_SIZE = 2.0  # boxes narrower or lower than this (network pixels) are dropped
 
@@ -22,22 +22,6 @@ MIN_BOX_SIZE = 2.0  # boxes narrower or lower than this (network pixels) are dro
 def fit_scale(width: int, height: int, input_size) -> float:
     """Scale that makes a (width, height) frame fit inside input_size keeping its aspect."""
     return min(input_size[0] / width, input_size[1] / height)
-
-
-def _resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    if (image.shape[1], image.shape[0]) == size:
-        return image
-    return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
-
-
-def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    if (mask.shape[1], mask.shape[0]) == size:
-        return mask
-    return np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST))
-
-
-def _boxes(a) -> np.ndarray:
-    return np.asarray(a if a is not None else [], np.float32).reshape(-1, 4)
 
 
 def _place(array: np.ndarray, out_hw: tuple[int, int], fill: int, x0: int, y0: int) -> np.ndarray:
@@ -51,12 +35,77 @@ def _place(array: np.ndarray, out_hw: tuple[int, int], fill: int, x0: int, y0: i
     return canvas
 
 
-def _clip_boxes(boxes: np.ndarray, width: float, height: float, labels: np.ndarray | None = None):
-    boxes = boxes.copy()
-    boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, width)
-    boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, height)
-    keep = ((boxes[:, 2] - boxes[:, 0]) >= MIN_BOX_SIZE) & ((boxes[:, 3] - boxes[:, 1]) >= MIN_BOX_SIZE)
-    return boxes[keep], (labels[keep] if labels is not None else None)
+@dataclass(frozen=True)
+class Geometry:
+    """Where a frame's pixels land in the network input."""
+
+    scale: float  # network pixels per frame pixel
+    resized: tuple[int, int]  # (w, h) of the frame after the resize
+    flip: bool
+    offset: tuple[int, int]  # (x0, y0) of the crop in the resized frame
+    out_hw: tuple[int, int]  # (H, W) of the network input
+
+    @property
+    def content_hw(self) -> tuple[int, int]:
+        """(h, w) of the frame's content in the input; the rest is padding."""
+        return (min(self.resized[1] - self.offset[1], self.out_hw[0]),
+                min(self.resized[0] - self.offset[0], self.out_hw[1]))
+
+    def image(self, image: np.ndarray) -> np.ndarray:
+        """RGB uint8 frame -> the input canvas (bilinear), padding 0."""
+        if (image.shape[1], image.shape[0]) != self.resized:
+            image = np.asarray(Image.fromarray(image).resize(self.resized, Image.BILINEAR))
+        if self.flip:
+            image = image[:, ::-1]
+        return _place(image, self.out_hw, 0, *self.offset)
+
+    def mask(self, mask: np.ndarray | None, fill: int = IGNORE_INDEX) -> np.ndarray:
+        """uint8 mask -> the input canvas (nearest), padding `fill`; None -> all `fill`."""
+        if mask is None:
+            return np.full(self.out_hw, fill, np.uint8)
+        mask = np.asarray(mask, np.uint8)
+        if (mask.shape[1], mask.shape[0]) != self.resized:
+            mask = np.asarray(Image.fromarray(mask).resize(self.resized, Image.NEAREST))
+        if self.flip:
+            mask = mask[:, ::-1]
+        return _place(mask, self.out_hw, fill, *self.offset)
+
+    def boxes(self, boxes: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """x1y1x2y2 frame-pixel boxes -> input pixels, clipped to the content (not the padding);
+        boxes left smaller than MIN_BOX_SIZE are dropped with their labels."""
+        b = np.asarray(boxes, np.float32).reshape(-1, 4) * self.scale
+        if self.flip:
+            b = np.stack([self.resized[0] - b[:, 2], b[:, 1], self.resized[0] - b[:, 0], b[:, 3]], axis=1)
+        b = b - np.array([*self.offset, *self.offset], np.float32)
+        h, w = self.content_hw
+        b[:, [0, 2]] = b[:, [0, 2]].clip(0, w)
+        b[:, [1, 3]] = b[:, [1, 3]].clip(0, h)
+        keep = ((b[:, 2] - b[:, 0]) >= MIN_BOX_SIZE) & ((b[:, 3] - b[:, 1]) >= MIN_BOX_SIZE)
+        return b[keep].astype(np.float32), np.asarray(labels, np.int64).reshape(-1)[keep]
+
+    @classmethod
+    def placeholder(cls) -> "Geometry":
+        """The 1x1 canvas of a bad sample's row (``on_bad_sample: skip``)."""
+        return cls(0.0, (1, 1), False, (0, 0), (1, 1))
+
+
+def val_geometry(width: int, height: int, input_size) -> Geometry:
+    """Resize to fit input_size keeping aspect; content at the top-left, padded."""
+    scale = fit_scale(width, height, input_size)
+    resized = (max(1, int(round(width * scale))), max(1, int(round(height * scale))))
+    return Geometry(scale, resized, False, (0, 0), (int(input_size[1]), int(input_size[0])))
+
+
+def train_geometry(width: int, height: int, input_size, scale_range=(0.75, 1.25), hflip: float = 0.5,
+                   rng: np.random.Generator | None = None) -> Geometry:
+    """Fit, then a random scale in scale_range, a random crop (or pad) and a flip."""
+    rng = rng if rng is not None else np.random.default_rng()
+    scale = fit_scale(width, height, input_size) * float(rng.uniform(scale_range[0], scale_range[1]))
+    new_w, new_h = max(1, int(round(width * scale))), max(1, int(round(height * scale)))
+    x0 = int(rng.integers(0, new_w - input_size[0] + 1)) if new_w > input_size[0] else 0
+    y0 = int(rng.integers(0, new_h - input_size[1] + 1)) if new_h > input_size[1] else 0
+    flip = bool(rng.random() < hflip)
+    return Geometry(scale, (new_w, new_h), flip, (x0, y0), (int(input_size[1]), int(input_size[0])))
 
 
 def jitter_colors(image: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
@@ -80,78 +129,19 @@ def jitter_colors(image: np.ndarray, strength: float, rng: np.random.Generator) 
     return out.astype(np.uint8)
 
 
-def _transform(sample: Sample, input_size, scale: float, flip: bool, offset: tuple[int, int]) -> dict:
-    """The Row of `sample` (all of contracts.Row but `name` and `error`, which pipeline.load_row adds)."""
-    image = sample["image"]
+def make_row(image: np.ndarray, targets: dict, tasks, geometry: Geometry, color_jitter: float = 0.0,
+             rng: np.random.Generator | None = None) -> dict:
+    """The row of a decoded sample under `geometry` (all of the Row but `name` and `error`):
+    the image, and for each task its has-flag and columns."""
     h0, w0 = image.shape[:2]
-    new_w, new_h = max(1, int(round(w0 * scale))), max(1, int(round(h0 * scale)))
-    out_hw = (int(input_size[1]), int(input_size[0]))
-    x0, y0 = offset
-
-    def prep_mask(mask):
-        if mask is None:
-            return np.full(out_hw, IGNORE_INDEX, np.uint8)
-        m = _resize_mask(np.asarray(mask, np.uint8), (new_w, new_h))
-        if flip:
-            m = m[:, ::-1]
-        return _place(m, out_hw, IGNORE_INDEX, x0, y0)
-
-    img = _resize_image(image, (new_w, new_h))
-    if flip:
-        img = img[:, ::-1]
-    img = _place(img, out_hw, 0, x0, y0)
-
-    # content that survives the crop, in network pixels: boxes are clipped to it, not to the pad
-    content_w, content_h = min(new_w - x0, out_hw[1]), min(new_h - y0, out_hw[0])
-
-    def move(boxes):
-        b = _boxes(boxes) * scale
-        if flip:
-            b = np.stack([new_w - b[:, 2], b[:, 1], new_w - b[:, 0], b[:, 3]], axis=1)
-        b -= np.array([x0, y0, x0, y0], np.float32)
-        return b
-
-    labels = np.asarray(sample.get("labels") if sample.get("labels") is not None else [], np.int64).reshape(-1)
-    boxes, labels = _clip_boxes(move(sample.get("boxes")), content_w, content_h, labels)
-    ignore_labels = sample.get("ignore_labels")
-    ignore_labels = np.asarray(ignore_labels if ignore_labels is not None else [], np.int64).reshape(-1)
-    ignore, ignore_labels = _clip_boxes(move(sample.get("ignore_boxes")), content_w, content_h, ignore_labels)
-    return {
-        "image": img,
-        "boxes": boxes.astype(np.float32),
-        "labels": labels.astype(np.int64),
-        "ignore_boxes": ignore.astype(np.float32),
-        "ignore_labels": ignore_labels.astype(np.int64),
-        "sem": prep_mask(sample.get("sem")),
-        "drv": prep_mask(sample.get("drv")),
-        "has_det": bool(sample.get("has_det", False)),
-        "has_sem": sample.get("sem") is not None,
-        "has_drv": sample.get("drv") is not None,
-        "scale": np.float32(scale),
-        "orig_size": np.array([h0, w0], np.int64),
-    }
-
-
-def val_transform(sample: Sample, input_size) -> dict:
-    """Resize to fit input_size keeping aspect; content at the top-left, padded."""
-    h0, w0 = sample["image"].shape[:2]
-    return _transform(sample, input_size, fit_scale(w0, h0, input_size), False, (0, 0))
-
-
-def train_transform(sample: Sample, input_size, scale_range=(0.75, 1.25), hflip: float = 0.5, color_jitter: float = 0.2,
-                    rng: np.random.Generator | None = None) -> dict:
-    """Fit, then a random scale in scale_range, a random crop (or pad), a flip and photometric jitter."""
-    rng = rng if rng is not None else np.random.default_rng()
-    h0, w0 = sample["image"].shape[:2]
-    scale = fit_scale(w0, h0, input_size) * float(rng.uniform(scale_range[0], scale_range[1]))
-    new_w, new_h = max(1, int(round(w0 * scale))), max(1, int(round(h0 * scale)))
-    x0 = int(rng.integers(0, new_w - input_size[0] + 1)) if new_w > input_size[0] else 0
-    y0 = int(rng.integers(0, new_h - input_size[1] + 1)) if new_h > input_size[1] else 0
-    flip = bool(rng.random() < hflip)
-    row = _transform(sample, input_size, scale, flip, (x0, y0))
+    canvas = geometry.image(image)
     if color_jitter > 0:  # on the content only: the padding stays 0
-        ch, cw = min(new_h - y0, input_size[1]), min(new_w - x0, input_size[0])
-        image = row["image"].copy()
-        image[:ch, :cw] = jitter_colors(image[:ch, :cw], color_jitter, rng)
-        row["image"] = image
+        ch, cw = geometry.content_hw
+        canvas = canvas.copy()
+        canvas[:ch, :cw] = jitter_colors(canvas[:ch, :cw], color_jitter, rng or np.random.default_rng())
+    row = {"image": canvas, "scale": np.float32(geometry.scale), "orig_size": np.array([h0, w0], np.int64)}
+    for task in tasks:
+        target = targets.get(task.name)
+        row[f"has_{task.name}"] = target is not None
+        row.update(task.transform(target, geometry))
     return row

@@ -1,5 +1,2 @@
-"""The multi-task model: backbones + checkpoint zoo, adapters, FPN neck, heads, losses, stage policy."""
-
-from paf_ray.models.multitask import MultiTaskModel, build_model
-
-__all__ = ["MultiTaskModel", "build_model"]
+"""The multi-task model: backbones (a registry) + checkpoint zoo, adapters (a registry), LV-Adapter,
+FPN neck, the tasks' heads, the stage policy. ``multitask.build_model`` assembles it from a config."""

@@ -72,6 +72,16 @@ def read_clip_weights(path: str) -> tuple[dict[str, torch.Tensor], str]:
     return sd, layout
 
 
+def clip_embed_dim(clip_model: str) -> int | None:
+    """The text embedding size of an open_clip model name, from its config (None: no such model)."""
+    if clip_model == TINY_CLIP:
+        return TINY_CLIP_CONFIG["embed_dim"]
+    from open_clip import get_model_config
+
+    cfg = get_model_config(clip_model.removesuffix("-quickgelu"))
+    return int(cfg["embed_dim"]) if cfg else None
+
+
 def uses_quick_gelu(model: nn.Module) -> bool:
     """Whether an open_clip model's text MLPs use QuickGELU (the only parameterless part that differs)."""
     from open_clip.transformer import QuickGELU

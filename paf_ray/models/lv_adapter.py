@@ -1,14 +1,14 @@
 """LV-Adapter: CLIP language priors through task-specific prompts and vision-text alignment.
 
 Text side (``clip_text.py``): a frozen open_clip text tower encodes, per task, learnable
-context vectors followed by each class name (``PROMPT_NAMES``) into one embedding per class.
+context vectors followed by each class name (the task's ``prompt_names``) into one embedding per class.
 Vision side: at each configured backbone level, a 1x1 projection maps the features into the
 text space (on CLIP's image tower, level 4 starts from CLIP's own: ``init_from_attnpool``);
 pixels attend to each task's class embeddings (cross-attention), and the result, projected back,
 is added to the features through a zero-initialised scale (an untrained LV-Adapter changes
 nothing). At the finest configured level, pixel-text cosine scores / tau
-give per-task score maps, which the heads may take as extra input channels and which
-``alignment_loss`` supervises with the masks (sem, drv) and image-level labels (det).
+give per-task score maps, which the heads take as extra input channels and which each task's
+``alignment_loss`` supervises with its targets (tasks/base.py).
 """
 
 from __future__ import annotations
@@ -20,55 +20,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from paf_ray.config import LVAdapterConfig
-from paf_ray.data.bdd100k import IGNORE_INDEX, NUM_CLASSES, PROMPT_NAMES
 from paf_ray.models.clip_text import ClipTextEncoder, PromptLearner
 
-# Parameter-name marker of the prompt context vectors (the stage policy freezes them by name).
-PROMPT_PARAM_PREFIX = "prompts.ctx."
 CLIP_POOL_LEVEL = 4  # CLIP's attention pool sits on layer4 (stride 32)
 FROM_CLIP = "from CLIP attnpool (v_proj, c_proj)"
 FROM_SCRATCH = "learned from scratch"
 
 class LVAdapter(nn.Module):
-    def __init__(self, cfg: LVAdapterConfig, tasks: list[str], in_channels: dict[int, int], load_weights: bool = True,
-                 attnpool: Optional[nn.Module] = None):
-        """`load_weights=False`: do not read `cfg.clip_weights` (the caller loads a state dict next).
+    def __init__(self, cfg, prompt_names: dict[str, tuple[str, ...]], in_channels: dict[int, int],
+                 load_weights: bool = True, attnpool: Optional[nn.Module] = None):
+        """`cfg`: model.lv_adapter (validated at load); `prompt_names`: task -> its classes as prompts read
+        them. `load_weights=False`: do not read `cfg.clip_weights` (the caller loads a state dict next).
         `attnpool`: CLIP's attention pool when the backbone is CLIP's image tower (``init_from_attnpool``)."""
         super().__init__()
-        unknown = [t for t in tasks if t not in PROMPT_NAMES]
-        if unknown or not tasks:
-            raise ValueError(f"model.tasks: the LV-Adapter needs tasks from {sorted(PROMPT_NAMES)}, got {tasks}")
-        levels = sorted(set(cfg.levels))
-        missing = [lv for lv in levels if lv not in in_channels]
-        if not levels or missing:
-            raise ValueError(
-                f"model.lv_adapter.levels: {cfg.levels} must be a non-empty subset of the backbone stages "
-                f"{sorted(in_channels)} (1..4 = strides 4..32)"
-            )
-        if not cfg.tau > 0:
-            raise ValueError(f"model.lv_adapter.tau: must be > 0, got {cfg.tau}")
-        self.tasks = list(tasks)
-        self.levels = levels
-        self.score_level = levels[0]
+        self.tasks = list(prompt_names)
+        self.levels = sorted(set(cfg.levels))
+        self.score_level = self.levels[0]
         self.align_weight = cfg.align_weight
-        for t in self.tasks:
-            assert len(PROMPT_NAMES[t]) == NUM_CLASSES[t], t
-        self.score_channels = {t: NUM_CLASSES[t] for t in self.tasks}
+        self.score_channels = {t: len(names) for t, names in prompt_names.items()}
+        levels = self.levels
 
         self.text_encoder = ClipTextEncoder(cfg.clip_model, cfg.clip_weights, load_weights, cfg.activation)
         self.prompts = PromptLearner(
             self.text_encoder,
-            {t: PROMPT_NAMES[t] for t in self.tasks},
+            dict(prompt_names),
             n_ctx=cfg.n_ctx,
             ctx_init=cfg.ctx_init,
             task_specific=cfg.task_specific,
         )
         dim = self.text_encoder.embed_dim
-        if dim % cfg.heads:
-            raise ValueError(
-                f"model.lv_adapter.heads: {cfg.heads} does not divide the text embedding size {dim} of {cfg.clip_model!r}"
-            )
         self.text_norm = nn.LayerNorm(dim)
         self.proj = nn.ModuleDict({str(lv): nn.Conv2d(in_channels[lv], dim, 1) for lv in levels})
         self.pixel_pos = nn.ParameterDict()  # CLIP's positional embedding, where the projection is CLIP's
@@ -179,48 +159,3 @@ class LVAdapter(nn.Module):
                     cls = F.normalize(text[t].to(pix.dtype), dim=-1)
                     scores[t] = torch.einsum("bdhw,kd->bkhw", pix, cls) / self.tau.to(pix.dtype)
         return out, scores
-
-    # ------------------------------------------------------------------ loss
-
-    def alignment_loss(self, score_maps: dict[str, torch.Tensor], batch: dict) -> torch.Tensor:
-        """Pixel-text CE for sem/drv + image-level multi-label BCE for det, each over the samples
-        that have the task; an exact, grad-connected zero when none has any. Unweighted: the
-        model's ``total_loss`` multiplies it by ``align_weight``."""
-        # Touch every score map so the graph (and DDP) sees all LV-Adapter parameters.
-        total = sum(s.float().sum() for s in score_maps.values()) * 0.0
-        for task in ("sem", "drv"):
-            if task not in score_maps or task not in batch:
-                continue
-            s = score_maps[task]
-            has = _has(batch, task, s)
-            if not bool(has.any()):
-                continue
-            target = torch.as_tensor(batch[task], device=s.device)[has]
-            target = F.interpolate(target[:, None].float(), size=s.shape[-2:], mode="nearest")[:, 0].long()
-            valid = target != IGNORE_INDEX
-            if bool(valid.any()):
-                total = total + F.cross_entropy(s[has].float(), target, ignore_index=IGNORE_INDEX)
-        if "det" in score_maps and "labels" in batch:
-            s = score_maps["det"]
-            has = _has(batch, "det", s)
-            if bool(has.any()):
-                target = torch.zeros(s.shape[0], s.shape[1], device=s.device)
-                for i, labels in enumerate(batch["labels"]):
-                    labels = torch.as_tensor(labels, device=s.device, dtype=torch.long)
-                    if labels.numel():
-                        target[i, labels] = 1.0
-                image_logits = s.float().flatten(2).amax(dim=-1)  # [B, K]: best-matching pixel per class
-                total = total + F.binary_cross_entropy_with_logits(image_logits[has], target[has])
-        return total
-
-
-def _has(batch: dict, task: str, like: torch.Tensor) -> torch.Tensor:
-    key = f"has_{task}"
-    if key not in batch:
-        return torch.ones(like.shape[0], dtype=torch.bool, device=like.device)
-    return torch.as_tensor(batch[key], device=like.device).bool()
-
-
-def is_prompt_parameter(name: str) -> bool:
-    """True for the prompt context vectors, given a name relative to the model or the adapter."""
-    return name.startswith(PROMPT_PARAM_PREFIX) or f".{PROMPT_PARAM_PREFIX}" in name

@@ -1,8 +1,8 @@
 """Input normalisation: the one table of mean/std per pretraining recipe.
 
 Images travel through the data pipeline as uint8 RGB; the model normalises them as its
-first operation (so predict/export see the same numbers as training). The checkpoint
-format picks the recipe (docs/checkpoints.md lists each published layout and its recipe).
+first operation (so predict/export see the same numbers as training). A checkpoint layout
+names its recipe (``models/backbones``; docs/checkpoints.md lists each published layout).
 """
 
 from __future__ import annotations
@@ -15,21 +15,6 @@ NORMALIZATION = {
     "swav": ((0.485, 0.456, 0.406), (0.228, 0.224, 0.225)),
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
     "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
-}
-
-# checkpoint format -> normalisation recipe the weights were trained with
-FORMAT_NORMALIZATION = {
-    "torchvision": "imagenet",
-    "moco": "imagenet",
-    "mocov3": "imagenet",
-    "simclr": "none",
-    "simclr2": "none",
-    "densecl": "imagenet",
-    "detco": "imagenet",
-    "swav": "swav",
-    "byol": "imagenet",
-    "mmselfsup": "imagenet",
-    "clip": "clip",
 }
 
 

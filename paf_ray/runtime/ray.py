@@ -183,7 +183,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, object_sto
         dashboard_host="127.0.0.1",
         configure_logging=True,
         logging_level="warning",
-        runtime_env={"worker_process_setup_hook": "paf_ray.train.ray_setup.worker_setup"},
+        runtime_env={"worker_process_setup_hook": "paf_ray.runtime.ray.worker_setup"},
         # The raylet kills idle workers beyond this many (default: num_cpus). On a 2-CPU box the
         # Train and Data actors alone pass 2, so each epoch's decode tasks would start new
         # Python processes (importing torch) while the trainer runs.

@@ -11,9 +11,9 @@ IMAGE_WIDTH = 1280
 IMAGE_HEIGHT = 720
 IMAGE_SIZE = (IMAGE_WIDTH, IMAGE_HEIGHT)  # (width, height), as the official evaluation assumes
 
-# Task keys, in the order metrics and heads are listed everywhere.
-TASKS = ("det", "sem", "drv")
-SEG_TASKS = ("sem", "drv")  # the tasks predicted as per-pixel classes
+# The two frame sets: detection, drivable area and lane marking label the 100k frames, semantic
+# segmentation the 10k frames (a different set; some frames are in both).
+IMAGE_SETS = ("100k", "10k")
 
 # --- detection (labels/det_20) -----------------------------------------------------
 # Index i here is COCO category_id i + 1 in the official toolkit.
@@ -103,23 +103,33 @@ SCENES = ("city street", "highway", "residential", "parking lot", "gas stations"
 TIMES_OF_DAY = ("daytime", "dawn/dusk", "night", "undefined")
 TRAFFIC_LIGHT_COLORS = ("NA", "G", "Y", "R")
 
-# --- class names as CLIP prompts read them (LV-Adapter) ------------------------------
-PROMPT_NAMES = {
-    "det": DET_CLASSES,
-    "sem": SEM_CLASSES,
-    "drv": ("direct drivable lane", "alternative drivable lane", "background"),
-}
-
-NUM_CLASSES = {"det": len(DET_CLASSES), "sem": len(SEM_CLASSES), "drv": len(DRV_CLASSES)}
+# The drivable values as CLIP prompts read them (LV-Adapter)
+DRV_PROMPT_NAMES = ("direct drivable lane", "alternative drivable lane", "background")
 
 # --- dataset layout -----------------------------------------------------------------
-# Which image set holds each task's labels, and where the labels live under the root.
-TASK_IMAGE_SET = {"det": "100k", "drv": "100k", "sem": "10k"}
+# Where each task's labels live under the root, and which frame set they label.
 IMAGES_DIR = "images/{image_set}/{split}"
 DET_LABELS = "labels/det_20/det_{split}.json"
 SEM_MASKS_DIR = "labels/sem_seg/masks/{split}"
 DRV_MASKS_DIR = "labels/drivable/masks/{split}"
+LANE_MASKS_DIR = "labels/lane/masks/{split}"
+DET_IMAGE_SET = DRV_IMAGE_SET = LANE_IMAGE_SET = "100k"
+SEM_IMAGE_SET = "10k"
 SPLITS = ("train", "val")
+
+
+# --- lane marking (labels/lane/masks: one byte a pixel) ----------------------------------
+# Bit 5 direction, bit 4 style, bit 3 background (1 = no lane), bits 0-2 category
+# (bdd100k/label/to_mask.py, bdd100k/eval/lane.py; docs/bdd100k.md "Lane marking").
+LANE_CATEGORIES = ("crosswalk", "double other", "double white", "double yellow", "road curb", "single other",
+                   "single white", "single yellow")
+LANE_DIRECTIONS = ("parallel", "vertical")
+LANE_STYLES = ("solid", "dashed")
+LANE_DIRECTION_BIT, LANE_STYLE_BIT, LANE_BACKGROUND_BIT = 5, 4, 3
+LANE_CATEGORY_MASK = 0b111
+LANE_PROMPT_NAMES = tuple(f"{c} lane marking" for c in LANE_CATEGORIES)
+LANE_PALETTE = ((0, 190, 255), (255, 140, 0), (255, 255, 255), (255, 215, 0), (160, 160, 160), (255, 120, 200),
+                (240, 240, 240), (255, 230, 60))
 
 
 def det_category_to_index(category: str) -> tuple[int, bool] | None:

@@ -1,4 +1,4 @@
-"""Detection heads on the shared pyramid, from torchvision's detection parts.
+"""The detection task's heads on the shared pyramid, from torchvision's detection parts (torch).
 
 Images are never resized here: boxes in and out are in network-input pixels.
 Labels are 0..9 (DET_CLASSES) on both sides; Faster R-CNN's background class 0 is
@@ -30,7 +30,8 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.models.detection import _utils as det_utils
 
-from paf_ray.config import DetConfig
+from paf_ray.tasks.base import HeadInput
+from paf_ray.tasks.det.config import DetConfig
 
 # Box coder weights of torchvision's Faster R-CNN: RPN (1, 1, 1, 1), RoI heads (10, 10, 5, 5).
 RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
@@ -185,8 +186,6 @@ class FasterRCNNHead(nn.Module):
         self.rpn.box_coder = Float32BoxCoder(RPN_BOX_WEIGHTS)
         self.roi_heads.box_coder = Float32BoxCoder(ROI_BOX_WEIGHTS)
         self.rpn.ignore_iof_thresh = self.roi_heads.ignore_iof_thresh = cfg.ignore_iof_thresh
-        if len(sizes) != 5:
-            raise ValueError(f"model.det.anchor_sizes: Faster R-CNN needs 5 sizes (P2-P6), got {len(sizes)}")
 
     def forward(self, pyramid: "OrderedDict[str, torch.Tensor]", images: torch.Tensor, targets=None):
         """Training: targets (list of dicts) -> dict of losses. Eval: -> list of detections."""
@@ -267,11 +266,23 @@ class FCOSDetHead(nn.Module):
         return self.postprocess_detections(split_outputs, split_anchors, image_list.image_sizes)
 
 
-def build_det_head(channels: int, num_classes: int, cfg: DetConfig) -> nn.Module:
-    if cfg.kind == "faster_rcnn":
-        return FasterRCNNHead(channels, num_classes, cfg)
-    if cfg.kind == "fcos":
-        if channels % 32:  # torchvision's FCOS towers use GroupNorm(32, channels)
-            raise ValueError(f"model.fpn_channels: FCOS needs a multiple of 32, got {channels}")
-        return FCOSDetHead(channels, num_classes, cfg)
-    raise ValueError(f"model.det.kind: unknown detector {cfg.kind!r} (faster_rcnn, fcos)")
+class DetHead(nn.Module):
+    """The detection task's head: Faster R-CNN or FCOS on the shared pyramid (``model.heads.det.kind``)."""
+
+    def __init__(self, channels: int, num_classes: int, cfg: DetConfig):
+        super().__init__()
+        if cfg.kind == "faster_rcnn":
+            self.detector = FasterRCNNHead(channels, num_classes, cfg)
+        else:  # fcos (the config allows nothing else)
+            self.detector = FCOSDetHead(channels, num_classes, cfg)
+
+    def forward(self, inp: HeadInput):
+        """Eval: per image {"boxes" [N, 4] input pixels, "scores" [N], "labels" [N] class indices}."""
+        return self.detector(inp.pyramid, inp.images)
+
+    def losses(self, inp: HeadInput, target: dict) -> dict[str, torch.Tensor]:
+        """{"det": the sum, "det_<part>": each part, detached for logging}."""
+        device = inp.images.device
+        targets = tuple([t.to(device) for t in target[k]] for k in ("boxes", "labels", "ignore_boxes"))
+        parts = self.detector(inp.pyramid, inp.images, targets)
+        return {"det": sum(parts.values()), **{k: v.detach() for k, v in parts.items()}}

@@ -1,0 +1,218 @@
+"""Cross-field rules: what a config must satisfy beyond the types of its keys, checked when it is loaded.
+
+Each rule takes the sections it needs and returns (key, reason) problems; ``check_rules`` raises
+the first as one ConfigError naming the file and the key, so an impossible combination fails
+before any Ray work starts. Names are checked against the registries (tasks, backbones, adapter
+kinds, checkpoint layouts), and each plug-in checks its own section (``check``), once, here.
+"""
+
+from __future__ import annotations
+
+import re
+
+from paf_ray.config.loader import ConfigError
+from paf_ray.models.adapters import ADAPTERS
+from paf_ray.models.backbones import BACKBONES, STAGES
+from paf_ray.models.clip_text import clip_embed_dim
+from paf_ray.models.normalize import NORMALIZATION
+from paf_ray.tasks import TASKS
+
+Problems = list[tuple[str, str]]
+
+
+def _names(what: str, key: str, names, registry) -> Problems:
+    unknown = [n for n in names if n not in registry]
+    if unknown:
+        return [(key, f"unknown {what} {unknown[0]!r} (registered: {', '.join(registry.names())})")]
+    return []
+
+
+def rule_tasks(model) -> Problems:
+    """model.tasks: registered tasks, at least one, no repeats; the task-keyed settings name tasks of the model."""
+    tasks = model.tasks
+    if not tasks or len(set(tasks)) != len(tasks):
+        return [("model.tasks", f"expected a non-empty list of tasks without repeats, got {tasks}")]
+    problems = _names("task", "model.tasks", tasks, TASKS)
+    problems += _names("task", "model.loss.weights", model.loss.weights, TASKS)
+    for t in tasks:
+        if t in TASKS:
+            problems += TASKS[t].check(model.heads[t], model)
+    return problems
+
+
+def rule_stage_head_lr(train) -> Problems:
+    problems = []
+    for i, stage in enumerate(train.stages):
+        problems += _names("task", f"train.stages[{i}].head_lr_mult", stage.head_lr_mult, TASKS)
+    return problems
+
+
+def rule_stages(train) -> Problems:
+    if not train.stages:
+        return [("train.stages", "at least one stage is needed")]
+    problems = []
+    for i, stage in enumerate(train.stages):
+        if stage.epochs < 1:
+            problems.append((f"train.stages[{i}].epochs", f"must be >= 1, got {stage.epochs}"))
+        if stage.accum_steps < 1:
+            problems.append((f"train.stages[{i}].accum_steps", f"must be >= 1, got {stage.accum_steps}"))
+        if not stage.lr > 0:
+            problems.append((f"train.stages[{i}].lr", f"must be > 0, got {stage.lr}"))
+    return problems
+
+
+def rule_backbone(backbone) -> Problems:
+    """model.backbone: a registered backbone, one of its checkpoint layouts, a known normalisation."""
+    problems = _names("backbone", "model.backbone.name", [backbone.name], BACKBONES)
+    if problems:
+        return problems
+    entry = BACKBONES[backbone.name]
+    if backbone.format != "auto" and backbone.format not in entry.formats:
+        problems.append(("model.backbone.format", f"{backbone.format!r} is not a checkpoint layout of {backbone.name} "
+                                                  f"(auto, {', '.join(entry.formats)})"))
+    if backbone.normalization != "auto" and backbone.normalization not in NORMALIZATION:
+        problems.append(("model.backbone.normalization", f"expected auto or one of {', '.join(NORMALIZATION)}, "
+                                                         f"got {backbone.normalization!r}"))
+    if entry.requires_weights and backbone.weights is None and not backbone.random_init:
+        problems.append(("model.backbone.weights", f"backbone {backbone.name} {entry.requires_weights}; set "
+                         "model.backbone.random_init: true only for a deliberately random backbone (tests, demos)"))
+    return problems
+
+
+def rule_adapter(model) -> Problems:
+    adapter = model.adapter
+    problems = _names("adapter kind", "model.adapter.kind", [adapter.kind], ADAPTERS)
+    if any(s not in STAGES for s in adapter.stages):
+        problems.append(("model.adapter.stages", f"stages are 1..4 (strides 4..32), got {adapter.stages}"))
+    for kind in ADAPTERS:
+        if kind.config is not None:
+            problems += kind.check(adapter.options[kind.name])
+    return problems
+
+
+def rule_input_size(data) -> Problems:
+    width, height = data.input_size
+    if width % 32 or height % 32 or width < 32 or height < 32:
+        return [("data.input_size", f"width and height must be positive multiples of 32, got {[width, height]}")]
+    return []
+
+
+def rule_lv_adapter(lv) -> Problems:
+    if not lv.enabled:
+        return []
+    problems = []
+    if not lv.levels or any(level not in STAGES for level in lv.levels):
+        problems.append(("model.lv_adapter.levels", f"a non-empty subset of the backbone stages 1..4, got {lv.levels}"))
+    if not lv.tau > 0:
+        problems.append(("model.lv_adapter.tau", f"must be > 0, got {lv.tau}"))
+    if lv.heads < 1:
+        problems.append(("model.lv_adapter.heads", f"must be >= 1, got {lv.heads}"))
+    if lv.clip_weights is None and not lv.random_init:
+        problems.append(("model.lv_adapter.clip_weights",
+                         "the LV-Adapter carries CLIP's language prior and needs CLIP's weights (e.g. OpenAI's RN50.pt "
+                         "or open_clip's .safetensors); set model.lv_adapter.random_init: true only for a "
+                         "deliberately random text tower (tests, demos)"))
+    if lv.clip_weights is not None and lv.random_init:
+        problems.append(("model.lv_adapter.random_init", "true, but model.lv_adapter.clip_weights names a file: choose one"))
+    dim = clip_embed_dim(lv.clip_model)
+    if dim is None:
+        problems.append(("model.lv_adapter.clip_model", f"{lv.clip_model!r} is not an open_clip model name"))
+    elif dim % lv.heads:
+        problems.append(("model.lv_adapter.heads", f"{lv.heads} does not divide the text embedding size {dim} of "
+                                                   f"{lv.clip_model!r}"))
+    # open_clip's `-quickgelu` model names are QuickGELU by definition (its model configs say so).
+    if lv.activation == "gelu" and lv.clip_model.endswith("-quickgelu"):
+        problems.append(("model.lv_adapter.activation", f"gelu contradicts clip_model {lv.clip_model!r} (QuickGELU)"))
+    return problems
+
+
+def rule_adapt_needs_weights(backbone, train, tune, study) -> Problems:
+    """An adapt stage freezes the backbone: it needs pretrained weights (or says random on purpose).
+    A sweep's trials and a study's cells take their backbone from tune.backbones / study.checkpoints;
+    each trial's or cell's own config is checked when it is made."""
+    if tune.backbones or study.checkpoints:
+        return []
+    if backbone.weights is None and not backbone.random_init and any(s.kind == "adapt" for s in train.stages):
+        return [("model.backbone.weights", "an adapt stage freezes the backbone, and no pretrained weights are "
+                 "named: set the checkpoint (a path or URI), or model.backbone.random_init: true if a randomly "
+                 "initialised frozen backbone is really meant")]
+    return []
+
+
+def rule_frozen_norm_needs_statistics(model, train, tune, study) -> Problems:
+    if tune.backbones or study.checkpoints:
+        return []
+    if model.norm == "frozen" and not model.backbone.weights and not train.init_checkpoint:
+        return [("model.norm", "frozen keeps the backbone's BatchNorm statistics fixed, but the backbone starts from "
+                               "random init (no model.backbone.weights or train.init_checkpoint): use bn or syncbn")]
+    return []
+
+
+def rule_worker_start_timeout(ray_cfg) -> Problems:
+    t = ray_cfg.worker_start_timeout_s
+    return [] if t > 0 else [("ray.worker_start_timeout_s", f"must be > 0 seconds, got {t:g}")]
+
+
+def rule_name(name: str) -> Problems:
+    """A run name names a folder under the storage: one path component, nothing that escapes it."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name) or ".." in name:
+        return [("name", f"a run name is letters, digits, '_', '.' and '-' (it names a folder under the storage; "
+                         f"no path separators or '..'), got {name[:80]!r}")]
+    return []
+
+
+def rule_study(study, train) -> Problems:
+    """The study's grid: checkpoint names, budget split, adapter kinds (checked when the config has a grid)."""
+    if not study.checkpoints:
+        return []
+    problems = _names("adapter kind", "study.adapter_kinds", study.adapter_kinds, ADAPTERS)
+    for name, ck in study.checkpoints.items():
+        key = f"study.checkpoints.{name}"
+        if not re.fullmatch(r"[A-Za-z0-9_.]+", name):
+            problems.append((key, "a checkpoint name is letters, digits, '_' and '.' (it names folders and cells)"))
+        if (ck.weights is None) == (ck.pretrain is None):
+            problems.append((key, "give exactly one of `weights` (a file or URI) and `pretrain` (make it here)"))
+        if ck.pretrain is not None and ck.pretrain.steps < 1:
+            problems.append((f"{key}.pretrain.steps", "must be >= 1"))
+        if ck.backbone is not None:
+            problems += _names("backbone", f"{key}.backbone", [ck.backbone], BACKBONES)
+    for key, values in (("study.paradigms", study.paradigms), ("study.adapter_kinds", study.adapter_kinds),
+                        ("study.lv_adapter", study.lv_adapter), ("study.seeds", study.seeds)):
+        if not values:
+            problems.append((key, "needs at least one value"))
+        elif len(set(values)) != len(values):
+            problems.append((key, f"values repeat: {values}"))
+    if study.steps_per_epoch < 1:
+        problems.append(("study.steps_per_epoch", "must be >= 1"))
+    elif study.total_steps < 2 * study.steps_per_epoch or study.total_steps % study.steps_per_epoch:
+        problems.append(("study.total_steps", f"must be a multiple of study.steps_per_epoch ({study.steps_per_epoch}) "
+                                              f"and at least two epochs of it (adapt and finetune), got {study.total_steps}"))
+    elif not 0 < study.adapt_fraction < 1:
+        problems.append(("study.adapt_fraction", f"must lie strictly between 0 and 1, got {study.adapt_fraction}"))
+    kinds = [s.kind for s in train.stages]
+    if kinds != ["adapt", "finetune"]:
+        problems.append(("train.stages", f"a study takes its stage settings (lr, schedule...) from two stages "
+                                         f"[adapt, finetune]; got {kinds}"))
+    return problems
+
+
+def check_rules(cfg, source: str = "<config>") -> None:
+    """Every rule, in order; the first problem is raised as one ConfigError naming the file and the key."""
+    m = cfg.model
+    checks = [
+        lambda: rule_name(cfg.name),
+        lambda: rule_stages(cfg.train),
+        lambda: rule_tasks(m),
+        lambda: rule_stage_head_lr(cfg.train),
+        lambda: rule_backbone(m.backbone),
+        lambda: rule_adapter(m),
+        lambda: rule_input_size(cfg.data),
+        lambda: rule_lv_adapter(m.lv_adapter),
+        lambda: rule_adapt_needs_weights(m.backbone, cfg.train, cfg.tune, cfg.study),
+        lambda: rule_frozen_norm_needs_statistics(m, cfg.train, cfg.tune, cfg.study),
+        lambda: rule_worker_start_timeout(cfg.ray),
+        lambda: rule_study(cfg.study, cfg.train),
+    ]
+    for check in checks:
+        for key, reason in check():
+            raise ConfigError(f"{source}: {key}: {reason}")
