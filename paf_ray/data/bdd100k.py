@@ -94,6 +94,28 @@ DRV_PALETTE = ((219, 94, 86), (86, 211, 219), (0, 0, 0))
 # The official drivable mIoU leaves the background value out (confusion size 3 = excluded).
 DRV_OFFICIAL_CLASSES = 2
 
+# --- lane marking (labels/lane/masks) ------------------------------------------------
+# One byte per pixel, bit 7 first: - - d s b c c c (bdd100k/label/label.py, label/to_mask.py).
+# d (bit 5) direction, s (bit 4) style, c (bits 0-2) category; b (bit 3) set = no lane there.
+# The official masks write LANE_BACKGROUND (255) where there is no lane.
+LANE_CATEGORIES = (
+    "crosswalk",
+    "double other",
+    "double white",
+    "double yellow",
+    "road curb",
+    "single other",
+    "single white",
+    "single yellow",
+)
+LANE_DIRECTIONS = ("parallel", "vertical")  # parallel: along the road; vertical: across it
+LANE_STYLES = ("solid", "dashed")
+LANE_DIRECTION_BIT = 5
+LANE_STYLE_BIT = 4
+LANE_BACKGROUND_BIT = 3
+LANE_CATEGORY_MASK = 0b111
+LANE_BACKGROUND = 255
+
 # Detection box colours for overlays: each class in the colour of its segmentation class.
 DET_PALETTE = tuple(SEM_PALETTE[SEM_CLASSES.index("person" if c == "pedestrian" else c)] for c in DET_CLASSES)
 
@@ -114,11 +136,12 @@ NUM_CLASSES = {"det": len(DET_CLASSES), "sem": len(SEM_CLASSES), "drv": len(DRV_
 
 # --- dataset layout -----------------------------------------------------------------
 # Which image set holds each task's labels, and where the labels live under the root.
-TASK_IMAGE_SET = {"det": "100k", "drv": "100k", "sem": "10k"}
+TASK_IMAGE_SET = {"det": "100k", "drv": "100k", "sem": "10k"}  # lane (not yet a task here): "100k"
 IMAGES_DIR = "images/{image_set}/{split}"
 DET_LABELS = "labels/det_20/det_{split}.json"
 SEM_MASKS_DIR = "labels/sem_seg/masks/{split}"
 DRV_MASKS_DIR = "labels/drivable/masks/{split}"
+LANE_MASKS_DIR = "labels/lane/masks/{split}"  # 100k frames, like det and drivable
 SPLITS = ("train", "val")
 
 
@@ -130,3 +153,9 @@ def det_category_to_index(category: str) -> tuple[int, bool] | None:
     if category in DET_CLASSES:
         return DET_CLASSES.index(category), False
     return None
+
+
+def lane_byte(category: str, direction: str = "parallel", style: str = "solid") -> int:
+    """The lane mask byte of a marking (``set_lane_color`` in bdd100k/label/to_mask.py)."""
+    return (LANE_CATEGORIES.index(category) | LANE_STYLES.index(style) << LANE_STYLE_BIT
+            | LANE_DIRECTIONS.index(direction) << LANE_DIRECTION_BIT)

@@ -48,26 +48,18 @@ from typing import Any, Sequence
 
 import numpy as np
 
-# --- the byte layout (bdd100k/label/label.py, bdd100k/label/to_mask.py) ----------------
-LANE_DIRECTIONS = ("parallel", "vertical")
-LANE_STYLES = ("solid", "dashed")
-LANE_CATEGORIES = (
-    "crosswalk",
-    "double other",
-    "double white",
-    "double yellow",
-    "road curb",
-    "single other",
-    "single white",
-    "single yellow",
+from paf_ray.data.bdd100k import (  # the byte layout (module docstring); re-exported here
+    LANE_BACKGROUND,
+    LANE_BACKGROUND_BIT,
+    LANE_CATEGORIES,
+    LANE_CATEGORY_MASK,
+    LANE_DIRECTION_BIT,
+    LANE_DIRECTIONS,
+    LANE_STYLE_BIT,
+    LANE_STYLES,
 )
-LANE_ATTRIBUTES = {"direction": LANE_DIRECTIONS, "style": LANE_STYLES, "category": LANE_CATEGORIES}
-LANE_DIRECTION_BIT = 5
-LANE_STYLE_BIT = 4
-LANE_BACKGROUND_BIT = 3  # set = no lane
-LANE_CATEGORY_MASK = 0b111
-LANE_BACKGROUND = 255  # the byte the official masks write where there is no lane
 
+LANE_ATTRIBUTES = {"direction": LANE_DIRECTIONS, "style": LANE_STYLES, "category": LANE_CATEGORIES}
 BOUND_PIXELS = (1, 2, 5)
 LANE_HEADLINE = "F1_pix2"
 
