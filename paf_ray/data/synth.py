@@ -12,8 +12,8 @@ looks like.
 Lane markings (official byte layout, bdd100k.py): solid white road edges, dashed white lane
 boundaries, a double yellow / single yellow solid or dashed centre line, road curbs along the
 kerbs where there is a sidewalk, and sometimes a crosswalk (its two edges, "vertical") with a
-stop line. Each marking is labelled like the official masks: one thin polyline along the paint
-(a dashed line is one line across its gaps), up to LANE_LABEL_Z metres; paint hidden by
+stop line. Each marking is labelled as the toolkit draws its masks: one thin polyline along the
+paint (a dashed line is one polyline across its gaps), up to LANE_LABEL_Z metres; paint hidden by
 anything drawn over it is not labelled. The marking choices come from a second generator per
 frame (`frame_rngs`), so the scene's draws are those of the generator without lanes.
 
@@ -308,7 +308,7 @@ def _draw_ground(rng, cv: _Canvas, view: _View, layout: dict, snowy: bool, plan:
         while z < 90:
             cv.poly(view.ground(xb - 0.08, xb + 0.08, max(z, zn), z + 3.0), mark)
             z += 9.0
-        # one label along the whole dashed line, gaps included, as the official labels are drawn
+        # one polyline per marking: a dashed line is labelled across its gaps
         _ground_line(cv, view, xb, zn, zl, B.lane_byte("single white", style="dashed"))
     if plan.crosswalk_z is not None:  # zebra stripes across the road; labelled by its two edges
         zc, depth = plan.crosswalk_z, 3.0
