@@ -18,7 +18,7 @@ anything drawn over it is not labelled. The marking choices come from a second g
 frame (`frame_rngs`), so the scene's draws are those of the generator without lanes.
 
 Frames fall into the 100k set (det, drivable and lane labels) and the 10k set (semantic masks);
-some are written, byte-identical, into both sets of their split and so carry all three
+some are written, byte-identical, into both sets of their split and so carry all four
 tasks, and one or two 10k-train frames reuse a 100k-val stem (the overlap the index can
 drop). A completion marker is written last: a root without it is half-written.
 """
