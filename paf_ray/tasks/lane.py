@@ -23,11 +23,14 @@ import numpy as np
 from paf_ray.data import bdd100k as B
 from paf_ray.data.contracts import IGNORE_INDEX
 from paf_ray.tasks.base import TaskEvaluator
-from paf_ray.tasks.lane_metrics import (LaneScore, decode_lane, encode_lane, lane_allowed_values)
+from paf_ray.tasks.lane_metrics import LANE_HEADLINE, LaneFScore, decode_lane, encode_lane
 from paf_ray.tasks.masks import MaskTask, finite, fmt, mask_pairs
+from paf_ray.viz import blend_mask
 from paf_ray.tasks.registry import TASKS
 
 NUM_CATEGORIES = len(B.LANE_CATEGORIES)
+# Rows pad lane masks with this (the official masks hold 0..63 and 255 = no lane): "not labelled"
+LANE_PAD = 254
 NO_LANE = NUM_CATEGORIES  # the category logit that stands for "no lane here"
 HEAD_SPLIT = (NUM_CATEGORIES + 1, len(B.LANE_DIRECTIONS), len(B.LANE_STYLES))
 
@@ -43,12 +46,12 @@ class LaneHeadConfig:
 
 
 def lane_targets(target):
-    """uint8 [B, H, W] lane bytes (255 = padding) -> (category 0..8 with 8 = no lane, direction, style),
-    int64, 255 where unlabelled (direction and style: also where there is no lane)."""
+    """uint8 [B, H, W] lane bytes (LANE_PAD = not labelled) -> (category 0..8 with 8 = no lane, direction,
+    style), int64, 255 where unlabelled (direction and style: also where there is no lane)."""
     import torch
 
     t = target.long()
-    labelled = t != IGNORE_INDEX
+    labelled = t != LANE_PAD
     lane = labelled & ((t >> B.LANE_BACKGROUND_BIT) & 1 == 0)
     ignore = torch.full_like(t, IGNORE_INDEX)
     category = torch.where(lane, t & B.LANE_CATEGORY_MASK, torch.full_like(t, NO_LANE))
@@ -63,7 +66,7 @@ class LaneEvaluator(TaskEvaluator):
 
     def __init__(self, task: "LaneMarking"):
         self.task = task
-        self.score = LaneScore()
+        self.score = LaneFScore()
 
     def update(self, output, batch: dict) -> None:
         has = batch["has"]["lane"].numpy().astype(bool)
@@ -90,7 +93,7 @@ class LaneMarking(MaskTask):
     masks_dir = B.LANE_MASKS_DIR
     palette = B.LANE_PALETTE
     overlay_alpha = 0.85
-    headline = "lane/F1_pix2"
+    headline = f"lane/{LANE_HEADLINE}"
     table_metrics = ("lane/F1_pix2", "lane/F1_pix1", "lane/F1_pix5", "lane/IoU_fg")
     config = LaneHeadConfig
     draw_order = 2
@@ -101,7 +104,13 @@ class LaneMarking(MaskTask):
 
     @property
     def allowed_values(self) -> np.ndarray:
-        return lane_allowed_values()
+        allowed = np.zeros(256, bool)  # the bytes the official masks write
+        allowed[:64] = True
+        allowed[B.LANE_BACKGROUND] = True
+        return allowed
+
+    def transform(self, target, geometry) -> dict[str, np.ndarray]:
+        return {self.name: geometry.mask(target, LANE_PAD)}
 
     def image_labels(self, target: np.ndarray) -> np.ndarray:
         present = np.zeros(NUM_CATEGORIES, np.float32)
@@ -159,29 +168,26 @@ class LaneMarking(MaskTask):
         return LaneEvaluator(self)
 
     def merge(self, states: list) -> Any:
-        return LaneScore.merge(states)
+        return LaneFScore.merge(states)
 
     def compute(self, state) -> dict[str, float]:
-        return {f"lane/{k}": float(v) for k, v in LaneScore.compute(state).items() if finite(v)}
+        return {f"lane/{k}": float(v) for k, v in LaneFScore.compute(state).items() if finite(v)}
 
     # ----------------------------------------------------------------- draw and score
 
     def draw(self, image: np.ndarray, prediction: np.ndarray) -> np.ndarray:
         lane, category, _, _ = decode_lane(prediction)
         ids = np.where(lane, category, 255).astype(np.uint8)
-        from paf_ray.viz import blend_mask
-
         return blend_mask(image, ids, self.palette, self.overlay_alpha)
 
     def score(self, args: argparse.Namespace) -> dict:
         """The official boundary F-score over every ground-truth mask of the folder; a frame without a
-        prediction counts as a prediction of no lane."""
+        prediction is scored against an all-zero mask, as the toolkit does (every pixel a crosswalk)."""
         pairs, counts = mask_pairs(args.gt, args.pred)
-        score = LaneScore()
+        score = LaneFScore()
         for _, gt, pred in pairs:
-            score.update(gt, encode_lane(np.zeros(gt.shape, bool), *(np.zeros(gt.shape, np.uint8),) * 3)
-                         if pred is None else pred)
-        return {**LaneScore.compute(score.state()), **counts}
+            score.update(gt, pred)
+        return {**LaneFScore.compute(score.state()), **counts}
 
     def score_table(self, result: dict) -> str:
         lines = [f"{'':<28}" + "".join(f"{f'{t} px':>8}" for t in (1, 2, 5))]

@@ -94,6 +94,31 @@ DRV_PALETTE = ((219, 94, 86), (86, 211, 219), (0, 0, 0))
 # The official drivable mIoU leaves the background value out (confusion size 3 = excluded).
 DRV_OFFICIAL_CLASSES = 2
 
+# --- lane marking (labels/lane/masks) ------------------------------------------------
+# One byte per pixel, bit 7 first: - - d s b c c c (bdd100k/label/label.py, label/to_mask.py).
+# d (bit 5) direction, s (bit 4) style, c (bits 0-2) category; b (bit 3) set = no lane there.
+# The official masks write LANE_BACKGROUND (255) where there is no lane.
+LANE_CATEGORIES = (
+    "crosswalk",
+    "double other",
+    "double white",
+    "double yellow",
+    "road curb",
+    "single other",
+    "single white",
+    "single yellow",
+)
+LANE_DIRECTIONS = ("parallel", "vertical")  # parallel: along the road; vertical: across it
+LANE_STYLES = ("solid", "dashed")
+LANE_DIRECTION_BIT = 5
+LANE_STYLE_BIT = 4
+LANE_BACKGROUND_BIT = 3
+LANE_CATEGORY_MASK = 0b111
+LANE_BACKGROUND = 255
+LANE_PROMPT_NAMES = tuple(f"{c} lane marking" for c in LANE_CATEGORIES)
+LANE_PALETTE = ((0, 190, 255), (255, 140, 0), (255, 255, 255), (255, 215, 0), (160, 160, 160), (255, 120, 200),
+                (240, 240, 240), (255, 230, 60))
+
 # Detection box colours for overlays: each class in the colour of its segmentation class.
 DET_PALETTE = tuple(SEM_PALETTE[SEM_CLASSES.index("person" if c == "pedestrian" else c)] for c in DET_CLASSES)
 
@@ -118,20 +143,6 @@ SEM_IMAGE_SET = "10k"
 SPLITS = ("train", "val")
 
 
-# --- lane marking (labels/lane/masks: one byte a pixel) ----------------------------------
-# Bit 5 direction, bit 4 style, bit 3 background (1 = no lane), bits 0-2 category
-# (bdd100k/label/to_mask.py, bdd100k/eval/lane.py; docs/bdd100k.md "Lane marking").
-LANE_CATEGORIES = ("crosswalk", "double other", "double white", "double yellow", "road curb", "single other",
-                   "single white", "single yellow")
-LANE_DIRECTIONS = ("parallel", "vertical")
-LANE_STYLES = ("solid", "dashed")
-LANE_DIRECTION_BIT, LANE_STYLE_BIT, LANE_BACKGROUND_BIT = 5, 4, 3
-LANE_CATEGORY_MASK = 0b111
-LANE_PROMPT_NAMES = tuple(f"{c} lane marking" for c in LANE_CATEGORIES)
-LANE_PALETTE = ((0, 190, 255), (255, 140, 0), (255, 255, 255), (255, 215, 0), (160, 160, 160), (255, 120, 200),
-                (240, 240, 240), (255, 230, 60))
-
-
 def det_category_to_index(category: str) -> tuple[int, bool] | None:
     """Map a det_20 category to (class index, is_ignore_region); None if it is unknown."""
     category = DET_LEGACY_RENAMES.get(category, category)
@@ -140,3 +151,9 @@ def det_category_to_index(category: str) -> tuple[int, bool] | None:
     if category in DET_CLASSES:
         return DET_CLASSES.index(category), False
     return None
+
+
+def lane_byte(category: str, direction: str = "parallel", style: str = "solid") -> int:
+    """The lane mask byte of a marking (``set_lane_color`` in bdd100k/label/to_mask.py)."""
+    return (LANE_CATEGORIES.index(category) | LANE_STYLES.index(style) << LANE_STYLE_BIT
+            | LANE_DIRECTIONS.index(direction) << LANE_DIRECTION_BIT)

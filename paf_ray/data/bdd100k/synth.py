@@ -3,13 +3,22 @@
 Each frame is a perspective view of a straight road (ego lane, neighbouring lanes with
 markings, sidewalks), roadside stuff (buildings, walls, fences, trees, terrain, poles,
 traffic lights and signs) and traffic (cars, trucks, buses, people, riders on bicycles and
-motorcycles). Everything is drawn far to near with PIL polygons into four layers at once:
-the RGB frame, the semantic mask, the drivable mask and an instance map. Boxes are then
-read off the instance map, so they are tight around the visible part and agree with the
-masks. Frame attributes (weather, scene, time of day) change what the frame looks like.
+motorcycles). Everything is drawn far to near with PIL polygons into five layers at once:
+the RGB frame, the semantic mask, the drivable mask, an instance map and the lane-marking
+mask. Boxes are then read off the instance map, so they are tight around the visible part and
+agree with the masks. Frame attributes (weather, scene, time of day) change what the frame
+looks like.
 
-Frames fall into the 100k set (det + drivable labels) and the 10k set (semantic masks);
-some are written, byte-identical, into both sets of their split and so carry all three
+Lane markings (official byte layout, bdd100k.py): solid white road edges, dashed white lane
+boundaries, a double yellow / single yellow solid or dashed centre line, road curbs along the
+kerbs where there is a sidewalk, and sometimes a crosswalk (its two edges, "vertical") with a
+stop line. Each marking is labelled as the toolkit draws its masks: one thin polyline along the
+paint (a dashed line is one polyline across its gaps), up to LANE_LABEL_Z metres; paint hidden by
+anything drawn over it is not labelled. The marking choices come from a second generator per
+frame (`frame_rngs`), so the scene's draws are those of the generator without lanes.
+
+Frames fall into the 100k set (det, drivable and lane labels) and the 10k set (semantic masks);
+some are written, byte-identical, into both sets of their split and so carry all four
 tasks, and one or two 10k-train frames reuse a 100k-val stem (the overlap the index can
 drop). A completion marker is written last: a root without it is half-written.
 """
@@ -28,6 +37,9 @@ from PIL import Image, ImageDraw, ImageFilter
 from paf_ray.data import bdd100k as B
 
 COMPLETE_MARKER = ".paf_ray_synth_complete.json"
+# Bumped when the written dataset changes for the same settings (2: lane masks); a complete root
+# made by another version is refused, not reused.
+GENERATOR_VERSION = 2
 
 SEM = {name: i for i, name in enumerate(B.SEM_CLASSES)}
 VOID = B.IGNORE_INDEX
@@ -41,6 +53,9 @@ for _name, _amp in {
 }.items():
     _NOISE_AMP[SEM[_name]] = _amp
 _NOISE_AMP[VOID] = 4
+
+_LANE_SURFACE = np.zeros(256, bool)  # semantic classes a visible lane marking can lie on
+_LANE_SURFACE[[SEM["road"], SEM["sidewalk"]]] = True
 
 WEATHER_P = {"clear": 0.45, "overcast": 0.15, "partly cloudy": 0.1, "rainy": 0.12, "snowy": 0.08, "foggy": 0.1}
 SCENE_P = {"city street": 0.55, "highway": 0.25, "residential": 0.2}
@@ -75,7 +90,11 @@ class _Object:
 
 @dataclass
 class _Canvas:
-    """The four layers drawn together: frame, semantic mask, drivable mask, instance map."""
+    """The layers drawn together: frame, semantic mask, drivable mask, instance map, lane mask.
+
+    The lane layer holds the marking labels as the official masks draw them: polylines of a
+    constant pixel width along the painted markings (``lane_line``).
+    """
 
     width: int
     height: int
@@ -83,6 +102,7 @@ class _Canvas:
     sem: Image.Image
     drv: Image.Image
     inst: Image.Image
+    lane: Image.Image
     objects: list[_Object] = field(default_factory=list)
     glows: list[tuple[tuple[float, float, float, float], tuple[int, int, int]]] = field(default_factory=list)
 
@@ -91,6 +111,12 @@ class _Canvas:
         self.d_sem = ImageDraw.Draw(self.sem)
         self.d_drv = ImageDraw.Draw(self.drv)
         self.d_inst = ImageDraw.Draw(self.inst)
+        self.d_lane = ImageDraw.Draw(self.lane)
+        # ~3 px at 1280 wide, like the official masks' thin polylines; at least 1 px
+        self.lane_width = max(1, int(round(3 * self.width / 1280)))
+
+    def lane_line(self, pts, value: int):
+        self.d_lane.line([(float(x), float(y)) for x, y in pts], fill=value, width=self.lane_width)
 
     def poly(self, pts, color, sem=None, drv=None, inst=None):
         pts = [(float(x), float(y)) for x, y in pts]
@@ -199,8 +225,41 @@ def _draw_skyline(rng, cv: _Canvas, view: _View, scene: str):
         x += seg
 
 
-def _draw_ground(rng, cv: _Canvas, view: _View, layout: dict, snowy: bool):
+LANE_LABEL_Z = 80.0  # markings are labelled up to this distance (m); the paint goes on, too thin to label
+
+
+@dataclass
+class _LanePlan:
+    """The marking choices of a frame, drawn from the frame's own lane generator (not the scene's)."""
+
+    centre: str  # the line between the directions: "double yellow", "single yellow solid", "single yellow dashed"
+    centre_phase: float  # dash phase (m) of a dashed centre line
+    crosswalk_z: float | None  # near edge of a crosswalk across the road, or None
+    stop_line: bool  # a stop line before the crosswalk, across our direction's lanes
+
+
+def _plan_lanes(lane_rng, scene: str, layout: dict, crossing_z: float | None, z_bottom: float) -> _LanePlan:
+    centre = _pick(lane_rng, {"double yellow": 0.7, "single yellow solid": 0.1, "single yellow dashed": 0.2})
+    phase = float(lane_rng.uniform(0, 9))
+    p_crosswalk = {"city street": 0.2, "residential": 0.15}.get(scene, 0.0)
+    crosswalk_z = None
+    if layout["sidewalk"] > 0:
+        if crossing_z is not None and lane_rng.random() < 0.6:
+            crosswalk_z = max(z_bottom * 1.1, crossing_z - 1.5)  # under the person crossing the road
+        elif lane_rng.random() < p_crosswalk:
+            crosswalk_z = float(lane_rng.uniform(max(9.0, z_bottom * 1.1), 30.0))
+    stop_line = crosswalk_z is not None and crosswalk_z - 1.9 > z_bottom and lane_rng.random() < 0.7
+    return _LanePlan(centre, phase, crosswalk_z, stop_line)
+
+
+def _ground_line(cv: _Canvas, view: _View, x: float, z0: float, z1: float, value: int):
+    """A lane label along the ground line X = x from depth z0 to z1."""
+    cv.lane_line([view.pt(x, 0, z0), view.pt(x, 0, z1)], value)
+
+
+def _draw_ground(rng, cv: _Canvas, view: _View, layout: dict, snowy: bool, plan: _LanePlan):
     zn, zf = view.z_bottom * 0.6, 400.0
+    zl = LANE_LABEL_Z
     terrain = (215, 218, 222) if snowy else _jitter(rng, (120, 135, 70), 15)
     cv.poly(view.ground(-400, 400, zn, zf), terrain, sem=SEM["terrain"])
     road_c = _jitter(rng, (88, 88, 94) if not snowy else (120, 120, 125), 10)
@@ -218,20 +277,52 @@ def _draw_ground(rng, cv: _Canvas, view: _View, layout: dict, snowy: bool):
         z_end = layout["ego_end"] if value == B.DRV_DIRECT else zf
         cv.poly(view.ground(x0, x1, zn, zf), road_c, sem=SEM["road"], drv=B.DRV_BACKGROUND)
         cv.poly(view.ground(x0, x1, zn, z_end), road_c, sem=SEM["road"], drv=value)
-    # markings: solid road edges, dashed lane boundaries, a double yellow line between directions
+    if layout["sidewalk"] > 0:  # road curbs: the visible kerb faces on both sides of the road
+        for xc in (x_left - 0.06, x_right + 0.06):
+            _ground_line(cv, view, xc, zn, zl, B.lane_byte("road curb"))
+    # markings: solid road edges, dashed lane boundaries, the centre line between the directions
     mark = (225, 225, 220) if not snowy else (235, 235, 235)
+    yellow = (225, 190, 40)
     cv.poly(view.ground(x_left + 0.1, x_left + 0.25, zn, zf), mark)
     cv.poly(view.ground(x_right - 0.25, x_right - 0.1, zn, zf), mark)
+    for xc in (x_left + 0.175, x_right - 0.175):
+        _ground_line(cv, view, xc, zn, zl, B.lane_byte("single white"))
     for i, (x0, x1, _) in enumerate(lanes[:-1]):
         xb = x1
         if i + 1 == layout["n_oncoming"]:
-            for dx in (-0.2, 0.08):
-                cv.poly(view.ground(xb + dx, xb + dx + 0.12, zn, zf), (225, 190, 40))
+            if plan.centre == "double yellow":
+                for dx in (-0.2, 0.08):
+                    cv.poly(view.ground(xb + dx, xb + dx + 0.12, zn, zf), yellow)
+                    _ground_line(cv, view, xb + dx + 0.06, zn, zl, B.lane_byte("double yellow"))
+            elif plan.centre == "single yellow solid":
+                cv.poly(view.ground(xb - 0.06, xb + 0.06, zn, zf), yellow)
+                _ground_line(cv, view, xb, zn, zl, B.lane_byte("single yellow"))
+            else:
+                z = view.z_bottom * 0.8 - plan.centre_phase
+                while z < 90:
+                    cv.poly(view.ground(xb - 0.06, xb + 0.06, max(z, zn), z + 3.0), yellow)
+                    z += 9.0
+                _ground_line(cv, view, xb, zn, zl, B.lane_byte("single yellow", style="dashed"))
             continue
         z = view.z_bottom * 0.8 - rng.uniform(0, 9)
         while z < 90:
             cv.poly(view.ground(xb - 0.08, xb + 0.08, max(z, zn), z + 3.0), mark)
             z += 9.0
+        # one polyline per marking: a dashed line is labelled across its gaps
+        _ground_line(cv, view, xb, zn, zl, B.lane_byte("single white", style="dashed"))
+    if plan.crosswalk_z is not None:  # zebra stripes across the road; labelled by its two edges
+        zc, depth = plan.crosswalk_z, 3.0
+        x = x_left + 0.35
+        while x + 0.5 < x_right - 0.3:
+            cv.poly(view.ground(x, x + 0.5, zc, zc + depth), mark)
+            x += 1.1
+        for ze in (zc, zc + depth):
+            cv.lane_line([view.pt(x_left, 0, ze), view.pt(x_right, 0, ze)], B.lane_byte("crosswalk", "vertical"))
+        if plan.stop_line:
+            xs = lanes[layout["n_oncoming"]][0]
+            cv.poly(view.ground(xs, x_right, zc - 1.9, zc - 1.5), mark)
+            cv.lane_line([view.pt(xs, 0, zc - 1.7), view.pt(x_right, 0, zc - 1.7)],
+                         B.lane_byte("single white", "vertical"))
 
 
 def _draw_building(rng, cv: _Canvas, view: _View, x, z0, z1, height, night):
@@ -493,6 +584,7 @@ class SynthFrame:
     image: Image.Image  # RGB
     sem: np.ndarray  # uint8 (H, W)
     drv: np.ndarray  # uint8 (H, W)
+    lane: np.ndarray  # uint8 (H, W), official lane bytes (255 = no lane)
     labels: list[dict]  # det_20 style
     attributes: dict
 
@@ -520,7 +612,14 @@ class _NoiseBank:
         return bank[k, oy:oy + h, ox:ox + w]
 
 
-def render_frame(rng: np.random.Generator, width: int, height: int, noise: _NoiseBank) -> SynthFrame:
+def frame_rngs(seed: int, index: int) -> tuple[np.random.Generator, np.random.Generator]:
+    """Frame `index`'s scene generator and its lane-marking generator (separate, so that the
+    marking choices do not shift the scene's draws)."""
+    return np.random.default_rng([seed, 100, index]), np.random.default_rng([seed, 101, index])
+
+
+def render_frame(rng: np.random.Generator, width: int, height: int, noise: _NoiseBank,
+                 lane_rng: np.random.Generator) -> SynthFrame:
     weather, scene, timeofday = _pick(rng, WEATHER_P), _pick(rng, SCENE_P), _pick(rng, TIME_P)
     night = timeofday == "night"
     snowy = weather == "snowy"
@@ -582,15 +681,18 @@ def render_frame(rng: np.random.Generator, width: int, height: int, noise: _Nois
         side_items.append((rng.uniform(8, 25), "pedestrian", rng.uniform(x_left + 1, x_right - 1), 0))
     if rng.random() < 0.1:  # an ignore region: a far-away crowd-ish "other person"
         side_items.append((rng.uniform(15, 35), "other person", x_right + 0.8 if sw > 0 else x_left - 1.5, 1))
+    crossing = [z for z, kind, _, side in side_items if kind == "pedestrian" and side == 0]
+    plan = _plan_lanes(lane_rng, scene, layout, crossing[0] if crossing else None, view.z_bottom)
 
     # --- draw: background layer, then everything else far to near
     img = _draw_sky(rng, width, height, view.horizon, weather, timeofday)
     cv = _Canvas(width, height, Image.fromarray(img), Image.new("L", (width, height), SEM["sky"]),
-                 Image.new("L", (width, height), B.DRV_BACKGROUND), Image.new("L", (width, height), 0))
+                 Image.new("L", (width, height), B.DRV_BACKGROUND), Image.new("L", (width, height), 0),
+                 Image.new("L", (width, height), B.LANE_BACKGROUND))
     if weather == "partly cloudy" and not night:
         _draw_clouds(rng, cv, view)
     _draw_skyline(rng, cv, view, scene)
-    _draw_ground(rng, cv, view, layout, snowy)
+    _draw_ground(rng, cv, view, layout, snowy, plan)
     _draw_roadside(rng, cv, view, layout, scene, night)
 
     items = [(z, kind, x, li, "traffic") for z, kind, x, li in traffic]
@@ -633,6 +735,9 @@ def render_frame(rng: np.random.Generator, width: int, height: int, noise: _Nois
     sem = np.asarray(cv.sem)
     drv = np.asarray(cv.drv)
     inst = np.asarray(cv.inst)
+    # Paint hidden by anything drawn over it (traffic, people, poles, the hood) is not labelled,
+    # as annotators label only the markings they see: keep lane pixels on road or kerb/sidewalk.
+    lane = np.where(_LANE_SURFACE[sem], np.asarray(cv.lane), np.uint8(B.LANE_BACKGROUND)).astype(np.uint8)
 
     # --- texture, light and weather (vectorised)
     rgb = np.asarray(cv.image, np.float32)
@@ -702,7 +807,7 @@ def render_frame(rng: np.random.Generator, width: int, height: int, noise: _Nois
             "attributes": {"occluded": bool(occluded), "truncated": bool(truncated), "trafficLightColor": obj.light_color},
             "box2d": {"x1": float(bx0), "y1": float(by0), "x2": float(bx1 - 1), "y2": float(by1 - 1)},
         })
-    return SynthFrame(frame, sem, drv, labels, {"weather": weather, "scene": scene, "timeofday": timeofday})
+    return SynthFrame(frame, sem, drv, lane, labels, {"weather": weather, "scene": scene, "timeofday": timeofday})
 
 
 # ----------------------------------------------------------------------------- the dataset
@@ -743,7 +848,8 @@ def write_synthetic(out: str, images: int, seed: int = 0, size=(640, 360), val_f
         raise ValueError(f"synth: size must be at least 64x36, got {width}x{height}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"synth: val_fraction must be in [0, 1), got {val_fraction}")
-    params = {"images": int(images), "seed": int(seed), "size": [width, height], "val_fraction": float(val_fraction)}
+    params = {"images": int(images), "seed": int(seed), "size": [width, height], "val_fraction": float(val_fraction),
+              "generator": GENERATOR_VERSION}
     out = os.path.abspath(out)
     marker = os.path.join(out, COMPLETE_MARKER)
     if os.path.exists(marker):
@@ -761,6 +867,7 @@ def write_synthetic(out: str, images: int, seed: int = 0, size=(640, 360), val_f
             os.makedirs(os.path.join(out, B.IMAGES_DIR.format(image_set=image_set, split=split)), exist_ok=True)
         os.makedirs(os.path.join(out, B.SEM_MASKS_DIR.format(split=split)), exist_ok=True)
         os.makedirs(os.path.join(out, B.DRV_MASKS_DIR.format(split=split)), exist_ok=True)
+        os.makedirs(os.path.join(out, B.LANE_MASKS_DIR.format(split=split)), exist_ok=True)
     os.makedirs(os.path.join(out, os.path.dirname(B.DET_LABELS)), exist_ok=True)
 
     n_val = int(round(images * val_fraction))
@@ -777,7 +884,8 @@ def write_synthetic(out: str, images: int, seed: int = 0, size=(640, 360), val_f
     for split, n, start in (("train", n_train, 0), ("val", n_val, n_train)):
         for j, image_set in enumerate(_frame_sets(n)):
             index = start + j
-            frame = render_frame(np.random.default_rng([seed, 100, index]), width, height, noise)
+            scene_rng, lane_rng = frame_rngs(seed, index)
+            frame = render_frame(scene_rng, width, height, noise, lane_rng)
             stem = _stem(name_rng)
             buf = io.BytesIO()
             frame.image.save(buf, format="JPEG", quality=90)
@@ -788,6 +896,7 @@ def write_synthetic(out: str, images: int, seed: int = 0, size=(640, 360), val_f
                 counts[f"{split}/{s}"] += 1
             if "100k" in sets:
                 _write(os.path.join(out, B.DRV_MASKS_DIR.format(split=split), stem + ".png"), _encode_png(frame.drv))
+                _write(os.path.join(out, B.LANE_MASKS_DIR.format(split=split), stem + ".png"), _encode_png(frame.lane))
                 det[split].append({"name": stem + ".jpg", "attributes": frame.attributes, "timestamp": 10000,
                                    "labels": frame.labels})
             sem_png = _encode_png(frame.sem)
@@ -822,7 +931,8 @@ def render_samples(count: int, size=(1280, 720), seed: int = 0) -> list[dict]:
     noise = _NoiseBank(seed, width, height)
     samples = []
     for index in range(count):
-        frame = render_frame(np.random.default_rng([seed, 100, index]), width, height, noise)
+        scene_rng, lane_rng = frame_rngs(seed, index)
+        frame = render_frame(scene_rng, width, height, noise, lane_rng)
         boxes, labels, ignore, ignore_labels = [], [], [], []
         for label in frame.labels:
             cls, ignored = B.det_category_to_index(label["category"])
