@@ -1,15 +1,33 @@
 """The `paf-ray` command (also `python -m paf_ray`).
 
-Arguments are declared here; each command's work lives in the module named in its
-``set_defaults(handler=...)``, imported only when that command runs (so `--help` is fast).
-Every handler takes the parsed ``argparse.Namespace`` and returns an exit code.
+Arguments are declared here; each command's handler is a function of its area's ``commands``
+module (one table below: ``set_defaults(handler=...)``). Handlers import what they run when they
+run, so `paf-ray --help` loads neither torch nor Ray. Every handler takes the parsed
+``argparse.Namespace`` and returns an exit code.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+
+from paf_ray import commands
+from paf_ray.data import commands as data_commands
+from paf_ray.eval import commands as eval_commands
+from paf_ray.models import commands as model_commands
+from paf_ray.train import commands as train_commands
+from paf_ray.tune import commands as tune_commands
+
+
+def size_arg(text: str) -> tuple[int, int]:
+    """'640x360' -> (640, 360): the WxH arguments."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected WIDTHxHEIGHT, e.g. 640x360") from None
+    if w < 1 or h < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: width and height must be positive")
+    return w, h
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
@@ -35,9 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="dataset root to create")
     p.add_argument("--images", type=int, default=120, help="number of frames in all")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", default="640x360", help="WxH of the frames (default 640x360)")
+    p.add_argument("--size", type=size_arg, default=(640, 360), help="WxH of the frames (default 640x360)")
     p.add_argument("--val-fraction", type=float, default=0.25)
-    p.set_defaults(handler="paf_ray.data.commands:synth_command")
+    p.set_defaults(handler=data_commands.synth_command)
 
     p = dsub.add_parser("index", help="build the dataset index once; runs and Tune trials reuse it")
     p.add_argument("root", help="dataset root (path or URI, e.g. file:///data/bdd100k, s3://bucket/bdd100k)")
@@ -47,13 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="also write the records as JSON lines to this file")
     p.add_argument("--split", action="append", choices=["train", "val"], help="splits (default both)")
     p.add_argument("--keep-overlap", action="store_true", help="keep 10k/100k frames that cross splits")
-    p.set_defaults(handler="paf_ray.data.commands:index_command")
+    p.set_defaults(handler=data_commands.index_command)
 
     p = dsub.add_parser("check", help="check a dataset root; exits non-zero on errors")
     p.add_argument("root")
     p.add_argument("--split", action="append", choices=["train", "val"])
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(handler="paf_ray.data.commands:check_command")
+    p.set_defaults(handler=data_commands.check_command)
 
     # --- model ------------------------------------------------------------------
     p = sub.add_parser("inspect", help="parameter counts per module and trainable counts for a stage")
@@ -61,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", choices=["adapt", "finetune"], default=None, help="default: the first stage")
     p.add_argument("--json", action="store_true")
     _add_set(p)
-    p.set_defaults(handler="paf_ray.models.inspect:inspect_command")
+    p.set_defaults(handler=model_commands.inspect_command)
 
     # --- training ---------------------------------------------------------------
     p = sub.add_parser("run", help="train: run the config's stages on Ray Train")
@@ -72,13 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run named RUN (a folder under the storage); bare: the newest run of "
                         "this config's name. Without it every run gets a new folder <name>-<time>-<id>")
     _add_set(p)
-    p.set_defaults(handler="paf_ray.train.run:run_command")
+    p.set_defaults(handler=train_commands.run_command)
 
     p = sub.add_parser("demo", help="the end-to-end demo on synthetic BDD100K (pretrain, adapt, finetune, eval)")
     p.add_argument("--out", default="demo_out", help="output folder (default ./demo_out)")
     p.add_argument("--config", default=None, help="demo config (default: the packaged jobs/demo.yaml)")
     _add_set(p)
-    p.set_defaults(handler="paf_ray.train.demo:demo_command")
+    p.set_defaults(handler=train_commands.demo_command)
 
     p = sub.add_parser("pretrain", help="make a pretrained backbone checkpoint on the config's training frames")
     p.add_argument("config", help="the config whose data and model.backbone are used")
@@ -88,10 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 200)")
     p.add_argument("--batch-size", type=int, default=None, help="frames per batch (default 32)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate, one-cycle (default 3e-3)")
-    p.add_argument("--size", default=None, help="WxH the frames are resized to (default 160x96)")
+    p.add_argument("--size", type=size_arg, default=None, help="WxH the frames are resized to (default 160x96)")
     p.add_argument("--seed", type=int, default=0)
     _add_set(p)
-    p.set_defaults(handler="paf_ray.train.pretrain:pretrain_command")
+    p.set_defaults(handler=train_commands.pretrain_command)
 
     p = sub.add_parser("study", help="the comparison grid (checkpoints x paradigms x adapters x seeds) as Tune trials")
     p.add_argument("config", help="a study file (a config with a `study:` section)")
@@ -101,28 +119,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", action="store_true",
                    help="only write the results of the cells finished so far in --out (while it runs, or after)")
     _add_set(p)
-    p.set_defaults(handler="paf_ray.study:study_command")
+    p.set_defaults(handler=commands.study_command)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on the val split")
     p.add_argument("checkpoint")
     p.add_argument("--json", action="store_true")
     _add_set(p)
-    p.set_defaults(handler="paf_ray.train.run:eval_command")
+    p.set_defaults(handler=train_commands.eval_command)
 
     # --- scoring ----------------------------------------------------------------
-    score = sub.add_parser("score", help="score predictions in the official BDD100K formats")
-    ssub = score.add_subparsers(dest="task", required=True, metavar="TASK")
-    p = ssub.add_parser("det", help="box AP (Scalabel/BDD100K JSON)")
-    p.add_argument("gt")
-    p.add_argument("pred")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(handler="paf_ray.eval.commands:score_command")
-    for task, what in (("sem", "semantic segmentation mIoU"), ("drv", "drivable-area mIoU")):
-        p = ssub.add_parser(task, help=f"{what} (PNG masks matched by stem)")
-        p.add_argument("gt", help="folder of ground-truth PNG masks")
-        p.add_argument("pred", help="folder of predicted PNG masks")
-        p.add_argument("--json", action="store_true")
-        p.set_defaults(handler="paf_ray.eval.commands:score_command")
+    p = sub.add_parser("score", help="score predictions in a task's official format (paf-ray score TASK --help)",
+                       add_help=False)
+    p.add_argument("task", metavar="TASK", help="a registered task (det, sem, drv, lane, ...)")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="the task's arguments: ground truth, predictions")
+    p.set_defaults(handler=eval_commands.score_command)
 
     # --- tuning -----------------------------------------------------------------
     p = sub.add_parser("tune", help="Ray Tune + Optuna search over adapters, prompts and backbones")
@@ -133,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the sweep in --out (without --out: the newest sweep of this config's name)")
     _add_set(p)
-    p.set_defaults(handler="paf_ray.tune.search:tune_command")
+    p.set_defaults(handler=tune_commands.tune_command)
 
     # --- jobs -------------------------------------------------------------------
     p = sub.add_parser("submit", help="submit a job file to a Ray cluster (Ray Jobs SDK)")
@@ -142,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="stream the logs; exit non-zero if the job fails")
     p.add_argument("--submission-id", default=None)
     _add_set(p)
-    p.set_defaults(handler="paf_ray.jobs:submit_command")
+    p.set_defaults(handler=commands.submit_command)
 
     # --- inference --------------------------------------------------------------
     p = sub.add_parser("predict", help="predict on images: overlays, det.json, sem/drv PNG masks")
@@ -154,16 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--workers", type=int, default=1, help="--distributed: most model actors in the pool")
-    p.set_defaults(handler="paf_ray.predict:predict_command")
+    p.add_argument("--stop-on-bad-image", action="store_true",
+                   help="stop at the first unreadable image (default: skip it, count it, exit 1 at the end)")
+    p.set_defaults(handler=commands.predict_command)
 
     p = sub.add_parser("export", help="export the deployable model (adapters merged)")
     p.add_argument("checkpoint")
     p.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript")
     p.add_argument("--out", required=True)
-    p.add_argument("--frame-size", default="1280x720", help="WxH of the frames the exported model takes")
+    p.add_argument("--frame-size", type=size_arg, default=(1280, 720), help="WxH of the frames the exported model takes")
     p.add_argument("--sample", default=None, help="image for the PyTorch-vs-export check (default: a synthetic frame)")
     p.add_argument("--json", action="store_true", help="also print the check report as JSON")
-    p.set_defaults(handler="paf_ray.export:export_command")
+    p.set_defaults(handler=commands.export_command)
 
     # --- benchmarks -------------------------------------------------------------
     p = sub.add_parser("bench", help="side-by-side benchmarks (bench.json, bench.md)")
@@ -182,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --config: time the finetune step with these changes against the config as is")
     p.add_argument("--steps", type=int, default=5, help="with --config: timed steps of each side")
     p.add_argument("--threads", type=int, default=None, help="with --config: torch threads")
-    p.set_defaults(handler="paf_ray.bench:bench_command")
+    p.set_defaults(handler=commands.bench_command)
 
     return parser
 
@@ -208,20 +220,19 @@ def main(argv: list[str] | None = None) -> int:
     _add_debug_flag(parser)
     args = parser.parse_args(argv)
     command = " ".join(filter(None, [args.command, getattr(args, "data_command", None)]))
-    from paf_ray.config import ConfigError
-
     try:
-        module_name, func_name = args.handler.split(":")
-        handler = getattr(importlib.import_module(module_name), func_name)
-        return int(handler(args) or 0)
+        return int(args.handler(args) or 0)
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # every error is one line naming the file or key; --debug shows the rest
         if args.debug:
             raise
-        kind = "config error: " if isinstance(e, ConfigError) else ""
-        print(f"paf-ray {command}: {kind}{error_line(e)}  [--debug shows the traceback]", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 1
+        # a ConfigError comes from paf_ray.config, imported by then; cli itself does not import it (--help speed)
+        loader = sys.modules.get("paf_ray.config.loader")
+        is_config = loader is not None and isinstance(e, loader.ConfigError)
+        print(f"paf-ray {command}: {'config error: ' if is_config else ''}{error_line(e)}  [--debug shows the traceback]",
+              file=sys.stderr)
+        return 2 if is_config else 1
 
 
 if __name__ == "__main__":

@@ -220,7 +220,8 @@ async def _follow_logs(client, submission_id: str, out, written: list[int]) -> N
         written[0] += len(chunk)
 
 
-def submit_command(args) -> int:
+def submit(args) -> int:
+    """`paf-ray submit`: send the job file; with --wait, stream its logs and return its outcome."""
     spec = build_job_spec(args.config, args.overrides)
     try:
         client = make_client(args.address)

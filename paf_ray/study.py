@@ -38,16 +38,35 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
+import matplotlib
 import ray.tune
+from ray.tune.schedulers import FIFOScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from paf_ray.config import Config, ConfigError, from_dict, load_config, to_dict
-from paf_ray.data import storage
+from paf_ray.runtime import files, storage
+from paf_ray.runtime.files import read_json, write_text
+from paf_ray.runtime.ray import init_ray
+from paf_ray.runtime.runs import SUMMARY_FILE
+from paf_ray.tasks import TASKS, ordered
+from paf_ray.train.pretrain import METHOD_FORMAT, pretrain_checkpoint
+from paf_ray.train.run import prepare_data, steps_per_epoch
+from paf_ray.tune.search import restore_or_refuse, run_in_trial, sweep_dir, warm_data_cache
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
 CELLS_DIR = "cells"
 CHECKPOINTS_DIR = "checkpoints"
-TASK_METRIC = {"det": "det/AP", "sem": "sem/mIoU", "drv": "drv/mIoU"}  # the metric Δ_MTL uses per task
-TABLE_KEYS = ("det/AP", "det/AP50", "sem/mIoU", "drv/mIoU")
-KEY_TASK = {"det/AP": "det", "det/AP50": "det", "sem/mIoU": "sem", "drv/mIoU": "drv"}
+
+
+def table_keys(tasks) -> list[str]:
+    """The metric of each task the table shows and Δ_MTL uses: its headline."""
+    return [TASKS[t].headline for t in tasks]
+
+
+def key_task(key: str) -> str:
+    return key.split("/", 1)[0]
 PARADIGM_LABEL = {
     "single_task": "single-task",
     "pretrain_finetune": "pretrain→finetune",
@@ -125,8 +144,6 @@ class Weights:
 
 
 def checkpoint_weights(cfg: Config, out_dir: str) -> dict[str, Weights]:
-    from paf_ray.train.pretrain import METHOD_FORMAT
-
     out = {}
     for name, ck in cfg.study.checkpoints.items():
         backbone = ck.backbone or cfg.model.backbone.name
@@ -190,8 +207,6 @@ def check_study(cfg: Config, source: str) -> list[Cell]:
 def check_epoch_length(cfg: Config, cells: list[Cell]) -> None:
     """Every cell's data must hold `study.steps_per_epoch` batches, or its epochs would be cut short
     and the paradigms would train for different step counts."""
-    from paf_ray.train.run import prepare_data, steps_per_epoch
-
     for tasks in sorted({(c.task,) if c.task else tuple(cfg.model.tasks) for c in cells}):
         sub = replace(cfg, model=replace(cfg.model, tasks=list(tasks)))
         sub, train, _ = prepare_data(sub)
@@ -208,9 +223,6 @@ def check_epoch_length(cfg: Config, cells: list[Cell]) -> None:
 
 def make_checkpoints(cfg: Config, out_dir: str, weights: dict[str, Weights]) -> dict[str, dict]:
     """Pretrain every `study.checkpoints.<name>.pretrain` (once: a file whose settings match is reused)."""
-    from paf_ray.train.pretrain import pretrain_checkpoint
-    from paf_ray.train.run import prepare_data, read_json, write_text
-
     made: dict[str, dict] = {}
     records = None
     for name, ck in cfg.study.checkpoints.items():
@@ -230,7 +242,7 @@ def make_checkpoints(cfg: Config, out_dir: str, weights: dict[str, Weights]) -> 
         print(f"[study] checkpoint {name}: {ck.pretrain.method} pretraining, {ck.pretrain.steps} steps "
               f"on {len(records)} frames -> {path}", flush=True)
         backbone = replace(cfg.model.backbone, name=weights[name].backbone)
-        summary = pretrain_checkpoint(backbone, records, path, ck.pretrain)
+        summary = pretrain_checkpoint(backbone, records, ordered(cfg.model.tasks), path, ck.pretrain)
         print(f"[study] checkpoint {name}: {summary}", flush=True)
         write_text(sidecar, json.dumps({"settings": settings, "summary": summary}, indent=2))
         made[name] = summary
@@ -242,16 +254,12 @@ def make_checkpoints(cfg: Config, out_dir: str, weights: dict[str, Weights]) -> 
 
 def run_cell(params: dict, cells: dict[str, dict], runs_dir: str) -> None:
     """Tune function trainable: the cell named by the grid value `cell`."""
-    from paf_ray.tune.search import run_in_trial
-
     cell_id = params["cell"]
     run_in_trial(from_dict(cells[cell_id], f"study cell {cell_id}"), runs_dir)
 
 
 def cell_metrics(runs_dir: str, cell_id: str) -> dict | None:
     """The final metrics of a finished cell (its summary.json), else None."""
-    from paf_ray.train.run import SUMMARY_FILE, read_json
-
     summary = read_json(storage.join(runs_dir, cell_id, SUMMARY_FILE))
     if summary is None:
         return None
@@ -262,8 +270,9 @@ class StudyProgress(ray.tune.Callback):
     """One line per finished cell (cells done / total, elapsed time, ETA), and the results files
     rewritten from the cells finished so far (marked incomplete until the last one)."""
 
-    def __init__(self, total: int, runs_dir: str, done_before: int, report=None):
+    def __init__(self, total: int, runs_dir: str, done_before: int, keys: list[str], report=None):
         self.total, self.runs_dir, self.done_before, self.report = total, runs_dir, done_before, report
+        self.keys = keys
         self.t0 = time.perf_counter()
         self.finished = 0  # in this session
 
@@ -274,7 +283,7 @@ class StudyProgress(ray.tune.Callback):
         eta = elapsed / self.finished * max(0, self.total - done)
         cell_id = trial.config.get("cell")
         metrics = cell_metrics(self.runs_dir, cell_id) or {}
-        shown = ", ".join(f"{k} {metrics[k]:.2f}" for k in TABLE_KEYS if _finite(metrics.get(k)))
+        shown = ", ".join(f"{k} {metrics[k]:.2f}" for k in self.keys if _finite(metrics.get(k)))
         print(f"[study] {done}/{self.total} cells done: {cell_id} {what}{f' ({shown})' if shown else ''}; "
               f"elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min", flush=True)
         if self.report is not None:
@@ -291,17 +300,11 @@ class StudyProgress(ray.tune.Callback):
 
 
 def build_tuner(cfg: Config, out_dir: str, cells: list[Cell], cell_cfgs: dict[str, dict], resume: bool, done_before: int):
-    import ray.tune
-    from ray.tune.schedulers import FIFOScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
-    from paf_ray.tune.search import restore_or_refuse
-
     runs_dir = storage.join(out_dir, CELLS_DIR)
     trainable = ray.tune.with_parameters(run_cell, cells=cell_cfgs, runs_dir=runs_dir)
     trainable = ray.tune.with_resources(trainable, {"cpu": cfg.tune.trial_cpus})
     report = functools.partial(report_folder, cfg, out_dir)
-    callbacks = [StudyProgress(len(cells), runs_dir, done_before, report)]
+    callbacks = [StudyProgress(len(cells), runs_dir, done_before, table_keys(cfg.model.tasks), report)]
     experiment = storage.join(out_dir, cfg.name)
     restored = restore_or_refuse(experiment, trainable, resume)
     if restored is not None:
@@ -329,9 +332,6 @@ def build_tuner(cfg: Config, out_dir: str, cells: list[Cell], cell_cfgs: dict[st
 
 def run_study(cfg: Config, out: str | None = None, resume: bool = False, source: str = "<study>") -> dict:
     """Make the checkpoints, run every cell (or the unfinished ones, with `resume`), write the results."""
-    from paf_ray.train.ray_setup import init_ray
-    from paf_ray.tune.search import sweep_dir, warm_data_cache
-
     t0 = time.perf_counter()
     cells = check_study(cfg, source)
     out_dir = sweep_dir(cfg, out)
@@ -356,8 +356,6 @@ def run_study(cfg: Config, out: str | None = None, resume: bool = False, source:
 
 def report_folder(cfg: Config, out_dir: str, wall_s: float | None = None) -> dict:
     """Write study.csv/.json/.md/.png from the cells finished in `out_dir` so far (`--report`)."""
-    from paf_ray.train.run import read_json
-
     pretrained = {}
     for name, w in checkpoint_weights(cfg, out_dir).items():
         if cfg.study.checkpoints[name].pretrain is not None:
@@ -375,13 +373,13 @@ def _finite(v: Any) -> bool:
 
 def delta_mtl(metrics: dict, baselines: dict[str, float], tasks: list[str]) -> float | None:
     """Δ_MTL (Maninis et al. 2019), in %: (1/T) Σ_t (-1)^l_t (M_t - M_single,t) / M_single,t, with
-    l_t = 0 for every metric here (all higher-is-better). None when a value or baseline is missing or 0."""
+    l_t = 0 for a higher-is-better headline, 1 otherwise. None when a value or baseline is missing or 0."""
     terms = []
     for t in tasks:
-        m, b = metrics.get(TASK_METRIC[t]), baselines.get(t)
+        m, b = metrics.get(TASKS[t].headline), baselines.get(t)
         if not _finite(m) or not _finite(b) or b == 0:
             return None
-        terms.append((m - b) / b)
+        terms.append((m - b) / b * (1 if TASKS[t].higher_is_better else -1))
     return 100.0 * sum(terms) / len(terms)
 
 
@@ -393,8 +391,8 @@ def cell_rows(cfg: Config, cells: list[Cell], runs_dir: str) -> list[dict]:
     single: dict[tuple[str, str], dict[int, float]] = {}
     for c in cells:
         m = metrics[c.id]
-        if c.paradigm == "single_task" and m is not None and _finite(m.get(TASK_METRIC[c.task])):
-            single.setdefault((c.checkpoint, c.task), {})[c.seed] = m[TASK_METRIC[c.task]]
+        if c.paradigm == "single_task" and m is not None and _finite(m.get(TASKS[c.task].headline)):
+            single.setdefault((c.checkpoint, c.task), {})[c.seed] = m[TASKS[c.task].headline]
     rows = []
     for c in cells:
         m = metrics[c.id] or {}
@@ -402,8 +400,8 @@ def cell_rows(cfg: Config, cells: list[Cell], runs_dir: str) -> list[dict]:
                                "adapter": c.adapter, "lv_adapter": c.lv, "seed": c.seed,
                                "status": "done" if metrics[c.id] is not None else "missing"}
         cell_tasks = [c.task] if c.task else tasks
-        for key in TABLE_KEYS:
-            row[key] = float(m[key]) if KEY_TASK[key] in cell_tasks and _finite(m.get(key)) else None
+        for key in table_keys(tasks):
+            row[key] = float(m[key]) if key_task(key) in cell_tasks and _finite(m.get(key)) else None
         row["delta_mtl"] = None
         if c.paradigm != "single_task":
             baselines = {}
@@ -425,7 +423,7 @@ def _mean_std(values: list[float]) -> tuple[float, float, int] | None:
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0), len(vals)
 
 
-def table_rows(rows: list[dict]) -> list[dict]:
+def table_rows(rows: list[dict], keys: list[str]) -> list[dict]:
     """Rows of the paper table: checkpoint x paradigm (x adapter kind, x LV), each value (mean, std, n)
     over seeds; the single-task row of a checkpoint gathers its per-task models."""
     groups: dict[tuple, list[dict]] = {}
@@ -438,7 +436,7 @@ def table_rows(rows: list[dict]) -> list[dict]:
             continue
         entry: dict[str, Any] = {"checkpoint": ck, "paradigm": paradigm, "adapter": adapter, "lv_adapter": lv,
                                  "seeds": sorted({m["seed"] for m in members})}
-        for key in TABLE_KEYS:
+        for key in keys:
             entry[key] = _mean_std([m[key] for m in members if m[key] is not None])
         entry["delta_mtl"] = (0.0, 0.0, len(entry["seeds"])) if paradigm == "single_task" else \
             _mean_std([m["delta_mtl"] for m in members if m["delta_mtl"] is not None])
@@ -488,7 +486,7 @@ def sentences(rows: list[dict], tasks: list[str]) -> list[str]:
                 out.append(f"{name}: no pretrain→finetune cells to compare adapt→finetune with.")
                 continue
             parts = []
-            for key, label in [(TASK_METRIC[t], TASK_METRIC[t].replace("/", " ")) for t in tasks] + [("delta_mtl", "Δ_MTL")]:
+            for key, label in [(k, k.replace("/", " ")) for k in table_keys(tasks)] + [("delta_mtl", "Δ_MTL")]:
                 diffs = [a[key] - b[key] for a, b in pairs if _finite(a[key]) and _finite(b[key])]
                 if not diffs:
                     parts.append(f"{label}: no values")
@@ -518,7 +516,7 @@ def rows_csv(rows: list[dict]) -> str:
 
 def table_markdown(cfg: Config, table: list[dict], lines_after: list[str]) -> str:
     st = cfg.study
-    keys = [k for k in TABLE_KEYS if KEY_TASK[k] in cfg.model.tasks]
+    keys = table_keys(cfg.model.tasks)
     header = ["checkpoint", "paradigm", "seeds", *(k.replace("/", " ") for k in keys), "Δ_MTL (%)"]
     lines = [f"# Study {cfg.name}", "",
              f"Every cell: {st.total_steps} optimizer steps of batch {cfg.data.batch_size} (adapt steps counted); "
@@ -540,12 +538,7 @@ def table_markdown(cfg: Config, table: list[dict], lines_after: list[str]) -> st
 
 def plot_table(table: list[dict], tasks: list[str], path: str) -> str:
     """study.png: one panel per task metric and Δ_MTL, bars grouped by checkpoint, error bars = std over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [(TASK_METRIC[t], TASK_METRIC[t].replace("/", " ")) for t in TASK_METRIC if t in tasks]
+    panels = [(k, k.replace("/", " ")) for k in table_keys(tasks)]
     panels.append(("delta_mtl", "Δ_MTL (%)"))
     checkpoints = list(dict.fromkeys(e["checkpoint"] for e in table))
     variants = list(dict.fromkeys(row_label(e) for e in table))
@@ -574,15 +567,13 @@ def plot_table(table: list[dict], tasks: list[str], path: str) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
-    storage.write_bytes(path, buf.getvalue())
+    files.write_bytes(path, buf.getvalue())
     return path
 
 
 def write_results(cfg: Config, rows: list[dict], out_dir: str, wall_s: float, pretrained: dict | None = None) -> dict:
     """study.csv, study.json, study.md, study.png in the study folder."""
-    from paf_ray.train.run import write_text
-
-    table = table_rows(rows)
+    table = table_rows(rows, table_keys(cfg.model.tasks))
     said = sentences(rows, list(cfg.model.tasks))
     missing = [r["cell"] for r in rows if r["status"] != "done"]
     notes = said + ([f"INCOMPLETE: {len(missing)} of {len(rows)} cells have no result: {', '.join(missing)}"]
@@ -600,19 +591,3 @@ def write_results(cfg: Config, rows: list[dict], out_dir: str, wall_s: float, pr
     write_text(storage.join(out_dir, "study.json"), json.dumps(doc, indent=2, default=float))
     return {"rows": rows, "table": table, "sentences": said, "markdown": markdown, "complete": not missing,
             "wall_s": wall_s}
-
-
-def study_command(args) -> int:
-    from paf_ray.tune.search import sweep_dir
-
-    cfg = load_study(args.config, args.overrides, quick=args.quick)
-    if args.report:
-        out_dir = sweep_dir(cfg, args.out)
-        summary = {"out_dir": out_dir, **report_folder(cfg, out_dir)}
-        print(summary["markdown"])
-        print(f"[study] results of the cells finished so far written to {out_dir}")
-        return 0
-    summary = run_study(cfg, out=args.out, resume=args.resume, source=args.config)
-    print(summary["markdown"])
-    print(f"[study] folder: {summary['out_dir']} (study.md, study.csv, study.json, study.png), {summary['wall_s']} s")
-    return 0 if summary["complete"] else 1

@@ -114,10 +114,10 @@ def rule_lv_adapter(lv) -> Problems:
                          "deliberately random text tower (tests, demos)"))
     if lv.clip_weights is not None and lv.random_init:
         problems.append(("model.lv_adapter.random_init", "true, but model.lv_adapter.clip_weights names a file: choose one"))
-    dim = clip_embed_dim(lv.clip_model)
-    if dim is None:
+    dim = None if lv.clip_model.startswith("local-dir:") else clip_embed_dim(lv.clip_model)  # a folder: read at build
+    if dim is None and not lv.clip_model.startswith("local-dir:"):
         problems.append(("model.lv_adapter.clip_model", f"{lv.clip_model!r} is not an open_clip model name"))
-    elif dim % lv.heads:
+    elif dim is not None and dim % lv.heads:
         problems.append(("model.lv_adapter.heads", f"{lv.heads} does not divide the text embedding size {dim} of "
                                                    f"{lv.clip_model!r}"))
     # open_clip's `-quickgelu` model names are QuickGELU by definition (its model configs say so).

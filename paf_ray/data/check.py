@@ -1,9 +1,11 @@
 """``paf-ray data check``: decode every file of a dataset root and report what is wrong.
 
-Errors (each naming the file and the problem): unreadable or corrupt image, mask of the
-wrong size / format or with values outside the allowed set, box outside the image,
-x2 < x1, NaN coordinate, unknown category, malformed JSON, a label or mask for a missing
-image. Warnings: images without labels, training frames whose stem is also a val frame.
+Errors (each naming the file and the problem): unreadable or corrupt image, an image too large
+to decode, a label file a task cannot read (a mask of the wrong size, format or values, a box
+outside the image, an unknown category, malformed JSON...), a label for a missing image, a root
+without images, a split without images. Warnings: images without labels, an empty split, training
+frames whose stem is also a val frame. What each task checks in its labels is the task's
+(``Task.check_labels``).
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from paf_ray.data import bdd100k as B
-from paf_ray.data import storage
-from paf_ray.data.decode import box_problems, decode_image, decode_mask
-from paf_ray.data.index import DatasetError, det_targets, load_det_json
+from paf_ray.data.contracts import DatasetError
+from paf_ray.data.decode import decode_image
+from paf_ray.runtime import storage
 
 
 @dataclass
@@ -26,10 +28,8 @@ class Problem:
 
 @dataclass
 class SplitReport:
-    images: dict[str, int] = field(default_factory=lambda: {"100k": 0, "10k": 0})
-    labelled: dict[str, int] = field(default_factory=lambda: {t: 0 for t in B.TASKS})
-    boxes_per_class: dict[str, int] = field(default_factory=lambda: {c: 0 for c in B.DET_CLASSES})
-    ignore_boxes: int = 0
+    images: dict[str, int] = field(default_factory=lambda: {s: 0 for s in B.IMAGE_SETS})
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # task -> what -> n ("labelled", "boxes/car")
     errors: int = 0
     warnings: int = 0
 
@@ -37,6 +37,7 @@ class SplitReport:
 @dataclass
 class CheckReport:
     root: str
+    tasks: list[str] = field(default_factory=list)
     splits: dict[str, SplitReport] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
 
@@ -49,17 +50,41 @@ class CheckReport:
         return not self.errors
 
     def to_dict(self) -> dict:
-        return {"root": self.root, "ok": self.ok, "splits": {k: asdict(v) for k, v in self.splits.items()},
-                "problems": [asdict(p) for p in self.problems]}
+        return {"root": self.root, "ok": self.ok, "tasks": self.tasks,
+                "splits": {k: asdict(v) for k, v in self.splits.items()}, "problems": [asdict(p) for p in self.problems]}
+
+
+class _Sink:
+    """Where one task writes its problems and counts for one split (tasks/base.CheckSink)."""
+
+    def __init__(self, report: CheckReport, split: SplitReport, task: str):
+        self.report, self.split, self.task = report, split, task
+        self.stems: set[str] = set()
+        split.counts.setdefault(task, {"labelled": 0})
+
+    def error(self, file: str, problem: str) -> None:
+        self.report.problems.append(Problem("error", file, problem))
+
+    def warning(self, file: str, problem: str) -> None:
+        self.report.problems.append(Problem("warning", file, problem))
+
+    def labelled(self, stem: str) -> None:
+        self.stems.add(stem)
+        self.count("labelled")
+
+    def count(self, what: str, n: int = 1) -> None:
+        counts = self.split.counts[self.task]
+        counts[what] = counts.get(what, 0) + n
 
 
 def _stem(name: str) -> str:
     return os.path.splitext(name)[0]
 
 
-def check_dataset(root: str, splits=("train", "val")) -> CheckReport:
+def check_dataset(root: str, tasks, splits=B.SPLITS) -> CheckReport:
+    """Check every image of the root and every label of `tasks`."""
     root = storage.normalize_root(root)
-    report = CheckReport(root)
+    report = CheckReport(root, [t.name for t in tasks])
     if not storage.is_dir(root):
         report.problems.append(Problem("error", root, "dataset root does not exist or is not a folder"))
         return report
@@ -67,10 +92,14 @@ def check_dataset(root: str, splits=("train", "val")) -> CheckReport:
     for split in splits:
         sr = report.splits[split] = SplitReport()
         before = len(report.problems)
-        stems_by_split[split] = _check_split(root, split, sr, report.problems)
+        stems_by_split[split] = _check_split(root, split, tasks, sr, report)
         new = report.problems[before:]
         sr.errors = sum(p.severity == "error" for p in new)
         sr.warnings = len(new) - sr.errors
+    if not any(sum(sr.images.values()) for sr in report.splits.values()):
+        report.problems.append(Problem("error", root, f"no images in any split ({', '.join(splits)}): expected the "
+                                                      f"official layout {B.IMAGES_DIR} (is the root one folder too "
+                                                      "high or too low?)"))
     if "train" in stems_by_split:
         val = set().union(*(v for k, v in stems_by_split.items() if k != "train")) if len(stems_by_split) > 1 else set()
         overlap = sorted(stems_by_split["train"] & val)
@@ -83,17 +112,9 @@ def check_dataset(root: str, splits=("train", "val")) -> CheckReport:
     return report
 
 
-def _check_split(root: str, split: str, sr: SplitReport, problems: list[Problem]) -> set[str]:
-    def error(path, msg):
-        problems.append(Problem("error", path, msg))
-
-    def from_exc(e: DatasetError, path: str):
-        text = str(e)
-        prefix = path + ": "
-        error(path, text[len(prefix):] if text.startswith(prefix) else text)
-
+def _check_split(root: str, split: str, tasks, sr: SplitReport, report: CheckReport) -> set[str]:
     sizes: dict[str, dict[str, tuple[int, int] | None]] = {}
-    for image_set in ("100k", "10k"):
+    for image_set in B.IMAGE_SETS:
         folder = storage.join(root, B.IMAGES_DIR.format(image_set=image_set, split=split))
         names = [n for n in storage.list_files(folder) if n.lower().endswith((".jpg", ".jpeg", ".png"))]
         sr.images[image_set] = len(names)
@@ -104,70 +125,22 @@ def _check_split(root: str, split: str, sr: SplitReport, problems: list[Problem]
                 img = decode_image(path)
                 sizes[image_set][_stem(name)] = (img.shape[1], img.shape[0])
             except DatasetError as e:
-                from_exc(e, path)
+                report.problems.append(Problem("error", path, str(e).removeprefix(path + ": ")))
                 sizes[image_set][_stem(name)] = None  # exists, but unreadable
-
-    labelled = {"100k": set(), "10k": set()}
-    det_path = storage.join(root, B.DET_LABELS.format(split=split))
-    if storage.exists(det_path):
-        try:
-            frames = load_det_json(det_path)
-        except DatasetError as e:
-            from_exc(e, det_path)
-            frames = []
-        seen = set()
-        for frame in frames:
-            name = frame["name"]
-            stem = _stem(name)
-            if name in seen:
-                problems.append(Problem("warning", det_path, f"frame {name!r} appears more than once"))
-            seen.add(name)
-            targets, frame_problems = det_targets(frame, det_path)
-            for msg in frame_problems:
-                error(det_path, msg[len(det_path) + 2:])
-            if stem not in sizes["100k"]:
-                error(det_path, f"frame {name!r}: label for a missing image "
-                                f"({B.IMAGES_DIR.format(image_set='100k', split=split)}/{name})")
-                continue
-            sr.labelled["det"] += 1
-            labelled["100k"].add(stem)
-            size = sizes["100k"][stem]
-            if size is not None:
-                for msg in box_problems(targets.boxes + targets.ignore_boxes, size[0], size[1], f"frame {name!r}"):
-                    error(det_path, msg)
-            for cls in targets.labels:
-                sr.boxes_per_class[B.DET_CLASSES[cls]] += 1
-            sr.ignore_boxes += len(targets.ignore_boxes)
-    elif sr.images["100k"]:
-        problems.append(Problem("warning", det_path, "no detection labels for this split"))
-
-    for task, template, image_set in (("drv", B.DRV_MASKS_DIR, "100k"), ("sem", B.SEM_MASKS_DIR, "10k")):
-        folder = storage.join(root, template.format(split=split))
-        for name in storage.list_files(folder):
-            path = storage.join(folder, name)
-            if not name.lower().endswith(".png"):
-                problems.append(Problem("warning", path, "not a PNG mask; ignored"))
-                continue
-            stem = _stem(name)
-            if stem not in sizes[image_set]:
-                error(path, f"{task} mask for a missing image "
-                            f"({B.IMAGES_DIR.format(image_set=image_set, split=split)}/{stem}.jpg)")
-                continue
-            try:
-                decode_mask(path, task, sizes[image_set][stem])
-            except DatasetError as e:
-                from_exc(e, path)
-                continue
-            sr.labelled[task] += 1
-            labelled[image_set].add(stem)
-
-    for image_set in ("100k", "10k"):
+    if not any(sr.images.values()):
+        report.problems.append(Problem("warning", storage.join(root, "images"), f"split {split!r} has no images"))
+    labelled: dict[str, set[str]] = {s: set() for s in B.IMAGE_SETS}
+    for task in tasks:
+        sink = _Sink(report, sr, task.name)
+        task.check_labels(root, split, sizes[task.image_set], sink)
+        labelled[task.image_set] |= sink.stems
+    for image_set in B.IMAGE_SETS:
         unlabelled = set(sizes[image_set]) - labelled[image_set]
         if unlabelled:
             folder = storage.join(root, B.IMAGES_DIR.format(image_set=image_set, split=split))
-            problems.append(Problem("warning", folder, f"{len(unlabelled)} image(s) without any label "
-                                                       f"(e.g. {sorted(unlabelled)[0]}.jpg)"))
-    return set(sizes["100k"]) | set(sizes["10k"])
+            report.problems.append(Problem("warning", folder, f"{len(unlabelled)} image(s) without any label "
+                                                              f"(e.g. {sorted(unlabelled)[0]}.jpg)"))
+    return set().union(*(set(v) for v in sizes.values()))
 
 
 def format_report(report: CheckReport) -> str:
@@ -177,17 +150,16 @@ def format_report(report: CheckReport) -> str:
     w = max([12] + [len(s) + 2 for s in splits])
 
     def row(label, values):
-        return f"{label:<24}" + "".join(f"{v:>{w}}" for v in values)
+        return f"{label:<28}" + "".join(f"{v:>{w}}" for v in values)
 
     lines.append(row("", splits))
-    for image_set in ("100k", "10k"):
+    for image_set in B.IMAGE_SETS:
         lines.append(row(f"images {image_set}", [report.splits[s].images[image_set] for s in splits]))
-    for task, what in (("det", "det (boxes)"), ("sem", "sem (masks)"), ("drv", "drv (masks)")):
-        lines.append(row(f"labelled {what}", [report.splits[s].labelled[task] for s in splits]))
-    lines.append("boxes per class:")
-    for cls in B.DET_CLASSES:
-        lines.append(row(f"  {cls}", [report.splits[s].boxes_per_class[cls] for s in splits]))
-    lines.append(row("  ignore regions", [report.splits[s].ignore_boxes for s in splits]))
+    for task in report.tasks:
+        whats = list(dict.fromkeys(k for s in splits for k in report.splits[s].counts.get(task, {})))
+        for what in whats:
+            label = f"{task} {what}" if what == "labelled" else f"  {what}"
+            lines.append(row(label, [report.splits[s].counts.get(task, {}).get(what, 0) for s in splits]))
     lines.append(row("errors", [report.splits[s].errors for s in splits]))
     lines.append(row("warnings", [report.splits[s].warnings for s in splits]))
     lines.append("")

@@ -1,4 +1,7 @@
-"""Handlers of ``paf-ray data synth | index | check`` (arguments are declared in paf_ray/cli.py)."""
+"""Handlers of ``paf-ray data synth | index | check`` (arguments are declared in paf_ray/cli.py).
+
+Like every area's ``commands.py``, they import what they run when they run (`paf-ray --help` stays
+fast), and wire the parts below: here the registered tasks into the index and the checks."""
 
 from __future__ import annotations
 
@@ -6,23 +9,13 @@ import json
 import sys
 import time
 
-from paf_ray.data.index import DatasetError
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'640x360' -> (640, 360)."""
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"--size {text!r}: expected WIDTHxHEIGHT, e.g. 640x360") from None
-    return w, h
 
 
 def synth_command(args) -> int:
-    from paf_ray.data.synth import write_synthetic
+    from paf_ray.data.bdd100k.synth import write_synthetic
 
+    size = args.size
     try:
-        size = parse_size(args.size)
         t0 = time.perf_counter()
         out = write_synthetic(args.out, images=args.images, seed=args.seed, size=size, val_fraction=args.val_fraction)
     except ValueError as e:
@@ -35,13 +28,16 @@ def synth_command(args) -> int:
 
 
 def index_command(args) -> int:
+    from paf_ray.data.contracts import DatasetError
     from paf_ray.data.index import index_location, load_index, write_index
+    from paf_ray.tasks import TASKS
 
     splits = tuple(args.split or ("train", "val"))
     stats: dict = {}
     t0 = time.perf_counter()
     try:
-        records = load_index(args.root, drop_overlap=not args.keep_overlap, index_dir=args.index_dir, stats=stats)
+        records = load_index(args.root, list(TASKS), drop_overlap=not args.keep_overlap, index_dir=args.index_dir,
+                             stats=stats)
     except DatasetError as e:
         print(f"paf-ray data index: {e}", file=sys.stderr)
         return 1
@@ -52,11 +48,11 @@ def index_command(args) -> int:
         write_index([r for s in splits for r in records[s]], args.out)
     for split in splits:
         st = stats[split]
-        tasks = {t: sum(1 for r in records[split] if (r["has_det"] if t == "det" else r[t])) for t in ("det", "sem", "drv")}
+        per_task = ", ".join(f"{t.name} {sum(1 for r in records[split] if t.name in r['labels'])}" for t in TASKS)
         dropped = {k: v for k, v in st.items()
-                   if k not in ("problems", "records", "merged", "images_100k", "images_10k", "skipped") and v}
-        print(f"{split}: {st['records']} records (det {tasks['det']}, sem {tasks['sem']}, drv {tasks['drv']}; "
-              f"{st['merged']} frames in both sets merged)" + (f"; dropped {dropped}" if dropped else ""))
+                   if v and k not in ("problems", "records", "merged", "skipped", "index") and not k.startswith("images_")}
+        print(f"{split}: {st['records']} records ({per_task}; {st['merged']} frames in both sets merged)"
+              + (f"; dropped {dropped}" if dropped else ""))
     if args.out:
         print(f"wrote {args.out}")
     return 0
@@ -64,8 +60,9 @@ def index_command(args) -> int:
 
 def check_command(args) -> int:
     from paf_ray.data.check import check_dataset, format_report
+    from paf_ray.tasks import TASKS
 
-    report = check_dataset(args.root, splits=tuple(args.split or ("train", "val")))
+    report = check_dataset(args.root, list(TASKS), splits=tuple(args.split or ("train", "val")))
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))
     else:

@@ -2,7 +2,9 @@
 
 ``build_dataset`` gives a ``ray.data.Dataset`` of transformed rows (docs/architecture.md §2);
 a training worker iterates its shard with ``iter_train_batches`` (``BatchCollate`` makes
-the batch of §3). Nothing here depends on running inside Ray Train.
+the batch of §3). The tasks of the run are passed in: what a task's label, row columns and
+batch target are is the task's (``paf_ray/tasks``). Nothing here depends on running inside Ray
+Train, and nothing the decode workers unpickle imports torch.
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ import numpy as np
 import ray
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from paf_ray.config import DataConfig
-from paf_ray.data import synth
-from paf_ray.data.contracts import Batch, Record, Row, empty_batch, placeholder_row
+from paf_ray.data.bdd100k import synth
+from paf_ray.data.contracts import Batch, DatasetError, Record, has_column
 from paf_ray.data.decode import load_sample
-from paf_ray.data.index import DatasetError, load_index
-from paf_ray.data.transforms import train_transform, val_transform
+from paf_ray.data.index import load_index
+from paf_ray.data.transforms import Geometry, make_row, train_geometry, val_geometry
+from paf_ray.runtime.ray import configure_data_context
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +35,15 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- root and records
 
 
-def synth_cache_name(data_cfg: DataConfig) -> str:
+def synth_cache_name(data_cfg) -> str:
     s = data_cfg.synth
-    name = f"synth-{s.images}-{s.size[0]}x{s.size[1]}-s{s.seed}"
+    name = f"synth-{s.images}-{s.size[0]}x{s.size[1]}-s{s.seed}-g{synth.GENERATOR_VERSION}"
     if s.val_fraction != 0.25:
         name += f"-v{s.val_fraction:g}"
     return name
 
 
-def resolve_root(data_cfg: DataConfig, cache_dir: str) -> str:
+def resolve_root(data_cfg, cache_dir: str) -> str:
     """``data.root`` if set; else the synthetic dataset under cache_dir, generated once.
 
     Two processes may race: each writes into its own temporary folder and renames it into
@@ -71,23 +73,26 @@ def resolve_root(data_cfg: DataConfig, cache_dir: str) -> str:
     return final
 
 
-def load_records(data_cfg: DataConfig, root: str, split: str, stats: dict | None = None) -> list[Record]:
-    """The split's index records (sorted by name), cut to max_{train,val}_samples if set.
+def load_records(data_cfg, root: str, split: str, tasks, stats: dict | None = None) -> list[Record]:
+    """The split's index records (sorted by name) that carry at least one of `tasks`, cut to
+    max_{train,val}_samples if set.
 
-    The index is built once per state of the root and then reused (``index.load_index``)."""
+    The index of these tasks' labels is built once per state of the root, then reused
+    (``index.load_index``)."""
     all_stats: dict = {}
-    index = load_index(root, drop_overlap=data_cfg.drop_overlap, on_bad_sample=data_cfg.on_bad_sample,
+    index = load_index(root, tasks, drop_overlap=data_cfg.drop_overlap, on_bad_sample=data_cfg.on_bad_sample,
                        index_dir=data_cfg.index_dir, stats=all_stats)
     if split not in index:
         raise DatasetError(f"{root}: no split {split!r} (the index has {sorted(index)})")
-    records = index[split]
+    names = {t.name for t in tasks}
+    records = [r for r in index[split] if names & set(r["labels"])]
     if stats is not None:
         stats[split] = all_stats[split]
     limit = data_cfg.max_train_samples if split == data_cfg.train_split else data_cfg.max_val_samples
     if limit is not None:
         records = records[:limit]
     if not records:
-        raise DatasetError(f"{root}: split {split!r} has no labelled images")
+        raise DatasetError(f"{root}: split {split!r} has no images with labels for {sorted(names)}")
     return records
 
 
@@ -182,19 +187,49 @@ def _table(ref) -> RecordTable:
     return _tables[key]
 
 
-def load_row(record: Record, data_cfg: DataConfig, train: bool) -> Row:
+@dataclass(frozen=True)
+class RowSettings:
+    """What a decode task needs of ``data``: small, plain, torch-free (it travels with every map task)."""
+
+    input_size: tuple[int, int]
+    scale_range: tuple[float, float]
+    hflip: float
+    color_jitter: float
+    on_bad_sample: str
+    decode_priority: str
+
+    @classmethod
+    def of(cls, data_cfg) -> "RowSettings":
+        return cls(tuple(data_cfg.input_size), tuple(data_cfg.scale_range), data_cfg.hflip, data_cfg.color_jitter,
+                   data_cfg.on_bad_sample, data_cfg.decode_priority)
+
+
+def placeholder_row(name: str, error: str, tasks) -> dict:
+    """A bad sample kept under on_bad_sample=skip: tiny arrays and the reason; the collate drops it."""
+    geometry = Geometry.placeholder()
+    row = {"image": np.zeros((1, 1, 3), np.uint8), "name": name, "scale": np.float32(0.0),
+           "orig_size": np.zeros((2,), np.int64), "error": error}
+    for task in tasks:
+        row[has_column(task.name)] = False
+        row.update(task.transform(None, geometry))
+    return row
+
+
+def load_row(record: Record, settings: RowSettings, tasks, train: bool) -> dict:
     """One index record -> one transformed row (or, with on_bad_sample: skip, a placeholder)."""
     try:
-        sample = load_sample(record)
+        sample = load_sample(record, tasks)
     except DatasetError as e:
-        if data_cfg.on_bad_sample != "skip":
+        if settings.on_bad_sample != "skip":
             raise
-        return placeholder_row(record["name"], str(e))
+        return placeholder_row(record["name"], str(e), tasks)
+    h, w = sample["image"].shape[:2]
     if train:
-        row = train_transform(sample, tuple(data_cfg.input_size), tuple(data_cfg.scale_range), data_cfg.hflip,
-                              data_cfg.color_jitter, np.random.default_rng())
+        rng = np.random.default_rng()
+        geometry = train_geometry(w, h, settings.input_size, settings.scale_range, settings.hflip, rng)
+        row = make_row(sample["image"], sample["targets"], tasks, geometry, settings.color_jitter, rng)
     else:
-        row = val_transform(sample, tuple(data_cfg.input_size))
+        row = make_row(sample["image"], sample["targets"], tasks, val_geometry(w, h, settings.input_size))
     row["name"] = record["name"]
     row["error"] = ""
     return row
@@ -203,18 +238,18 @@ def load_row(record: Record, data_cfg: DataConfig, train: bool) -> Row:
 class LoadRows:
     """The Ray Data map: a stream position (column "data") -> its record (``StreamPlan``) -> the transformed row."""
 
-    def __init__(self, table_ref, plan: StreamPlan, data_cfg: DataConfig, train: bool):
-        self.table_ref, self.plan, self.data_cfg, self.train = table_ref, plan, data_cfg, train
+    def __init__(self, table_ref, plan: StreamPlan, settings: RowSettings, tasks, train: bool):
+        self.table_ref, self.plan, self.settings, self.tasks, self.train = table_ref, plan, settings, list(tasks), train
 
-    def __call__(self, item: dict) -> Row:
+    def __call__(self, item: dict) -> dict:
         index = int(self.plan.record_indices(np.asarray([item["data"]]))[0])
         record = _table(self.table_ref)[index]
-        if self.data_cfg.decode_priority == "idle":
-            return run_at_idle_priority(load_row, record, self.data_cfg, self.train)
-        return load_row(record, self.data_cfg, self.train)
+        if self.settings.decode_priority == "idle":
+            return run_at_idle_priority(load_row, record, self.settings, self.tasks, self.train)
+        return load_row(record, self.settings, self.tasks, self.train)
 
 
-def map_cpus(data_cfg: DataConfig) -> float:
+def map_cpus(data_cfg) -> float:
     """CPUs per decode task: more tasks than CPUs, so the CPUs stay busy while a task waits for
     I/O, while the executor starts the next task, and at the end of a stream, where tasks finish
     at different times (with one task per CPU a 500-frame pass ended with 0.8 s on one CPU;
@@ -222,13 +257,13 @@ def map_cpus(data_cfg: DataConfig) -> float:
     return 0.5 if data_cfg.cpus <= 1 else 0.65  # not 2/3: Ray keeps 4 decimals, and 3 x 0.6667 > 2
 
 
-def decode_slots(data_cfg: DataConfig) -> int:
+def decode_slots(data_cfg) -> int:
     """Decode tasks that run at once under the ``data.cpus`` cap."""
     return max(1, int(data_cfg.cpus / map_cpus(data_cfg) + 1e-6))
 
 
 BLOCK_TARGET_BYTES = 20 << 20  # four batches of 4 rows at 640x384
-# the first batch of a stream waits for one block (never under ray_setup.MIN_BLOCK_BYTES, though)
+# the first batch of a stream waits for one block (never under runtime.ray.MIN_BLOCK_BYTES, though)
 MAX_BATCHES_PER_BLOCK = 4
 # A block is at most this part of a node's object store: Ray Data keeps half the store for its
 # rows, and a decode task that may not start while the blocks of the others fill that half
@@ -237,7 +272,7 @@ MAX_BATCHES_PER_BLOCK = 4
 STORE_BLOCKS = 24
 
 
-def block_rows(data_cfg: DataConfig, store_bytes: int | None = None) -> int:
+def block_rows(data_cfg, tasks, store_bytes: int | None = None) -> int:
     """Rows a decode task hands on at a time: whole batches, as many as make about
     BLOCK_TARGET_BYTES (and no more than 1/STORE_BLOCKS of `store_bytes`, the smallest node's
     object store), at most MAX_BATCHES_PER_BLOCK. A batch never spans two blocks, so it
@@ -248,7 +283,7 @@ def block_rows(data_cfg: DataConfig, store_bytes: int | None = None) -> int:
     coordinator 3.7-4.2 ms a row instead of 5.5-6.5; docs/benchmarks.md)."""
     batch = max(1, data_cfg.batch_size)
     target = BLOCK_TARGET_BYTES if store_bytes is None else min(BLOCK_TARGET_BYTES, store_bytes // STORE_BLOCKS)
-    batches = round(target / (batch * row_bytes(data_cfg)))
+    batches = round(target / (batch * row_bytes(data_cfg, tasks)))
     return batch * min(MAX_BATCHES_PER_BLOCK, max(1, batches))
 
 
@@ -261,13 +296,15 @@ def smallest_object_store() -> int | None:
     return min(stores) if stores else None
 
 
-def row_bytes(data_cfg: DataConfig) -> int:
-    """Bytes of one transformed row: the uint8 image and its two uint8 masks at the input size."""
+def row_bytes(data_cfg, tasks) -> int:
+    """Bytes of one transformed row at the input size: the uint8 image and the tasks' columns (a frame
+    without labels has their full size too: empty masks are 255s)."""
     w, h = data_cfg.input_size
-    return w * h * (3 + 1 + 1)
+    geometry = val_geometry(w, h, (w, h))
+    return w * h * 3 + sum(int(np.asarray(v).nbytes) for t in tasks for v in t.transform(None, geometry).values())
 
 
-def read_blocks(plan: StreamPlan, data_cfg: DataConfig) -> int:
+def read_blocks(plan: StreamPlan, data_cfg) -> int:
     """Read blocks of a stream: one per epoch and decode slot, so the tasks running at once
     read neighbouring parts of the stream and an epoch's rows arrive in that epoch. Each block
     is one decode task, and the executor takes 0.1-0.3 s to notice a finished task and start
@@ -278,7 +315,7 @@ def read_blocks(plan: StreamPlan, data_cfg: DataConfig) -> int:
     return max(1, min(-(-plan.total_rows // data_cfg.batch_size), wanted))
 
 
-def build_dataset(records: list[Record], data_cfg: DataConfig, train: bool, epochs: int = 1,
+def build_dataset(records: list[Record], data_cfg, tasks, train: bool, epochs: int = 1,
                   rows_per_epoch: int | None = None, seed: int = 0) -> ray.data.Dataset:
     """Records -> Dataset of transformed rows; Ray Data's CPU use is capped at ``data.cpus``.
 
@@ -287,12 +324,10 @@ def build_dataset(records: list[Record], data_cfg: DataConfig, train: bool, epoc
     steps itself, so the next epoch's rows are decoded while the previous one ends, and the
     pipeline is planned and started once per stage.
     """
-    from paf_ray.train.ray_setup import configure_data_context
-
     if not records:
         raise DatasetError("build_dataset: no records")
     configure_data_context(data_cfg.cpus,
-                           block_bytes=block_rows(data_cfg, smallest_object_store()) * row_bytes(data_cfg))
+                           block_bytes=block_rows(data_cfg, tasks, smallest_object_store()) * row_bytes(data_cfg, tasks))
     plan = StreamPlan(n_records=len(records), rows_per_epoch=rows_per_epoch or len(records), epochs=epochs,
                       shuffle=train, seed=seed)
     # Positions as numpy blocks made here, not ray.data.range: a read task asks for a whole CPU
@@ -300,7 +335,8 @@ def build_dataset(records: list[Record], data_cfg: DataConfig, train: bool, epoc
     # (or wait for a CPU training holds) while the map starves.
     positions = np.array_split(np.arange(plan.total_rows, dtype=np.int64), read_blocks(plan, data_cfg))
     ds = ray.data.from_numpy(positions)
-    return ds.map(LoadRows(ray.put(RecordTable(records)), plan, data_cfg, train), num_cpus=map_cpus(data_cfg))
+    table = ray.put(RecordTable(records))
+    return ds.map(LoadRows(table, plan, RowSettings.of(data_cfg), tasks, train), num_cpus=map_cpus(data_cfg))
 
 
 # ----------------------------------------------------------------------------- batches
@@ -309,69 +345,70 @@ def build_dataset(records: list[Record], data_cfg: DataConfig, train: bool, epoc
 class BatchCollate(NumpyBatchCollateFn):
     """Numpy rows -> the training batch (docs/architecture.md §3); bad rows are dropped and counted."""
 
+    def __init__(self, tasks):
+        super().__init__()
+        self.tasks = list(tasks)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> Batch:
         import torch
 
         errors = batch["error"]
         good = [i for i, e in enumerate(errors) if not e]
+        for i, e in enumerate(errors):
+            if e:
+                log.warning("skipped bad sample %s: %s", batch["name"][i], e)
         skipped = len(errors) - len(good)
-        if skipped:
-            for i, e in enumerate(errors):
-                if e:
-                    log.warning("skipped bad sample %s: %s", batch["name"][i], e)
+        if not good:  # every row of this batch was bad
+            return empty_batch(skipped, self.tasks)
+        images = batch["image"]
+        if skipped or images.dtype == object:
+            images = np.stack([np.asarray(images[i]) for i in good])
 
-        def stack(key):
-            col = batch[key]
-            if not skipped and isinstance(col, np.ndarray) and col.dtype != object:
-                return col
-            return np.stack([np.asarray(col[i]) for i in good]) if good else None
+        def flags(key):
+            return torch.from_numpy(np.asarray([bool(batch[key][i]) for i in good]))
 
-        images = stack("image")
-        sem, drv = stack("sem"), stack("drv")
-        if images is None:  # every row of this batch was bad
-            return empty_batch(skipped)
+        return Batch(
+            image=torch.from_numpy(images if images.flags.writeable else images.copy()).permute(0, 3, 1, 2),
+            name=[str(batch["name"][i]) for i in good],
+            scale=torch.from_numpy(np.asarray([batch["scale"][i] for i in good], np.float32)),
+            orig_size=torch.from_numpy(np.stack([np.asarray(batch["orig_size"][i], np.int64) for i in good])),
+            has={t.name: flags(has_column(t.name)) for t in self.tasks},
+            targets={t.name: t.collate(batch, good) for t in self.tasks},
+            skipped=skipped,
+        )
 
-        def tensor(a, dtype=None):
-            t = torch.from_numpy(a if a.flags.writeable else a.copy())
-            return t if dtype is None else t.to(dtype)
 
-        return Batch(**{
-            "image": tensor(images).permute(0, 3, 1, 2),
-            "boxes": [tensor(np.asarray(batch["boxes"][i], np.float32).reshape(-1, 4)) for i in good],
-            "labels": [tensor(np.asarray(batch["labels"][i], np.int64).reshape(-1)) for i in good],
-            "ignore_boxes": [tensor(np.asarray(batch["ignore_boxes"][i], np.float32).reshape(-1, 4)) for i in good],
-            "ignore_labels": [tensor(np.asarray(batch["ignore_labels"][i], np.int64).reshape(-1)) for i in good],
-            "sem": tensor(sem),
-            "drv": tensor(drv),
-            "has_det": torch.from_numpy(np.asarray([bool(batch["has_det"][i]) for i in good])),
-            "has_sem": torch.from_numpy(np.asarray([bool(batch["has_sem"][i]) for i in good])),
-            "has_drv": torch.from_numpy(np.asarray([bool(batch["has_drv"][i]) for i in good])),
-            "name": [str(batch["name"][i]) for i in good],
-            "scale": torch.from_numpy(np.asarray([batch["scale"][i] for i in good], np.float32)),
-            "orig_size": torch.from_numpy(np.stack([np.asarray(batch["orig_size"][i], np.int64) for i in good])),
-            "skipped": skipped,
-        })
+def empty_batch(skipped: int, tasks) -> Batch:
+    """The batch of a collate whose every row was bad: zero frames."""
+    import torch
+
+    none = torch.zeros(0, dtype=torch.bool)
+    return Batch(image=torch.zeros((0, 3, 1, 1), dtype=torch.uint8), name=[], scale=torch.zeros(0),
+                 orig_size=torch.zeros((0, 2), dtype=torch.int64), has={t.name: none.clone() for t in tasks},
+                 targets={t.name: None for t in tasks}, skipped=skipped)
+
+
+def to_device(obj, device):
+    """Every tensor in `obj` (a tensor, or dicts and lists of them) on `device`; other values as they are."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [to_device(v, device) for v in obj]
+    return obj
 
 
 def batch_to_device(batch: dict, device) -> dict:
-    """Move every tensor (also those in lists) to `device`; other values are kept."""
+    """Move every tensor of a batch (also those in its targets) to `device`."""
     import torch
 
-    device = torch.device(device)
-    if device.type == "cpu":
-        return batch
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
-            out[k] = v.to(device, non_blocking=True)
-        elif isinstance(v, list) and v and isinstance(v[0], torch.Tensor):
-            out[k] = [t.to(device, non_blocking=True) for t in v]
-        else:
-            out[k] = v
-    return out
+    return batch if torch.device(device).type == "cpu" else to_device(batch, torch.device(device))
 
 
-def iter_train_batches(shard_or_dataset, batch_size: int, device="cpu", drop_last: bool = False,
+def iter_train_batches(shard_or_dataset, tasks, batch_size: int, device="cpu", drop_last: bool = False,
                        local_shuffle_buffer_size: int | None = None):
     """Batches of §3 from a DataIterator (``get_dataset_shard``) or a Dataset, on `device`.
 
@@ -380,7 +417,7 @@ def iter_train_batches(shard_or_dataset, batch_size: int, device="cpu", drop_las
     such a step on every rank together.
     """
     batches = shard_or_dataset.iter_torch_batches(
-        batch_size=batch_size, collate_fn=BatchCollate(), prefetch_batches=1, drop_last=drop_last, device="cpu",
+        batch_size=batch_size, collate_fn=BatchCollate(tasks), prefetch_batches=1, drop_last=drop_last, device="cpu",
         local_shuffle_buffer_size=local_shuffle_buffer_size)
     for batch in batches:
         yield batch_to_device(batch, device)

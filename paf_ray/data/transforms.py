@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from paf_ray.data.contracts import IGNORE_INDEX
+from paf_ray.data.contracts import IGNORE_INDEX, has_column
 
 MIN_BOX_SIZE = 2.0  # boxes narrower or lower than this (network pixels) are dropped
 
@@ -142,6 +142,6 @@ def make_row(image: np.ndarray, targets: dict, tasks, geometry: Geometry, color_
     row = {"image": canvas, "scale": np.float32(geometry.scale), "orig_size": np.array([h0, w0], np.int64)}
     for task in tasks:
         target = targets.get(task.name)
-        row[f"has_{task.name}"] = target is not None
+        row[has_column(task.name)] = target is not None
         row.update(task.transform(target, geometry))
     return row

@@ -15,6 +15,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from paf_ray.runtime import storage
+
 # A CLIP small enough for CPU tests and demos (same tokenizer and vocabulary as RN50).
 # `clip_model: paf-tiny-clip` works in every process that imports paf_ray, unlike a
 # config registered with open_clip.add_model_config in one process only.
@@ -147,8 +149,6 @@ def load_clip(
             )
     weights = clip_weights if load_weights else None
     if weights:
-        from paf_ray.data import storage
-
         try:
             weights = storage.local_file(weights)  # a URI is read through this node's cache
         except (FileNotFoundError, IsADirectoryError):

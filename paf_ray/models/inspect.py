@@ -9,14 +9,10 @@ convolutions and matmuls; RoIAlign, NMS and interpolation are not counted).
 
 from __future__ import annotations
 
-import argparse
-import json
-
 import torch
 
-from paf_ray.config import load_config
+from paf_ray.models.backbones import BACKBONES
 from paf_ray.models.multitask import build_model
-from paf_ray.models.adapters import PLACEMENT
 from paf_ray.models.stages import apply_stage, backbone_builds_graph, finish_stage, trainable_summary
 
 
@@ -37,12 +33,15 @@ def forward_gflops(model: torch.nn.Module, input_size: tuple[int, int]) -> tuple
     root = type(model).__name__
     counts = {tuple(name.split(".")): sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
     per_module = {}
-    for child, _ in model.named_children():
-        flops = counts.get((root, child))
-        if flops is None:  # containers never called themselves (the adapters' ModuleDict): sum their children
-            flops = sum(v for k, v in counts.items() if len(k) == 3 and k[:2] == (root, child))
-        if flops:
-            per_module[child] = round(flops / 1e9, 3)
+    for child, module in model.named_children():
+        if child == "heads":  # one entry per task head
+            parts = {f"{task}_head": counts.get((root, child, task), 0) for task in module}
+        else:
+            flops = counts.get((root, child))
+            if flops is None:  # containers never called themselves (the adapters' ModuleDict): sum their children
+                flops = sum(v for k, v in counts.items() if len(k) == 3 and k[:2] == (root, child))
+            parts = {child: flops}
+        per_module.update({k: round(v / 1e9, 3) for k, v in parts.items() if v})
     return counter.get_total_flops() / 1e9, per_module
 
 
@@ -55,12 +54,15 @@ def inspect_model(cfg, stage: str | None = None, flops: bool = True) -> dict:
         for s in cfg.train.stages:
             if s.kind == "finetune":
                 break
-            finish_stage(model, s.kind, s)
-    apply_stage(model, stage, cfg)
+            finish_stage(model, s.kind, s.merge_adapters)
+    apply_stage(model, stage, cfg.model.lv_adapter.train_prompts_in_finetune)
     report = {"stage": stage, **trainable_summary(model)}
     report["adapters_merged"] = bool(model.adapters_merged)
+    report["backbone"] = {"name": cfg.model.backbone.name, "note": BACKBONES[cfg.model.backbone.name].note,
+                          "stage_channels": {str(k): v for k, v in model.backbone.stage_channels.items()}}
+    report["tasks"] = model.task_names
     report["adapter"] = {"kind": cfg.model.adapter.kind, "stages": sorted(set(cfg.model.adapter.stages)),
-                         "placement": PLACEMENT[cfg.model.adapter.kind]}
+                         "placement": model.adapter.placement}
     report["backbone_graph"] = backbone_builds_graph(model)
     report["input_size"] = list(cfg.data.input_size)
     lv = getattr(model, "lv_adapter", None)
@@ -76,8 +78,10 @@ def inspect_model(cfg, stage: str | None = None, flops: bool = True) -> dict:
     return report
 
 
-def _text(report: dict) -> str:
-    lines = [f"stage: {report['stage']}   input (w, h): {tuple(report['input_size'])}",
+def report_text(report: dict) -> str:
+    bb = report["backbone"]
+    lines = [f"stage: {report['stage']}   input (w, h): {tuple(report['input_size'])}   tasks: {', '.join(report['tasks'])}",
+             f"backbone: {bb['name']} ({bb['note']}), stage channels {list(bb['stage_channels'].values())}",
              f"adapters: {report['adapter']['kind']} at stages {report['adapter']['stages']}: "
              f"{report['adapter']['placement']}",
              f"backbone forward records autograd in this stage: {'yes' if report['backbone_graph'] else 'no'}",
@@ -93,10 +97,3 @@ def _text(report: dict) -> str:
     else:
         lines.append(f"forward GFLOPs: not counted ({report.get('gflops_error')})")
     return "\n".join(lines)
-
-
-def inspect_command(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
-    report = inspect_model(cfg, args.stage)
-    print(json.dumps(report, indent=2) if args.json else _text(report))
-    return 0

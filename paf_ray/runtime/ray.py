@@ -1,4 +1,4 @@
-"""Starting or joining Ray, and the Ray Data settings every driver and trial applies."""
+"""Starting or joining Ray, and the one place Ray Data's process-wide settings (DataContext) are made."""
 
 from __future__ import annotations
 
@@ -167,10 +167,17 @@ def pin_ray_address() -> None:
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, object_store_mb: int = 512) -> None:
-    """Join `address` (or RAY_ADDRESS), else start a local Ray; idempotent."""
-    if ray.is_initialized():
-        return
+def init_ray(address: str | None = None, num_cpus: int | None = None, object_store_mb: int = 512,
+             data_cpus: float | None = None) -> None:
+    """Join `address` (or RAY_ADDRESS), else start a local Ray; idempotent. With `data_cpus`, also the
+    Ray Data settings of this process (``configure_data_context``)."""
+    if not ray.is_initialized():
+        _start_or_join(address, num_cpus, object_store_mb)
+    if data_cpus is not None:
+        configure_data_context(data_cpus)
+
+
+def _start_or_join(address: str | None, num_cpus: int | None, object_store_mb: int) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
         ray.init(address=address, log_to_driver=True)

@@ -4,7 +4,11 @@
 imports. ``DEFAULT_TASKS`` are the tasks a config trains when it names none (the paper's three).
 """
 
-from paf_ray.tasks import det, drv, lane, sem  # noqa: F401  (each registers itself)
+# each registers itself; the order of registration is the order of heads, metrics and tables
+from paf_ray.tasks import det  # noqa: F401  isort: skip
+from paf_ray.tasks import sem  # noqa: F401  isort: skip
+from paf_ray.tasks import drv  # noqa: F401  isort: skip
+from paf_ray.tasks import lane  # noqa: F401  isort: skip
 from paf_ray.tasks.base import HeadInput, MetricsInputError, Task
 from paf_ray.tasks.registry import TASKS
 

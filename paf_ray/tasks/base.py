@@ -235,8 +235,12 @@ class CheckSink(abc.ABC):
     def warning(self, file: str, problem: str) -> None: ...
 
     @abc.abstractmethod
+    def labelled(self, stem: str) -> None:
+        """The frame `stem` has a readable label of this task."""
+
+    @abc.abstractmethod
     def count(self, what: str, n: int = 1) -> None:
-        """Add to a named count of this task in this split (e.g. "labelled", "boxes/car")."""
+        """Add to a named count of this task in this split (e.g. "boxes/car")."""
 
 
 @dataclass(frozen=True)

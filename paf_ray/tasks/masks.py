@@ -345,4 +345,4 @@ class MaskTask(Task):
             except ValueError as e:
                 report.error(path, str(e).removeprefix(path + ": "))
                 continue
-            report.count("labelled")
+            report.labelled(stem)

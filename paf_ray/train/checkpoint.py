@@ -11,7 +11,7 @@ Everything loads with ``torch.load(..., weights_only=True)``. A run directory
 (``<storage>/<name>``, holding ``summary.json``) is accepted wherever a checkpoint is,
 and resolves to the run's final checkpoint. Each of these may be a local path or a URI
 (``file://``, ``s3://``, ``gs://``); a checkpoint on object storage is read from a copy in
-this node's cache (``paf_ray.data.storage.local_dir``).
+this node's cache (``paf_ray.runtime.storage.local_dir``).
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ import pickle
 from typing import Any
 
 import torch
-import yaml
 
-from paf_ray.config import Config, StageConfig, dump_config, from_dict
-from paf_ray.data import storage
+from paf_ray.config import Config, ConfigError, dump_config, from_dict, to_dict
+from paf_ray.config.loader import read_yaml_file
+from paf_ray.models.multitask import build_model
+from paf_ray.models.stages import finish_stage
+from paf_ray.runtime import storage
 
 MODEL_FILE = "model.pt"
 TRAIN_STATE_FILE = "train_state.pt"
@@ -108,14 +110,28 @@ def resolve_checkpoint_dir(path: str) -> str:
 
 
 def read_meta(directory: str) -> dict[str, Any]:
-    with open(os.path.join(directory, META_FILE), encoding="utf-8") as f:
-        return json.load(f)
+    """meta.json of a checkpoint; CheckpointError naming the file when it is missing or not a JSON object."""
+    path = os.path.join(directory, META_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (not a paf_ray checkpoint folder?)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: corrupt ({type(e).__name__}: {str(e)[:100]})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: corrupt (expected a JSON object, got {type(meta).__name__})")
+    return meta
 
 
 def read_config(directory: str) -> Config:
+    """config.yaml of a checkpoint, read with the strict loader (a YAML tag or any non-plain value is an
+    error naming the file), types checked; its rules were checked when its run started."""
     path = os.path.join(directory, CONFIG_FILE)
-    with open(path, encoding="utf-8") as f:
-        return from_dict(yaml.safe_load(f), path, rules=False)  # checked when its run started
+    data = read_yaml_file(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return from_dict(data, path, rules=False)
 
 
 def read_train_state(directory: str, device: str | torch.device = "cpu") -> dict[str, Any] | None:
@@ -127,36 +143,30 @@ def read_train_state(directory: str, device: str | torch.device = "cpu") -> dict
 
 def load_model_state(model: torch.nn.Module, directory: str, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint's weights into `model` (merging LoRA first if the checkpoint was merged)."""
-    from paf_ray.models.stages import finish_stage
-
     meta = read_meta(directory)
     net = unwrap(model)
     if meta.get("normalization"):
         net.normalization = meta["normalization"]
     if meta.get("clip_activation") and hasattr(net, "lv_adapter"):
         net.lv_adapter.text_encoder.set_activation(meta["clip_activation"])
-    if meta.get("adapters_merged") and not getattr(net, "adapters_merged", False):
-        finish_stage(net, "adapt", StageConfig(kind="adapt", merge_adapters=True))
+    if meta.get("adapters_merged"):
+        finish_stage(net, "adapt", merge_adapters=True)
     state = load_tensors(os.path.join(directory, MODEL_FILE), device)
     result = net.load_state_dict(state, strict=False)
     problems = [k for k in result.missing_keys] + [k for k in result.unexpected_keys]
     if problems:
-        raise RuntimeError(
-            f"{directory}/{MODEL_FILE}: does not match the model built from the config: "
-            f"missing {result.missing_keys[:10]}, unexpected {result.unexpected_keys[:10]}"
-        )
+        raise CheckpointError(
+            f"{directory}/{MODEL_FILE}: does not match the model built from its config: "
+            f"{len(result.missing_keys)} missing (first {result.missing_keys[:5]}), "
+            f"{len(result.unexpected_keys)} unexpected (first {result.unexpected_keys[:5]})")
     return meta
 
 
 def load_model(path: str, device: str | torch.device = "cpu", overrides: list[str] | tuple[str, ...] = ()):
     """Rebuild the model of a checkpoint for inference: (model in eval mode, cfg, meta)."""
-    from paf_ray.models import build_model
-
     directory = resolve_checkpoint_dir(path)
     cfg = read_config(directory)
     if overrides:
-        from paf_ray.config import to_dict
-
         cfg = from_dict(to_dict(cfg), os.path.join(directory, CONFIG_FILE), overrides)
     model = build_model(cfg.model, input_size=cfg.data.input_size, load_weights=False)
     meta = load_model_state(model, directory, device)

@@ -24,6 +24,12 @@ import torch
 import torch.distributed as dist
 
 from paf_ray.config import Config, StageConfig, from_dict
+from paf_ray.data.pipeline import iter_train_batches
+from paf_ray.eval.evaluator import Evaluator, compute_metrics, merge_states
+from paf_ray.models.multitask import build_model
+from paf_ray.models.stages import apply_stage, finish_stage, prepare_norm
+from paf_ray.runtime import storage
+from paf_ray.tasks import ordered
 from paf_ray.train.checkpoint import load_model_state, read_train_state, save_checkpoint, unwrap
 from paf_ray.train.step import StepCounter, Trainee, all_reduce_sum, dist_on, make_trainee, train_step
 
@@ -38,9 +44,7 @@ def _all_gather(obj: Any) -> list[Any]:
 
 def evaluate(net: torch.nn.Module, batches, cfg: Config, device: torch.device, amp: bool) -> dict:
     """Run `net` over `batches` (this worker's share of val); return the evaluator state."""
-    from paf_ray.eval.metrics import Evaluator
-
-    evaluator = Evaluator(tasks=list(cfg.model.tasks))
+    evaluator = Evaluator(ordered(cfg.model.tasks), cfg.model.heads)
     was_training = net.training
     net.eval()
     with torch.no_grad():
@@ -55,12 +59,10 @@ def evaluate(net: torch.nn.Module, batches, cfg: Config, device: torch.device, a
     return evaluator.state()
 
 
-def gather_metrics(state: dict, tasks: list[str]) -> dict:
+def gather_metrics(state: dict, task_names: list[str]) -> dict:
     """All ranks call this: merge every worker's evaluator state and compute the metrics."""
-    from paf_ray.eval.metrics import compute_metrics, merge_states
-
-    states = _all_gather(state)
-    return compute_metrics(merge_states(states), tasks)
+    tasks = ordered(task_names)
+    return compute_metrics(tasks, merge_states(tasks, _all_gather(state)))
 
 
 class _WaitClock:
@@ -94,8 +96,6 @@ class _RunLog:
     """
 
     def __init__(self, run_dir: str | None, enabled: bool):
-        from paf_ray.data import storage
-
         self.enabled = enabled and bool(run_dir)
         self.run_dir = run_dir
         self.remote = self.enabled and storage.is_remote(run_dir)
@@ -134,8 +134,6 @@ class _RunLog:
         """Copy metrics.jsonl and the TensorBoard files to a run folder on object storage."""
         if not self.remote:
             return
-        from paf_ray.data import storage
-
         for folder, _, files in os.walk(self.log_dir):
             for name in files:
                 local = os.path.join(folder, name)
@@ -194,8 +192,6 @@ class StageRun:
 def build_and_restore(cfg: Config, init_checkpoint) -> tuple[torch.nn.Module, dict | None]:
     """The model, with weights from Ray's latest checkpoint (a restarted worker or a resumed run),
     else from the previous stage's checkpoint, else as the config names them."""
-    from paf_ray.models import build_model
-
     resumed = ray.train.get_checkpoint()
     # Weights named in the config are read only when no checkpoint supplies them.
     model = build_model(cfg.model, input_size=cfg.data.input_size,
@@ -213,9 +209,7 @@ def build_and_restore(cfg: Config, init_checkpoint) -> tuple[torch.nn.Module, di
 def place_model(model: torch.nn.Module, cfg: Config, kind: str, device: torch.device, world: int):
     """Apply the stage policy, move to the device, wrap in DDP:
     (model to call, plain module, number of BatchNorm layers made SyncBatchNorm)."""
-    from paf_ray.models.stages import apply_stage, prepare_norm
-
-    apply_stage(model, kind, cfg)
+    apply_stage(model, kind, cfg.model.lv_adapter.train_prompts_in_finetune)
     model.to(device)
     if cfg.train.channels_last == "on" or (cfg.train.channels_last == "auto" and device.type == "cuda"):
         model.to(memory_format=torch.channels_last)
@@ -240,7 +234,7 @@ def setup_stage(config: dict) -> tuple[StageRun, Progress] | None:
 
     `config` keys: cfg (dict), stage_index, init_checkpoint (a ray.train.Checkpoint or None),
     steps_per_epoch, step_offset, log_dir, stage_name."""
-    cfg: Config = from_dict(config["cfg"], "<train_loop_config>")
+    cfg: Config = from_dict(config["cfg"], "<train_loop_config>", rules=False)  # checked when the run started
     index: int = config["stage_index"]
     spec = cfg.train.stages[index]
     name = config.get("stage_name", f"stage{index}-{spec.kind}")
@@ -294,10 +288,9 @@ def log_step(run: StageRun, progress: Progress, epoch: int, done: int, outcome, 
 
 def stage_batches(run: StageRun):
     """This worker's batches of the whole stage: one stream over every epoch (run.make_datasets)."""
-    from paf_ray.data.pipeline import iter_train_batches
-
     shard = ray.train.get_dataset_shard("train")
-    return run.waits.timed(iter_train_batches(shard, run.cfg.data.batch_size, device=run.trainee.device))
+    tasks = ordered(run.cfg.model.tasks)
+    return run.waits.timed(iter_train_batches(shard, tasks, run.cfg.data.batch_size, device=run.trainee.device))
 
 
 EPOCH_START_STEPS = 10  # the first steps of an epoch, timed against the epoch's median step
@@ -368,14 +361,13 @@ def train_one_epoch(run: StageRun, progress: Progress, epoch: int, batches) -> d
 
 def evaluate_epoch(run: StageRun, progress: Progress, epoch: int) -> dict:
     """Validation metrics after `epoch` when one is due (every `eval_every_epochs` and the last)."""
-    from paf_ray.data.pipeline import iter_train_batches
-
     last = epoch == run.spec.epochs - 1
     every = run.cfg.train.eval_every_epochs
     if not (last or (every and (epoch + 1) % every == 0)):
         return {}
     val_shard = ray.train.get_dataset_shard(f"val_{run.rank}")
-    batches = iter_train_batches(val_shard, run.cfg.data.batch_size, device=run.trainee.device)
+    batches = iter_train_batches(val_shard, ordered(run.cfg.model.tasks), run.cfg.data.batch_size,
+                                 device=run.trainee.device)
     state = evaluate(run.trainee.net, batches, run.cfg, run.trainee.device, run.trainee.amp)
     metrics = gather_metrics(state, list(run.cfg.model.tasks))
     progress.last_metrics = dict(metrics)
@@ -413,8 +405,6 @@ def report(run: StageRun, progress: Progress, epoch: int, step_in_epoch: int, me
 
 def train_loop(config: dict) -> None:
     """Ray Train entry point: one stage on this worker (keys of `config`: see `setup_stage`)."""
-    from paf_ray.models.stages import finish_stage
-
     started = setup_stage(config)
     if started is None:
         return
@@ -431,6 +421,6 @@ def train_loop(config: dict) -> None:
         metrics.update(evaluate_epoch(run, progress, epoch))
         last = epoch == run.spec.epochs - 1
         if last:
-            finish_stage(run.trainee.net, run.spec.kind, run.spec)  # LoRA merge at the end of adapt
+            finish_stage(run.trainee.net, run.spec.kind, run.spec.merge_adapters)  # LoRA merge at the end of adapt
         report(run, progress, epoch + 1, 0, metrics, final=last)
     run.log.close()

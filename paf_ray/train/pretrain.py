@@ -24,6 +24,7 @@ path as a user's MoCo or supervised file.
 
 from __future__ import annotations
 
+import copy
 import io
 import time
 from typing import Any
@@ -34,44 +35,42 @@ import torch.nn.functional as F
 from PIL import Image
 
 from paf_ray.config import BackboneConfig, PretrainConfig
-from paf_ray.data import bdd100k, storage
-from paf_ray.data.decode import decode_mask
-from paf_ray.data.normalize import FORMAT_NORMALIZATION, normalize_images
+from paf_ray.data import bdd100k
+from paf_ray.data.decode import load_sample
+from paf_ray.models.backbones import BACKBONES
+from paf_ray.models.normalize import normalize_images
+from paf_ray.runtime import files, storage
+from paf_ray.tasks import TASKS
 
 ATTRIBUTES = (("weather", bdd100k.WEATHERS), ("scene", bdd100k.SCENES), ("timeofday", bdd100k.TIMES_OF_DAY))
-N_DET, N_SEM = len(bdd100k.DET_CLASSES), len(bdd100k.SEM_CLASSES)
 
 
-def _image_level_targets(rec: dict) -> tuple[list[int], list[float], list[float]]:
-    """(attribute indices, -1 = unknown), det-class presence, sem-class presence (-1 = unknown)."""
+def image_level_targets(rec: dict, sample: dict, tasks) -> tuple[list[int], list[float]]:
+    """(attribute indices, -1 = unknown), and for each task the presence of each of its classes in the
+    frame (-1 = unknown: the frame has no label of the task, or the task offers no image labels)."""
     attrs = rec.get("attributes") or {}
     attr_idx = [values.index(attrs[key]) if attrs.get(key) in values else -1 for key, values in ATTRIBUTES]
-    det = [-1.0] * N_DET
-    if rec.get("has_det"):
-        det = [0.0] * N_DET
-        for label in rec.get("labels") or []:
-            det[int(label)] = 1.0
-    sem = [-1.0] * N_SEM
-    if rec.get("sem"):
-        ids = np.unique(decode_mask(rec["sem"], "sem"))
-        sem = [1.0 if i in ids else 0.0 for i in range(N_SEM)]
-    return attr_idx, det, sem
+    presence: list[float] = []
+    for task in tasks:
+        target = sample["targets"].get(task.name)
+        labels = task.image_labels(target) if target is not None else None
+        presence += labels.tolist() if labels is not None else [-1.0] * len(task.classes)
+    return attr_idx, presence
 
 
-def load_image_level_samples(records: list[dict], size: tuple[int, int]):
-    """Decode every frame -> uint8 images [N,3,h,w] and its image-level targets."""
-    images, attrs, dets, sems = [], [], [], []
+def load_image_level_samples(records: list[dict], size: tuple[int, int], tasks):
+    """Decode every frame -> uint8 images [N,3,h,w], attribute indices [N, 3], class presence [N, K]."""
+    images, attrs, presence = [], [], []
     for rec in records:
-        img = Image.open(io.BytesIO(storage.read_bytes(rec["image"]))).convert("RGB").resize(size, Image.BILINEAR)
-        images.append(torch.from_numpy(np.array(img)).permute(2, 0, 1))
-        a, d, s = _image_level_targets(rec)
+        sample = load_sample(rec, tasks)
+        a, p = image_level_targets(rec, sample, tasks)
+        resized = Image.fromarray(sample["image"]).resize(size, Image.BILINEAR)
+        images.append(torch.from_numpy(np.array(resized)).permute(2, 0, 1))
         attrs.append(a)
-        dets.append(d)
-        sems.append(s)
+        presence.append(p)
     if not images:
         raise ValueError("no frames to pretrain on")
-    return (torch.stack(images), torch.tensor(attrs, dtype=torch.long),
-            torch.tensor(dets, dtype=torch.float32), torch.tensor(sems, dtype=torch.float32))
+    return torch.stack(images), torch.tensor(attrs, dtype=torch.long), torch.tensor(presence, dtype=torch.float32)
 
 
 def _multilabel_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -84,6 +83,7 @@ def _multilabel_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor
 def pretrain_backbone(
     backbone_cfg: BackboneConfig,
     records: list[dict],
+    tasks,
     out_path: str,
     steps: int = 288,
     size: tuple[int, int] = (320, 180),
@@ -91,16 +91,17 @@ def pretrain_backbone(
     lr: float = 3e-3,
     seed: int = 0,
 ) -> dict:
-    """Train backbone + fc on image-level labels for `steps` batches (whole shuffled passes over
-    the frames, the last one cut short); save a torchvision-layout state dict to `out_path`."""
-    from paf_ray.models.backbones import build_backbone
-
+    """Train backbone + fc on image-level labels (frame attributes, and which classes of `tasks` the frame
+    shows) for `steps` batches (whole shuffled passes over the frames, the last one cut short); save a
+    torchvision-layout state dict to `out_path`."""
+    entry = BACKBONES[backbone_cfg.name]
+    check_layout(entry, "supervised")
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    images, attrs, dets, sems = load_image_level_samples(records, size)
-    backbone = build_backbone(backbone_cfg.name, backbone_cfg.tiny_width)
+    images, attrs, presence = load_image_level_samples(records, size, tasks)
+    backbone = entry.build(backbone_cfg.options.get(entry.name))
     attr_sizes = [len(values) for _, values in ATTRIBUTES]
-    fc = torch.nn.Linear(backbone.out_channels[4], sum(attr_sizes) + N_DET + N_SEM)
+    fc = torch.nn.Linear(backbone.stage_channels[4], sum(attr_sizes) + presence.shape[1])
     opt = torch.optim.AdamW(list(backbone.parameters()) + list(fc.parameters()), lr=lr, weight_decay=1e-4)
     steps_per_epoch = max(1, len(images) // batch_size)
     steps = max(1, int(steps))
@@ -116,17 +117,17 @@ def pretrain_backbone(
             if torch.rand((), generator=gen) < 0.5:
                 x = x.flip(-1)
             logits = fc(backbone(normalize_images(x, "imagenet"))[4].mean(dim=(2, 3)))
-            *attr_logits, det_logits, sem_logits = logits.split(attr_sizes + [N_DET, N_SEM], dim=1)
+            *attr_logits, class_logits = logits.split(attr_sizes + [presence.shape[1]], dim=1)
             loss = sum(F.cross_entropy(lg, attrs[idx, i], ignore_index=-1) for i, lg in enumerate(attr_logits)
                        if bool((attrs[idx, i] >= 0).any()))
-            loss = loss + _multilabel_loss(det_logits, dets[idx]) + _multilabel_loss(sem_logits, sems[idx])
+            loss = loss + _multilabel_loss(class_logits, presence[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             losses.append(float(loss.detach()))
     state = dict(backbone.state_dict())
-    state["fc.weight"] = fc.weight.detach().clone()
+    state["fc.weight"] = fc.weight.detach().clone()  # the classifier: the zoo drops it, as a published one
     state["fc.bias"] = fc.bias.detach().clone()
     _save(state, out_path)
     first = float(np.mean(losses[:steps_per_epoch]))
@@ -146,10 +147,18 @@ def pretrain_backbone(
 METHOD_FORMAT = {"supervised": "torchvision", "simclr": "simclr", "moco": "moco"}
 
 
+def check_layout(entry, method: str) -> None:
+    """The method writes its published layout (ResNet names, a head under `fc`): the backbone must read it."""
+    fmt = METHOD_FORMAT[method]
+    if fmt not in entry.formats or "fc." not in entry.leftover_prefixes:
+        raise ValueError(f"pretrain --method {method} writes the {fmt!r} layout of ResNets, which backbone "
+                         f"{entry.name} does not read ({', '.join(entry.formats)})")
+
+
 def _save(obj: Any, path: str) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
-    storage.write_bytes(path, buf.getvalue())
+    files.write_bytes(path, buf.getvalue())
 
 
 def load_frames(records: list[dict], size: tuple[int, int]) -> torch.Tensor:
@@ -218,17 +227,15 @@ def train_contrastive(method: str, backbone_cfg: BackboneConfig, images: torch.T
 
     Returns (the trained backbone, the checkpoint object in the method's published layout, losses).
     """
-    import copy
-
-    from paf_ray.models.backbones import build_backbone
-
     if method not in ("simclr", "moco"):
         raise ValueError(f"method: expected simclr or moco, got {method!r}")
+    entry = BACKBONES[backbone_cfg.name]
+    check_layout(entry, method)
     torch.manual_seed(pc.seed)
     gen = torch.Generator().manual_seed(pc.seed)
-    recipe = FORMAT_NORMALIZATION[METHOD_FORMAT[method]]  # what the zoo will feed this layout
-    backbone = build_backbone(backbone_cfg.name, backbone_cfg.tiny_width)
-    head = projection_head(backbone.out_channels[4], pc.proj_dim)
+    recipe = entry.formats[METHOD_FORMAT[method]].normalization  # what the zoo will feed this layout
+    backbone = entry.build(backbone_cfg.options.get(entry.name))
+    head = projection_head(backbone.stage_channels[4], pc.proj_dim)
     params = list(backbone.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=pc.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=pc.lr, total_steps=pc.steps)
@@ -288,13 +295,14 @@ def train_contrastive(method: str, backbone_cfg: BackboneConfig, images: torch.T
     return backbone, obj, losses
 
 
-def pretrain_checkpoint(backbone_cfg: BackboneConfig, records: list[dict], out_path: str, pc: PretrainConfig) -> dict:
+def pretrain_checkpoint(backbone_cfg: BackboneConfig, records: list[dict], tasks, out_path: str,
+                        pc: PretrainConfig) -> dict:
     """Make a checkpoint with `pc.method` on the frames of `records`; write it to `out_path` (path or URI).
 
     Returns a summary with the zoo `format` the file has."""
     t0 = time.perf_counter()
     if pc.method == "supervised":
-        summary = pretrain_backbone(backbone_cfg, records, out_path, steps=pc.steps, size=tuple(pc.size),
+        summary = pretrain_backbone(backbone_cfg, records, tasks, out_path, steps=pc.steps, size=tuple(pc.size),
                                     batch_size=pc.batch_size, lr=pc.lr, seed=pc.seed)
     else:
         images = load_frames(records, tuple(pc.size))
@@ -307,29 +315,3 @@ def pretrain_checkpoint(backbone_cfg: BackboneConfig, records: list[dict], out_p
     summary.update({"method": pc.method, "format": METHOD_FORMAT[pc.method], "backbone": backbone_cfg.name,
                     "wall_s": round(time.perf_counter() - t0, 1)})
     return summary
-
-
-def pretrain_command(args) -> int:
-    """`paf-ray pretrain CONFIG --method M --out FILE`: on the config's training frames and backbone."""
-    import json
-    from dataclasses import replace
-
-    from paf_ray.config import load_config
-    from paf_ray.train.run import prepare_data
-
-    cfg = load_config(args.config, args.overrides)
-    pc = PretrainConfig(method=args.method, seed=args.seed)
-    for name in ("steps", "batch_size", "lr"):
-        if getattr(args, name) is not None:
-            pc = replace(pc, **{name: getattr(args, name)})
-    if args.size:
-        w, h = (int(v) for v in args.size.lower().split("x"))
-        pc = replace(pc, size=(w, h))
-    cfg, train_records, _ = prepare_data(cfg)
-    print(f"[pretrain] {pc.method} on {len(train_records)} frames of {cfg.data.root}, backbone "
-          f"{cfg.model.backbone.name}, {pc.steps} steps -> {args.out}", flush=True)
-    summary = pretrain_checkpoint(cfg.model.backbone, train_records, args.out, pc)
-    print(json.dumps(summary, indent=2))
-    print(f"[pretrain] use it with: --set model.backbone.weights={args.out} "
-          f"--set model.backbone.format={summary['format']}")
-    return 0

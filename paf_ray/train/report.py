@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import math
 
+import matplotlib
 
-def plot_curves(rows: list[dict], path: str) -> str | None:
-    """Training losses (per task) and validation metrics against the global step; one figure."""
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
+
+
+def plot_curves(rows: list[dict], metric_keys_shown) -> bytes | None:
+    """Training losses (per task) and the validation metrics `metric_keys_shown` against the global
+    step, as one PNG figure (None when there are no rows)."""
     if not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     offsets, offset, last_stage, last_step = {}, 0, None, 0
     for row in rows:  # steps restart at 0 in each stage: lay the stages end to end
@@ -23,9 +26,7 @@ def plot_curves(rows: list[dict], path: str) -> str | None:
             last_stage = row["stage"]
         last_step = row.get("step", 0)
     loss_keys = sorted({k for r in rows for k in r if k.startswith("train/loss_")})
-    from paf_ray.eval.metrics import HEADLINE_METRICS
-
-    metric_keys = [k for k in HEADLINE_METRICS if any(k in r for r in rows)]
+    metric_keys = [k for k in metric_keys_shown if any(k in r for r in rows)]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for key in loss_keys:
         pts = [(offsets[r["stage"]] + r["step"], r[key]) for r in rows if _finite(r.get(key))]
@@ -47,9 +48,10 @@ def plot_curves(rows: list[dict], path: str) -> str | None:
     axes[1].set_xlabel("step")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
-    return path
+    return buf.getvalue()
 
 
 def _finite(v) -> bool:

@@ -13,20 +13,30 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 import time
 from dataclasses import replace
 from typing import Any, Sequence
 
-from paf_ray.config import Config, dump_config, load_config, to_dict
-from paf_ray.data import storage
+import ray
+import ray.train
+import torch
+from ray.train.torch import TorchTrainer
+
+from paf_ray.config import Config, dump_config, to_dict
+from paf_ray.data.pipeline import build_dataset, iter_train_batches, load_records, resolve_root
+from paf_ray.eval.evaluator import headline_metrics
+from paf_ray.models.multitask import build_model
+from paf_ray.runtime import storage
+from paf_ray.runtime.files import read_json, write_bytes, write_json, write_text
+from paf_ray.runtime.ray import RAY_LOG_LEVEL, init_ray
+from paf_ray.runtime.runs import SUMMARY_FILE, RunExistsError, read_metrics_rows, resolve_storage, run_name_for
+from paf_ray.tasks import ordered
+from paf_ray.train.checkpoint import checkpoint_location, load_model, load_model_state, resolve_checkpoint_dir
+from paf_ray.train.loop import evaluate, gather_metrics, train_loop
+from paf_ray.train.report import plot_curves
+from paf_ray.train.step import train_process_env
 
 STAGE_DONE_FILE = "paf_stage_done.json"
-SUMMARY_FILE = "summary.json"
-
-
-class RunExistsError(RuntimeError):
-    pass
 
 
 class WorkersDidNotStartError(RuntimeError):
@@ -37,45 +47,6 @@ class WorkersDidNotStartError(RuntimeError):
 # (an attempt can also fail fast, e.g. when a node dies while the workers start).
 WORKER_START_ATTEMPTS = 4
 WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
-
-
-# --------------------------------------------------------------------------- paths
-
-
-# Runs land in ray.storage_path; without one, here: a persistent folder of the user running the
-# driver, never the working directory (a Ray job's working directory is Ray's package cache, shared
-# by every submission of the same files and removed with it).
-DEFAULT_STORAGE = "~/paf_ray_runs"
-
-
-def resolve_storage(cfg: Config, out: str | None) -> str:
-    """Absolute local path or URI under which `<name>/` is written (Ray needs absolute)."""
-    path = out or cfg.ray.storage_path or DEFAULT_STORAGE
-    return storage.normalize_root(os.path.expanduser(path))
-
-
-def new_run_name(name: str) -> str:
-    """`<name>-<UTC timestamp>-<random>`: every submission of a job file gets its own run folder."""
-    return f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
-
-
-def latest_run_name(storage_root: str, name: str) -> str | None:
-    """The newest run of config `name` under `storage_root` (its own folder or `<name>-<stamp>-<id>`)."""
-    ours = [r for r in storage.list_dirs(storage_root) if r == name or (r.startswith(name + "-") and r[len(name) + 1:][:8].isdigit())]
-    return max(ours, key=lambda r: r[len(name):]) if ours else None
-
-
-def write_text(path: str, text: str) -> None:
-    fs, inner = storage.resolve(path)
-    fs.create_dir(os.path.dirname(inner), recursive=True)
-    with fs.open_output_stream(inner) as f:
-        f.write(text.encode("utf-8"))
-
-
-def read_json(path: str) -> dict | None:
-    if not storage.exists(path):
-        return None
-    return json.loads(storage.read_bytes(path).decode("utf-8"))
 
 
 def stage_run_name(index: int, kind: str) -> str:
@@ -93,23 +64,12 @@ def prepare_data(cfg: Config, stats: dict | None = None) -> tuple[Config, list[d
     resolved root, so checkpoints carry where their data came from. Index counts
     (dropped overlaps, skipped bad labels) land in `stats` per split.
     """
-    from paf_ray.data.pipeline import load_records, resolve_root
-
     root = resolve_root(cfg.data, storage.cache_dir())
     cfg = replace(cfg, data=replace(cfg.data, root=root))
-    tasks = set(cfg.model.tasks)
-    splits = []
-    for split in (cfg.data.train_split, cfg.data.val_split):
-        records = load_records(cfg.data, root, split, stats=stats)
-        records = [r for r in records if any(_has_task(r, t) for t in tasks)]
-        if not records:
-            raise ValueError(f"{root}: no {split} samples with labels for tasks {sorted(tasks)}")
-        splits.append(records)
-    return cfg, splits[0], splits[1]
-
-
-def _has_task(record: dict, task: str) -> bool:
-    return bool(record.get("has_det")) if task == "det" else bool(record.get(task))
+    tasks = ordered(cfg.model.tasks)
+    train, val = (load_records(cfg.data, root, split, tasks, stats=stats)
+                  for split in (cfg.data.train_split, cfg.data.val_split))
+    return cfg, train, val
 
 
 def training_world_size(cfg: Config) -> int:
@@ -121,15 +81,14 @@ def make_datasets(cfg: Config, train: list[dict], val: list[dict], stage_index: 
     share per worker}. The train stream holds every epoch of the stage (each epoch
     ``stage_steps_per_epoch`` full batches per worker), so epochs follow each other without a
     new pipeline start."""
-    from paf_ray.data.pipeline import build_dataset
-
     world = training_world_size(cfg)
+    tasks = ordered(cfg.model.tasks)
     stage = cfg.train.stages[stage_index]
     rows_per_epoch = stage_steps_per_epoch(len(train), cfg, stage_index) * cfg.data.batch_size * world
-    datasets = {"train": build_dataset(train, cfg.data, train=True, epochs=stage.epochs, rows_per_epoch=rows_per_epoch,
-                                       seed=cfg.train.seed + 1000 * stage_index)}
+    datasets = {"train": build_dataset(train, cfg.data, tasks, train=True, epochs=stage.epochs,
+                                       rows_per_epoch=rows_per_epoch, seed=cfg.train.seed + 1000 * stage_index)}
     for rank in range(world):
-        datasets[f"val_{rank}"] = build_dataset(val[rank::world], cfg.data, train=False)
+        datasets[f"val_{rank}"] = build_dataset(val[rank::world], cfg.data, tasks, train=False)
     return datasets
 
 
@@ -160,15 +119,7 @@ def run_stage(
     callbacks: Sequence[Any] = (),
 ):
     """Fit one stage with a TorchTrainer; returns the ray.train.Result."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from paf_ray.train.loop import train_loop
-    from paf_ray.train.ray_setup import RAY_LOG_LEVEL, configure_data_context
-    from paf_ray.train.step import train_process_env
-
     stage = cfg.train.stages[index]
-    configure_data_context(cfg.data.cpus)  # copied into the trainer when it is built
     # Train reads the start timeout from this process's environment when fit() starts its controller.
     os.environ[WORKER_START_TIMEOUT_ENV] = str(cfg.ray.worker_start_timeout_s / WORKER_START_ATTEMPTS)
     resources = {"CPU": cfg.ray.cpus_per_worker}
@@ -229,19 +180,14 @@ def run_pipeline(
 
     Returns the summary (also written to `<storage>/<name>/summary.json`).
     """
-    import ray.train
-
-    from paf_ray.train.ray_setup import configure_data_context, init_ray
-
-    storage_root = resolve_storage(cfg, out)
+    storage_root = resolve_storage(cfg.ray.storage_path, out)
     run_dir = storage.join(storage_root, cfg.name)
     if not resume and storage.exists(run_dir) and storage.list_files(run_dir) + storage.list_dirs(run_dir):
         raise RunExistsError(
             f"{run_dir} already exists: pass --resume to continue that run, or choose another name "
             f"(--set name=...) or --out"
         )
-    init_ray(cfg.ray.address, object_store_mb=cfg.ray.object_store_mb)
-    configure_data_context(cfg.data.cpus)
+    init_ray(cfg.ray.address, object_store_mb=cfg.ray.object_store_mb, data_cpus=cfg.data.cpus)
     t0 = time.perf_counter()
     index_stats: dict = {}
     cfg, train_records, val_records = prepare_data(cfg, index_stats)
@@ -256,8 +202,6 @@ def run_pipeline(
 
     init_checkpoint = None
     if cfg.train.init_checkpoint:
-        from paf_ray.train.checkpoint import checkpoint_location
-
         # a path or URI every worker reads itself (a URI from any node)
         init_checkpoint = ray.train.Checkpoint(checkpoint_location(cfg.train.init_checkpoint))
     step_offset = 0
@@ -287,10 +231,10 @@ def run_pipeline(
             "stage": name,
             "kind": stage.kind,
             "checkpoint": checkpoint_path,
-            "metrics": _final_eval_metrics(result.metrics),
+            "metrics": _final_eval_metrics(result.metrics, ordered(cfg.model.tasks)),
             "wall_s": round(time.perf_counter() - t_stage, 1),
         }
-        write_text(done_path, json.dumps(record, indent=2, default=float))
+        write_json(done_path, record)
         summary["stages"].append(record)
         init_checkpoint = result.checkpoint
         step_offset += stage_steps
@@ -308,8 +252,9 @@ def run_pipeline(
     return summary
 
 
-def _final_eval_metrics(metrics: dict | None) -> dict:
-    keep = ("det/", "sem/", "drv/", "score")
+def _final_eval_metrics(metrics: dict | None, tasks) -> dict:
+    """The evaluation metrics of a stage's last report (not its training losses or timings)."""
+    keep = tuple(f"{t.name}/" for t in tasks) + ("score",)
     return {k: v for k, v in (metrics or {}).items() if k.startswith(keep)}
 
 
@@ -327,24 +272,13 @@ def _skipped_counts(run_dir: str) -> dict:
     return out
 
 
-def read_metrics_rows(run_dir: str) -> list[dict]:
-    """Rank 0's metrics.jsonl rows from the run folder (a local path or URI)."""
-    path = storage.join(run_dir, "metrics.jsonl")
-    if not storage.exists(path):
-        return []
-    return [json.loads(line) for line in storage.read_bytes(path).decode("utf-8").splitlines() if line.strip()]
-
-
 def finish_run_folder(run_dir: str, summary: dict) -> None:
     """curves.png (from the metrics.jsonl in run storage) and summary.json into the run folder."""
-    import tempfile
-
-    from paf_ray.train.report import plot_curves
-
-    with tempfile.TemporaryDirectory() as d:
-        if plot_curves(read_metrics_rows(run_dir), os.path.join(d, "curves.png")):
-            storage.upload_file(os.path.join(d, "curves.png"), storage.join(run_dir, "curves.png"))
-    write_text(storage.join(run_dir, SUMMARY_FILE), json.dumps(summary, indent=2, default=float))
+    tasks = ordered(summary["config"]["model"]["tasks"])
+    png = plot_curves(read_metrics_rows(run_dir), headline_metrics(tasks))
+    if png is not None:
+        write_bytes(storage.join(run_dir, "curves.png"), png)
+    write_json(storage.join(run_dir, SUMMARY_FILE), summary)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -352,43 +286,30 @@ def finish_run_folder(run_dir: str, summary: dict) -> None:
 
 def evaluate_records(model, cfg: Config, val_records: list[dict]) -> dict:
     """Evaluate a model in this process over `val_records` through the Ray Data val pipeline."""
-    import torch
-
-    from paf_ray.data.pipeline import build_dataset, iter_train_batches
-    from paf_ray.train.loop import evaluate, gather_metrics
-
-    ds = build_dataset(val_records, cfg.data, train=False)
-    state = evaluate(model, iter_train_batches(ds, cfg.data.batch_size), cfg, torch.device("cpu"), amp=False)
+    tasks = ordered(cfg.model.tasks)
+    ds = build_dataset(val_records, cfg.data, tasks, train=False)
+    state = evaluate(model, iter_train_batches(ds, tasks, cfg.data.batch_size), cfg, torch.device("cpu"), amp=False)
     return gather_metrics(state, list(cfg.model.tasks))
 
 
 def evaluate_initial_model(cfg: Config, run_dir: str, val_records: list[dict]) -> dict:
     """Metrics of the model the first stage starts from (pretrained backbone, fresh heads)."""
-    import torch
-
-    from paf_ray.models import build_model
-    from paf_ray.train.checkpoint import load_model_state, resolve_checkpoint_dir
-
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, input_size=cfg.data.input_size, load_weights=not cfg.train.init_checkpoint)
     if cfg.train.init_checkpoint:
         load_model_state(model, resolve_checkpoint_dir(cfg.train.init_checkpoint))
     metrics = evaluate_records(model.eval(), cfg, val_records)
-    print(f"[paf-ray] before training: {format_metrics_line(metrics)}", flush=True)
+    print(f"[paf-ray] before training: {format_metrics_line(metrics, ordered(cfg.model.tasks))}", flush=True)
     return metrics
 
 
-def format_metrics_line(metrics: dict) -> str:
-    from paf_ray.eval.metrics import HEADLINE_METRICS
-
-    return ", ".join(f"{k} {metrics[k]:.2f}" for k in HEADLINE_METRICS if isinstance(metrics.get(k), (int, float)))
+def format_metrics_line(metrics: dict, tasks) -> str:
+    return ", ".join(f"{k} {metrics[k]:.2f}" for k in headline_metrics(tasks) if isinstance(metrics.get(k), (int, float)))
 
 
-def metrics_table(columns: dict[str, dict]) -> str:
-    """A markdown table: one row per headline metric, one column per named metrics dict."""
-    from paf_ray.eval.metrics import HEADLINE_METRICS
-
-    keys = HEADLINE_METRICS
+def metrics_table(columns: dict[str, dict], tasks) -> str:
+    """A markdown table: one row per headline metric of `tasks`, one column per named metrics dict."""
+    keys = headline_metrics(tasks)
     names = list(columns)
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for k in keys:
@@ -402,48 +323,27 @@ def metrics_table(columns: dict[str, dict]) -> str:
 # --------------------------------------------------------------------------- commands
 
 
-def run_name_for(cfg: Config, storage_root: str, resume: str | None) -> str:
-    """The run folder's name: a new `<name>-<stamp>-<id>` for every run, or the run to resume
-    (`--resume RUN`, or bare `--resume`: the newest run of this config's name)."""
-    if resume is None:
-        return new_run_name(cfg.name)
-    if resume:
-        return resume
-    latest = latest_run_name(storage_root, cfg.name)
-    if latest is None:
-        raise RunExistsError(f"--resume: no run of {cfg.name!r} under {storage_root} to continue")
-    return latest
-
-
-def run_command(args) -> int:
-    cfg = load_config(args.config, args.overrides)
-    storage_root = resolve_storage(cfg, args.out)
-    try:
-        cfg = replace(cfg, name=run_name_for(cfg, storage_root, args.resume))
-        print(f"[paf-ray] run {cfg.name} in {storage_root}" + (" (resumed)" if args.resume is not None else ""),
-              flush=True)
-        summary = run_pipeline(cfg, out=storage_root, resume=args.resume is not None)
-    except RunExistsError as e:
-        print(f"paf-ray run: {e}")
-        return 2
-    print(metrics_table({s["stage"]: s["metrics"] for s in summary["stages"]}))
+def run_config(cfg: Config, out: str | None, resume: str | None) -> dict:
+    """`paf-ray run`: the config's stages in a new run folder (or the one `resume` names)."""
+    storage_root = resolve_storage(cfg.ray.storage_path, out)
+    cfg = replace(cfg, name=run_name_for(cfg.name, storage_root, resume))
+    print(f"[paf-ray] run {cfg.name} in {storage_root}" + (" (resumed)" if resume is not None else ""), flush=True)
+    summary = run_pipeline(cfg, out=storage_root, resume=resume is not None)
+    print(metrics_table({s["stage"]: s["metrics"] for s in summary["stages"]}, ordered(cfg.model.tasks)))
     print(f"[paf-ray] summary: {storage.join(summary['run_dir'], SUMMARY_FILE)}")
     print(f"[paf-ray] final checkpoint: {summary['checkpoint']}")
-    return 0
+    return summary
 
 
-def eval_command(args) -> int:
-    from paf_ray.train.checkpoint import load_model
-    from paf_ray.train.ray_setup import configure_data_context, init_ray
-
-    model, cfg, meta = load_model(args.checkpoint, overrides=args.overrides)
-    init_ray(cfg.ray.address, object_store_mb=cfg.ray.object_store_mb)
-    configure_data_context(cfg.data.cpus)
+def eval_checkpoint(checkpoint: str, overrides=(), as_json: bool = False) -> dict:
+    """`paf-ray eval`: a checkpoint's metrics on the val split of its config's data."""
+    model, cfg, meta = load_model(checkpoint, overrides=overrides)
+    init_ray(cfg.ray.address, object_store_mb=cfg.ray.object_store_mb, data_cpus=cfg.data.cpus)
     cfg, _, val_records = prepare_data(cfg)
     metrics = evaluate_records(model, cfg, val_records)
-    if args.json:
+    if as_json:
         print(json.dumps(metrics, indent=2, default=float))
     else:
         print(f"checkpoint {meta['path']} (stage {meta.get('stage')}, epoch {meta.get('epoch')})")
-        print(metrics_table({"val": metrics}))
-    return 0
+        print(metrics_table({"val": metrics}, ordered(cfg.model.tasks)))
+    return metrics

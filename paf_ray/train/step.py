@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from paf_ray.config import StageConfig
+from paf_ray.models.stages import param_groups
 
 
 # OpenMP (libgomp, torch's CPU thread pool) lets a thread that waits at a barrier or for work spin
@@ -68,9 +68,8 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
     return f
 
 
-def build_optimizer(net: torch.nn.Module, stage: StageConfig) -> torch.optim.Optimizer:
-    from paf_ray.models.stages import param_groups
-
+def build_optimizer(net: torch.nn.Module, stage) -> torch.optim.Optimizer:
+    """The optimizer of a stage (train.stages[i]) over the trainable parameters' groups."""
     groups = param_groups(net, stage)
     if stage.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=stage.lr, momentum=stage.momentum, weight_decay=stage.weight_decay)
@@ -98,7 +97,7 @@ class Trainee:
             self.trainable = [p for p in self.net.parameters() if p.requires_grad]
 
 
-def make_trainee(model: torch.nn.Module, net: torch.nn.Module, stage: StageConfig, device: torch.device, *,
+def make_trainee(model: torch.nn.Module, net: torch.nn.Module, stage, device: torch.device, *,
                  amp: bool, total_updates: int, max_bad_steps: int = 5, name: str = "train") -> Trainee:
     """The optimizer and lr schedule of `stage` around a model whose stage policy is applied."""
     optimizer = build_optimizer(net, stage)

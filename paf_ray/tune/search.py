@@ -22,9 +22,20 @@ import os
 import time
 from typing import Any
 
-from paf_ray.config import Config, ConfigError, dump_config, from_dict, load_config, to_dict
-from paf_ray.data import storage
-from paf_ray.eval.metrics import HEADLINE_METRICS
+import optuna
+import ray.tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from paf_ray.config import Config, ConfigError, dump_config, from_dict, to_dict
+from paf_ray.eval.evaluator import headline_metrics
+from paf_ray.runtime import storage
+from paf_ray.runtime.files import write_text
+from paf_ray.runtime.ray import init_ray
+from paf_ray.runtime.runs import SUMMARY_FILE, resolve_storage
+from paf_ray.tasks import ordered
+from paf_ray.train.run import prepare_data, run_pipeline
 from paf_ray.tune import space
 
 TRIALS_DIR = "trials"
@@ -36,11 +47,9 @@ RUN_SHEBANG = "#!/usr/bin/env -S python -m paf_ray run"
 
 def sweep_dir(cfg: Config, out: str | None) -> str:
     """Absolute path (or URI) of the sweep folder: --out, else <ray.storage_path or ~/paf_ray_runs>/<name>."""
-    from paf_ray.train.run import resolve_storage
-
     if out:
         return storage.normalize_root(os.path.expanduser(out))
-    return storage.join(resolve_storage(cfg, None), cfg.name)
+    return storage.join(resolve_storage(cfg.ray.storage_path, None), cfg.name)
 
 
 STUDY_FILE = "optuna.db"
@@ -109,8 +118,6 @@ def run_trial(params: dict, base: dict, runs_dir: str, source: str) -> None:
     A restarted trial (failure retry or `--resume`) has the same id, so its Train runs
     resume from their last checkpoints; on a fresh folder `resume=True` just starts.
     """
-    import ray.tune
-
     trial_id = ray.tune.get_context().get_trial_id()
     base_cfg = from_dict(base, source)
     dims = space.parse_space(base_cfg.tune, source)
@@ -121,26 +128,17 @@ def run_trial(params: dict, base: dict, runs_dir: str, source: str) -> None:
 def run_in_trial(cfg: Config, runs_dir: str) -> dict:
     """The body of a Tune trial (`paf-ray tune` and `paf-ray study`): one pipeline run of `cfg`,
     each per-epoch report of either stage one Tune iteration; resumes its Train runs when restarted."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from paf_ray.train.run import run_pipeline
-
     # Tune does not count the Train workers of a trial, so a trial may wait for them while other
     # trials hold the CPUs/GPUs: up to ray.worker_start_timeout_s, as every stage does.
     return run_pipeline(cfg, out=runs_dir, resume=True, callbacks=[TuneReportCallback()])
 
 
 def make_trainable(cfg: Config, runs_dir: str, source: str):
-    import ray.tune
-
     trainable = ray.tune.with_parameters(run_trial, base=to_dict(cfg), runs_dir=runs_dir, source=source)
     return ray.tune.with_resources(trainable, {"cpu": cfg.tune.trial_cpus})
 
 
 def make_searcher(cfg: Config, dims: list[space.Dimension], storage_url: str):
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
     if cfg.tune.sampler == "tpe":
         sampler = optuna.samplers.TPESampler(seed=cfg.tune.seed, n_startup_trials=cfg.tune.startup_trials)
     else:
@@ -189,8 +187,6 @@ def first_rung(cfg: Config, dims: list[space.Dimension]) -> int | None:
 
 
 def make_scheduler(cfg: Config, dims: list[space.Dimension]):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
     sch = cfg.tune.scheduler
     if sch.kind == "fifo":
         return FIFOScheduler()
@@ -219,8 +215,6 @@ def trial_dirname(trial) -> str:
 def restore_or_refuse(experiment: str, trainable, resume: bool):
     """--resume: the Tune experiment restored (unfinished and errored trials run again); a fresh
     start: None, or an error when the folder already holds an experiment."""
-    import ray.tune
-
     if resume:
         if not ray.tune.Tuner.can_restore(experiment):
             raise ConfigError(f"--resume: {experiment} holds no Tune experiment to continue")
@@ -233,8 +227,6 @@ def restore_or_refuse(experiment: str, trainable, resume: bool):
 
 
 def build_tuner(cfg: Config, out_dir: str, dims: list[space.Dimension], source: str, resume: bool):
-    import ray.tune
-
     runs_dir = storage.join(out_dir, TRIALS_DIR)
     trainable = make_trainable(cfg, runs_dir, source)
     experiment = storage.join(out_dir, cfg.name)
@@ -267,8 +259,6 @@ def trial_status(error: Any, run_dir: str) -> str:
     """completed (the pipeline wrote its summary), stopped (early, by the scheduler) or error."""
     if error is not None:
         return "error"
-    from paf_ray.train.run import SUMMARY_FILE
-
     return "completed" if storage.exists(storage.join(run_dir, SUMMARY_FILE)) else "stopped"
 
 
@@ -278,7 +268,8 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
-def result_rows(results, dims: list[space.Dimension], runs_dir: str, metric: str, mode: str) -> list[dict]:
+def result_rows(results, dims: list[space.Dimension], runs_dir: str, metric: str, mode: str,
+                shown: tuple[str, ...] = ()) -> list[dict]:
     """One row per trial (params as written in the config, final metrics, status), best first."""
     rows = []
     for r in results:
@@ -288,7 +279,7 @@ def result_rows(results, dims: list[space.Dimension], runs_dir: str, metric: str
         for d in dims:
             if d.kind != "fixed":
                 row[d.key] = space.decode_choice((r.config or {}).get(d.key), d)
-        for key in dict.fromkeys((metric,) + HEADLINE_METRICS):
+        for key in dict.fromkeys((metric,) + tuple(shown)):
             row[key] = _number(metrics.get(key))
         row["epochs"] = metrics.get("training_iteration", 0)
         row["wall_s"] = round(float(metrics.get("time_total_s", 0.0)), 1)
@@ -352,8 +343,6 @@ def best_config_text(base: Config, dims: list[space.Dimension], row: dict, out_d
 
 def write_results(base: Config, dims: list[space.Dimension], rows: list[dict], out_dir: str) -> dict | None:
     """trials.csv, trials.md and best.yaml in the sweep folder; returns the best row."""
-    from paf_ray.train.run import write_text
-
     write_text(storage.join(out_dir, "trials.csv"), rows_csv(rows))
     write_text(storage.join(out_dir, "trials.md"), rows_markdown(rows, f"Sweep {base.name}: trials by {base.tune.metric}"))
     best = best_row(rows)
@@ -368,15 +357,11 @@ def write_results(base: Config, dims: list[space.Dimension], rows: list[dict], o
 def warm_data_cache(cfg: Config) -> None:
     """Generate the synthetic dataset once here, so concurrent trials never race to write it."""
     if cfg.data.root is None:
-        from paf_ray.train.run import prepare_data
-
         prepare_data(cfg)
 
 
 def run_sweep(cfg: Config, out: str | None = None, resume: bool = False, source: str = "<config>") -> dict:
     """Run (or continue) the sweep; returns {out_dir, rows, best, wall_s}."""
-    from paf_ray.train.ray_setup import init_ray
-
     t0 = time.perf_counter()
     dims = check_sweep_config(cfg, source)
     out_dir = sweep_dir(cfg, out)
@@ -390,31 +375,7 @@ def run_sweep(cfg: Config, out: str | None = None, resume: bool = False, source:
         results = tuner.fit()
     finally:
         keep_study(cfg, out_dir)
-    rows = result_rows(results, dims, storage.join(out_dir, TRIALS_DIR), cfg.tune.metric, cfg.tune.mode)
+    rows = result_rows(results, dims, storage.join(out_dir, TRIALS_DIR), cfg.tune.metric, cfg.tune.mode,
+                       headline_metrics(ordered(cfg.model.tasks)))
     best = write_results(cfg, dims, rows, out_dir)
     return {"out_dir": out_dir, "rows": rows, "best": best, "wall_s": round(time.perf_counter() - t0, 1)}
-
-
-def tune_command(args) -> int:
-    from dataclasses import replace
-
-    from paf_ray.train.run import RunExistsError, resolve_storage, run_name_for
-
-    cfg = load_config(args.config, args.overrides)
-    if args.out is None:  # a new sweep folder <name>-<time>-<id> under the storage, or the newest to resume
-        try:
-            cfg = replace(cfg, name=run_name_for(cfg, resolve_storage(cfg, None), "" if args.resume else None))
-        except RunExistsError as e:
-            print(f"paf-ray tune: {e}")
-            return 2
-    summary = run_sweep(cfg, out=args.out, resume=args.resume, source=args.config)
-    out_dir = summary["out_dir"]
-    text = rows_markdown(summary["rows"], f"Sweep {cfg.name}: trials by {cfg.tune.metric}")
-    print(text)
-    print(f"[paf-ray] sweep folder: {out_dir} ({len(summary['rows'])} trials, {summary['wall_s']} s)")
-    if summary["best"] is None:
-        print("[paf-ray] no trial produced a result; see the errors above")
-        return 1
-    print(f"[paf-ray] best config: {storage.join(out_dir, 'best.yaml')}  (paf-ray run it as is)")
-    print(f"[paf-ray] TensorBoard: tensorboard --logdir {out_dir}")
-    return 0

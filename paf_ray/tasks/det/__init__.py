@@ -562,7 +562,7 @@ class Detection(Task):
             if stem not in image_sizes:
                 report.error(path, f"frame {name!r}: label for a missing image ({self.image_set} {split}/{name})")
                 continue
-            report.count("labelled")
+            report.labelled(stem)
             size = image_sizes[stem]
             if size is not None:
                 for msg in box_problems(targets.boxes + targets.ignore_boxes, size[0], size[1], f"frame {name!r}"):
