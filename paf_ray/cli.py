@@ -9,6 +9,7 @@ run, so `paf-ray --help` loads neither torch nor Ray. Every handler takes the pa
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from paf_ray import commands
@@ -130,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     # --- scoring ----------------------------------------------------------------
     p = sub.add_parser("score", help="score predictions in a task's official format (paf-ray score TASK --help)",
                        add_help=False)
-    p.add_argument("task", metavar="TASK", help="a registered task (det, sem, drv, lane, ...)")
+    p.add_argument("task", metavar="TASK", help="a registered task (`paf-ray score --help` lists them)")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="the task's arguments: ground truth, predictions")
     p.set_defaults(handler=eval_commands.score_command)
 
@@ -155,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=commands.submit_command)
 
     # --- inference --------------------------------------------------------------
-    p = sub.add_parser("predict", help="predict on images: overlays, det.json, sem/drv PNG masks")
+    p = sub.add_parser("predict", help="predict on images: overlays and each task's outputs in its official format")
     p.add_argument("checkpoint")
     p.add_argument("inputs", nargs="+", help="image files, folders or globs")
     p.add_argument("--out", required=True)
@@ -199,14 +200,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_debug_flag(parser: argparse.ArgumentParser, top: bool = True) -> None:
-    """`--debug` before or after the command: show the traceback of an error instead of one line."""
+def _add_global_flags(parser: argparse.ArgumentParser, top: bool = True) -> None:
+    """`--debug` and `--verbose` before or after the command."""
     parser.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
                         help="on an error, show the full traceback instead of one line")
+    parser.add_argument("--verbose", action="store_true", default=False if top else argparse.SUPPRESS,
+                        help="show every line of Ray's own logging (kept to warnings and errors by default)")
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
-                _add_debug_flag(sub, top=False)
+                if sub.add_help:  # `score` hands its arguments to the task's own parser
+                    _add_global_flags(sub, top=False)
 
 
 def error_line(error: BaseException) -> str:
@@ -217,8 +221,10 @@ def error_line(error: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    _add_debug_flag(parser)
+    _add_global_flags(parser)
     args = parser.parse_args(argv)
+    if args.verbose:  # read by paf_ray.runtime.ray when a handler first imports it
+        os.environ["PAF_RAY_VERBOSE"] = "1"
     command = " ".join(filter(None, [args.command, getattr(args, "data_command", None)]))
     try:
         return int(args.handler(args) or 0)

@@ -1,9 +1,11 @@
-"""The shape of the package: no import cycles among paf_ray's modules."""
+"""The shape of the package: no import cycles, floors that import only downwards, imports at the top
+of files, and no task named outside the tasks and the BDD100K facts."""
 
 from __future__ import annotations
 
 import ast
 import os
+import re
 from pathlib import Path
 
 import paf_ray
@@ -111,3 +113,136 @@ def test_the_gpu_bench_modules_import_neither_ray_open_clip_nor_pycocotools():
                           env={**os.environ, "PYTHONPATH": str(ROOT.parent)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- floors
+
+# Bottom up: a module imports only modules on its own floor or below. `commands` are the
+# command handlers of every area (`<area>/commands.py` and paf_ray/commands.py) with cli.py on top.
+FLOORS = [
+    {"registry", "runtime", "viz"},  # nothing of paf_ray's: Ray start, storage, run folders, drawing
+    {"data"},  # the dataset: BDD100K facts, index, decode, transforms, Ray Data pipeline
+    {"tasks"},  # one module per task: labels to metrics
+    {"models", "eval"},  # backbones, adapters, the assembled model; the evaluator over the tasks
+    {"config"},  # the schema knows the plug-ins' sections
+    {"train"},  # the loop, the stage runner, checkpoints
+    {"tune", "predict", "jobs", "bench"},
+    {"export", "study"},
+    {"commands", "cli", "__main__", "paf_ray"},
+]
+
+
+def area(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) == 1:
+        return "paf_ray"
+    return "commands" if parts[-1] == "commands" else parts[1]
+
+
+def floor(module: str) -> int:
+    a = area(module)
+    for i, names in enumerate(FLOORS):
+        if a in names:
+            return i
+    raise AssertionError(f"{module}: area {a!r} is on no floor of tests/test_architecture.py FLOORS")
+
+
+def test_every_import_goes_down_the_floors():
+    graph = import_graph()
+    upward = sorted(f"{m} (floor {floor(m)}) imports {d} (floor {floor(d)})"
+                    for m, deps in graph.items() for d in deps if floor(d) > floor(m))
+    assert not upward, "imports that go up a floor:\n" + "\n".join(upward)
+
+
+def test_the_floor_checker_sees_an_upward_import():
+    assert floor("paf_ray.data.pipeline") < floor("paf_ray.train.loop")
+    assert floor("paf_ray.runtime.storage") == 0 and floor("paf_ray.data.commands") == len(FLOORS) - 1
+
+
+# Imports of paf_ray modules inside functions, where the top of the file is not the place: the
+# command handlers (so `paf-ray --help` loads neither torch nor Ray), `paf_ray.load` (so `import
+# paf_ray` stays light), and a task's torch side (Ray Data's decode workers import the task
+# modules and must not pay for torch). Anything else goes at the top of its file.
+LAZY_ALLOWED = {
+    ("paf_ray", "paf_ray.predict"),
+    ("paf_ray.predict", "paf_ray.runtime.ray"),  # Ray, only for --distributed
+    ("paf_ray.tasks.det", "paf_ray.tasks.det.heads"),
+    ("paf_ray.tasks.masks", "paf_ray.tasks.seg_head"),
+    ("paf_ray.tasks.lane", "paf_ray.tasks.seg_head"),
+}
+
+
+def function_level_imports(root: Path = ROOT) -> set[tuple[str, str]]:
+    out = set()
+    for path in root.rglob("*.py"):
+        name = _module_name(path, root)
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        top = {id(n) for n in tree.body}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and id(node) not in top and not node.level:
+                if (node.module or "").startswith("paf_ray"):
+                    out.add((name, node.module))
+            elif isinstance(node, ast.Import) and id(node) not in top:
+                out.update((name, a.name) for a in node.names if a.name.startswith("paf_ray"))
+    return out
+
+
+def test_imports_of_paf_ray_modules_are_at_the_top_of_files():
+    lazy = {(m, d) for m, d in function_level_imports() if area(m) not in ("commands", "bench")}
+    unexpected = sorted(lazy - LAZY_ALLOWED)
+    assert not unexpected, "imports inside functions (move them to the top of the file):\n" + "\n".join(
+        f"{m}: {d}" for m, d in unexpected)
+
+
+# --------------------------------------------------------------------------- tasks are plug-ins
+
+
+def named_tasks(path: Path, tasks: set[str]) -> list[str]:
+    """Where code names a task: a string literal with a task key as a word ("det/AP", "has_sem",
+    "model.heads.det"), or an identifier with one as a word (det_head, has_sem, SEM_CLASSES).
+    Docstrings and comments are prose, not code."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    found = []
+
+    def word_hit(name: str) -> bool:
+        return any(part.lower() in tasks for part in name.split("_"))
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            if any(word in tasks for word in re.split(r"[^A-Za-z0-9]+", node.value)):
+                found.append(f"{path}:{node.lineno}: the string {node.value[:60]!r}")
+        elif isinstance(node, ast.Name) and word_hit(node.id):
+            found.append(f"{path}:{node.lineno}: the name {node.id}")
+        elif isinstance(node, ast.Attribute) and word_hit(node.attr):
+            found.append(f"{path}:{node.lineno}: the attribute .{node.attr}")
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)) and word_hit(node.name):
+            found.append(f"{path}:{node.lineno}: the definition {node.name}")
+        elif isinstance(node, ast.alias) and word_hit((node.asname or node.name).split(".")[-1]):
+            found.append(f"{path}:{node.lineno}: the import {node.name}")
+    return found
+
+
+def test_no_product_code_outside_the_tasks_and_the_bdd100k_facts_names_a_task():
+    from paf_ray.tasks import TASKS
+
+    tasks = set(TASKS.names())
+    exempt = (ROOT / "tasks", ROOT / "data" / "bdd100k")
+    hits = []
+    for path in sorted(ROOT.rglob("*.py")):
+        if not any(path.is_relative_to(e) for e in exempt):
+            hits += named_tasks(path, tasks)
+    assert not hits, "task names outside paf_ray/tasks and paf_ray/data/bdd100k:\n" + "\n".join(hits)
+
+
+def test_the_task_name_finder_finds_names_in_code_not_in_prose(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text('"""The det head and sem masks, in prose."""\n'
+                   'KEYS = ("det/AP", "score")  # a det comment\n'
+                   'def f(batch):\n    """Only sem here."""\n    return batch["has_sem"], has_det, x.det_head\n'
+                   'detail = "detail"\n')
+    found = " | ".join(named_tasks(src, {"det", "sem"}))
+    assert found.count("m.py:") == 4, found
+    assert all(hit in found for hit in ("'det/AP'", "'has_sem'", "the name has_det", "the attribute .det_head"))

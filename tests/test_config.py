@@ -90,14 +90,25 @@ def test_set_flags_from_the_command_line_reach_the_config(tmp_path):
         ("data.input_size=[320, 190]", "data.input_size"),
         ("model.tasks=[det, det]", "model.tasks"),
         ("model.adapter.stages=[0, 2]", "model.adapter.stages"),
-        ("model.loss.class_balance={seg: 0.5}", "model.loss.class_balance"),
-        ("model.det.anchor_sizes=[32, 64]", "model.det.anchor_sizes"),
+        ("model.loss.weights={seg: 0.5}", "model.loss.weights.*unknown task 'seg'"),
+        ("model.heads.det.anchor_sizes=[32, 64]", "model.heads.det.anchor_sizes"),
+        ("model.heads.sem.class_balance=-1", "model.heads.sem.class_balance"),
+        ("model.adapter.lora.rank=0", "model.adapter.lora.rank"),
+        ("model.backbone.format=clip", "model.backbone.format.*not a checkpoint layout of resnet50"),
+        ("model.backbone.name=resnet7", "model.backbone.name.*unknown backbone 'resnet7'"),
+        ("model.tasks=[det, pose]", "model.tasks.*unknown task 'pose'.*registered: det, sem, drv, lane"),
+        ("model.adapter.kind=prefix", "model.adapter.kind.*unknown adapter kind"),
+        ("train.stages.0.head_lr_mult={depth: 0.5}", r"train.stages\[0\].head_lr_mult"),
         ("train.stages.1.epochs=0", r"train.stages\[1\].epochs"),
+        ("name=../escape", "name: a run name"),
+        ("name=/abs/olute", "name: a run name"),
+        ("data.cpus=.nan", "data.cpus: must be a finite number"),
+        ("data.hflip=.inf", "data.hflip: must be a finite number"),
     ],
 )
 def test_impossible_combinations_fail_at_load_naming_the_key(tmp_path, override, key):
     with pytest.raises(ConfigError, match=key):
-        load_config(_write(tmp_path, "name: x\n"), [override])
+        load_config(_write(tmp_path, "name: x\n" + RANDOM_INIT), [override])
 
 
 def test_run_refuses_a_bad_config_before_ray_starts(tmp_path):
@@ -135,3 +146,80 @@ def test_worker_start_timeout_is_one_key_and_positive(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown key 'tune\.worker_start_timeout_s'"):
         load_config(None, ["model.backbone.random_init=true", "tune.worker_start_timeout_s=60"])
     assert load_config(None, ["model.backbone.random_init=true"]).ray.worker_start_timeout_s == 1800
+
+
+# --------------------------------------------------------------------------- the loader's own guards
+
+
+def test_duplicate_keys_are_an_error_with_line_and_column(tmp_path):
+    # YAML lets the last one win: here the adapt stage would silently disappear
+    path = _write(tmp_path, RANDOM_INIT + "train:\n  stages:\n    - {kind: adapt}\n  stages:\n    - {kind: finetune}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:7:3: duplicate key 'stages' \(first at line 5\)"):
+        load_config(path)
+
+
+def test_alias_expansion_is_bounded_and_errors_stay_one_short_line(tmp_path):
+    path = _write(tmp_path, "a: &a [x]\nb: [" + ", ".join(["*a"] * 70) + "]\n")
+    with pytest.raises(ConfigError, match="more than 64 YAML alias uses") as e:
+        load_config(path)
+    assert len(str(e.value)) < 300
+    # within the bound but expanding beyond MAX_NODES
+    few = ["b0: &b0 [" + ", ".join(["y"] * 1000) + "]"] + [f"b{i}: &b{i} [{', '.join([f'*b{i - 1}'] * 20)}]" for i in (1, 2)]
+    path = _write(tmp_path, "\n".join(few) + "\nname: *b2\n", "few.yaml")
+    with pytest.raises(ConfigError, match="expands to more than"):
+        load_config(path)
+    # a wrong type shows at most a short cut of the value
+    path = _write(tmp_path, "name: [" + ", ".join(["word"] * 500) + "]\n", "long.yaml")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert "name: expected str" in str(e.value) and len(str(e.value)) < 300
+
+
+def test_syntax_errors_keep_line_and_column_and_non_utf8_is_named(tmp_path):
+    path = _write(tmp_path, "data:\n  batch_size: [1, 2\nmodel: {}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:\d+:\d+: not valid YAML"):
+        load_config(path)
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml: not UTF-8 text \(byte 9\)"):
+        load_config(str(bad))
+    tagged = _write(tmp_path, "name: !!python/object/apply:os.system [echo hi]\n", "tag.yaml")
+    with pytest.raises(ConfigError, match=r"tag\.yaml:1:7: not valid YAML"):
+        load_config(tagged)
+
+
+def test_plugin_sections_are_built_and_checked_by_their_plugin(tmp_path):
+    cfg = load_config(None, ["model.backbone.random_init=true", "model.backbone.name=tiny",
+                             "model.backbone.tiny.width=8", "model.adapter.lora.rank=4", "model.heads.det.kind=fcos"])
+    assert cfg.model.backbone.options["tiny"].width == 8 and cfg.model.adapter.options["lora"].rank == 4
+    assert cfg.model.heads["det"].kind == "fcos" and cfg.model.heads["lane"].channels == 64  # defaults for every task
+    with pytest.raises(ConfigError, match=r"unknown key 'model\.heads\.depth'"):
+        load_config(None, ["model.backbone.random_init=true", "model.heads.depth.channels=3"])
+    with pytest.raises(ConfigError, match=r"unknown key 'model\.adapter\.lora\.ranks'"):
+        load_config(None, ["model.backbone.random_init=true", "model.adapter.lora.ranks=3"])
+    with pytest.raises(ConfigError, match=r"model\.fpn_channels: FCOS needs a multiple of 32"):
+        load_config(None, ["model.backbone.random_init=true", "model.heads.det.kind=fcos", "model.fpn_channels=48"])
+
+
+def test_a_users_plugin_module_registers_before_the_config_is_read(tmp_path, monkeypatch):
+    """`plugins:` imports the user's module first; its adapter kind is then a name the config accepts."""
+    (tmp_path / "my_adapters.py").write_text(
+        "from dataclasses import dataclass\n"
+        "from torch import nn\n"
+        "from paf_ray.models.adapters import ADAPTERS, AdapterKind\n\n"
+        "@dataclass\nclass ScaleConfig:\n    init: float = 1.0\n\n"
+        "class Scale(AdapterKind):\n"
+        "    name = 'scale'\n    placement = 'a learnable scale on each stage output'\n    config = ScaleConfig\n"
+        "    def attach(self, backbone, entry, stages, section):\n"
+        "        import torch\n"
+        "        return nn.ParameterDict({str(k): nn.Parameter(torch.full((1,), section.init)) for k in stages})\n"
+        "    def features(self, backbone, adapters, x):\n"
+        "        return {k: f * adapters[str(k)] if str(k) in adapters else f for k, f in backbone(x).items()}\n"
+        "    def owned(self, model):\n        return list(model.adapters.parameters())\n\n"
+        "ADAPTERS.register(Scale())\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = _write(tmp_path, "plugins: [my_adapters]\n" + RANDOM_INIT + "  adapter: {kind: scale, scale: {init: 0.5}}\n")
+    cfg = load_config(path)
+    assert cfg.model.adapter.kind == "scale" and cfg.model.adapter.options["scale"].init == 0.5
+    with pytest.raises(ConfigError, match=r"plugins\[0\]: cannot import 'not_a_module'"):
+        load_config(_write(tmp_path, "plugins: [not_a_module]\n", "p.yaml"))

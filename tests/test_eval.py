@@ -16,17 +16,13 @@ import torch
 from PIL import Image
 
 from paf_ray.data.bdd100k import DET_CLASSES, SEM_CLASSES
-from paf_ray.eval.metrics import (
-    Evaluator,
-    MetricsInputError,
-    compute,
-    confusion_update,
-    det_metrics,
-    drv_metrics,
-    frames_to_coco,
-    merge_states,
-    seg_metrics,
-)
+from paf_ray.eval.evaluator import Evaluator, compute_metrics, merge_states
+from paf_ray.tasks import MetricsInputError, ordered
+from paf_ray.tasks.det import det_metrics, frames_to_coco
+from paf_ray.tasks.drv import drv_metrics
+from paf_ray.tasks.masks import confusion_update, seg_metrics
+
+TASKS3 = ordered(["det", "sem", "drv"])
 
 PAF_RAY = os.path.join(os.path.dirname(sys.executable), "paf-ray")
 
@@ -55,7 +51,8 @@ def test_det_matches_official_toolkit(testdata_dir):
 
 def test_det_coco_conversion_follows_toolkit_rules(testdata_dir):
     gt = _load(testdata_dir, "gt.json")
-    coco_gt, coco_dt = frames_to_coco(list(reversed(gt)), _load(testdata_dir, "preds.json"))
+    coco_gt, coco_dt, matching = frames_to_coco(list(reversed(gt)), _load(testdata_dir, "preds.json"))
+    assert matching == {"unmatched_predictions": 0, "gt_without_predictions": 0}
     images = coco_gt.loadImgs(coco_gt.getImgIds())
     assert [im["id"] for im in images] == list(range(1, len(gt) + 1))
     assert [im["file_name"] for im in images] == sorted(f["name"] for f in gt)
@@ -127,10 +124,10 @@ def test_sem_miou_over_present_classes_ignore_and_out_of_range_predictions():
 def _batch_and_outputs():
     """Two images at input size 64x32 (scale 0.05 from 1280x720 frames): image 0 has det+drv, image 1 sem."""
     h, w = 32, 64
-    sem = torch.full((2, h, w), 255, dtype=torch.int64)
+    sem = torch.full((2, h, w), 255, dtype=torch.uint8)
     sem[1, :16] = 10  # sky
     sem[1, 16:] = 0  # road
-    drv = torch.full((2, h, w), 255, dtype=torch.int64)
+    drv = torch.full((2, h, w), 255, dtype=torch.uint8)
     drv[0, 16:] = 0
     drv[0, :16] = 2
     sem_logits = torch.zeros(2, 19, h, w)
@@ -140,14 +137,13 @@ def _batch_and_outputs():
     box = torch.tensor([[10.0, 10.0, 30.0, 20.0]])
     batch = {
         "name": ["a.jpg", "b.jpg"],
-        "has_det": torch.tensor([True, False]),
-        "has_sem": torch.tensor([False, True]),
-        "has_drv": torch.tensor([True, False]),
-        "boxes": [box, torch.zeros(0, 4)],
-        "labels": [torch.tensor([2]), torch.zeros(0, dtype=torch.int64)],
-        "ignore_boxes": [torch.tensor([[40.0, 5.0, 60.0, 25.0]]), torch.zeros(0, 4)],
-        "sem": sem,
-        "drv": drv,
+        "has": {"det": torch.tensor([True, False]), "sem": torch.tensor([False, True]),
+                "drv": torch.tensor([True, False])},
+        "targets": {
+            "det": {"boxes": [box, torch.zeros(0, 4)], "labels": [torch.tensor([2]), torch.zeros(0, dtype=torch.int64)],
+                    "ignore_boxes": [torch.tensor([[40.0, 5.0, 60.0, 25.0]]), torch.zeros(0, 4)],
+                    "ignore_labels": [torch.tensor([0]), torch.zeros(0, dtype=torch.int64)]},
+            "sem": sem, "drv": drv},
         "scale": torch.tensor([0.05, 0.05]),
     }
     outputs = {
@@ -164,7 +160,7 @@ def _batch_and_outputs():
 
 def test_evaluator_states_merge_across_workers_and_compute_flat_keys():
     batch, outputs = _batch_and_outputs()
-    worker_a, worker_b = Evaluator(("det", "sem", "drv")), Evaluator(("det", "sem", "drv"))
+    worker_a, worker_b = Evaluator(TASKS3), Evaluator(TASKS3)
     worker_a.update(outputs, batch)
     renamed = dict(batch, name=["c.jpg", "d.jpg"])
     # The second worker ran under bf16 autocast.
@@ -173,13 +169,13 @@ def test_evaluator_states_merge_across_workers_and_compute_flat_keys():
                     "sem": bf16(outputs["sem"]), "drv": bf16(outputs["drv"])}
     worker_b.update(outputs_bf16, renamed)
     states = [pickle.loads(pickle.dumps(w.state())) for w in (worker_a, worker_b)]
-    merged = merge_states(states)
-    assert merged["sem_conf"].sum() == 2 * 32 * 64
-    assert [f["name"] for f in merged["gt_frames"]] == ["a.jpg", "c.jpg"]
+    merged = merge_states(TASKS3, states)
+    assert merged["sem"].sum() == 2 * 32 * 64
+    assert [f["name"] for f in merged["det"]["gt"]] == ["a.jpg", "c.jpg"]
     # GT boxes come back in original pixels (input px / scale).
-    assert merged["gt_frames"][0]["labels"][0]["box2d"]["x2"] == pytest.approx(600.0)
+    assert merged["det"]["gt"][0]["labels"][0]["box2d"]["x2"] == pytest.approx(600.0)
 
-    flat = compute(merged, ("det", "sem", "drv"))
+    flat = compute_metrics(TASKS3, merged)
     json.dumps(flat, allow_nan=False)
     # The car matches exactly; the pedestrian detection lies on the ignore region: AP 100.
     assert flat["det/AP"] == pytest.approx(100.0)
@@ -195,7 +191,8 @@ def test_evaluator_states_merge_across_workers_and_compute_flat_keys():
 
 
 def test_compute_without_samples_gives_finite_score():
-    flat = compute(Evaluator(("det", "sem")).state())
+    tasks = ordered(["det", "sem"])
+    flat = compute_metrics(tasks, merge_states(tasks, [Evaluator(tasks).state()]))
     assert flat == {"score": 0.0}
 
 
@@ -260,3 +257,50 @@ def test_cli_score_sem_and_drv_on_png_folders(tmp_path):
     assert out["mIoU"] == pytest.approx(37.5) and out["mIoU3"] == pytest.approx(12.5)
     table = _run("drv", str(gt_drv), str(pred_drv))
     assert "mIoU3" in table.stdout and "37.50" in table.stdout
+
+
+def test_cli_score_det_counts_unmatched_frames_and_refuses_non_finite_values(tmp_path, testdata_dir):
+    gt = os.path.join(testdata_dir, "scalabel-det", "gt.json")
+    frames = _load(testdata_dir, "preds.json")
+    # three frames renamed: they match no ground truth (a wrong naming scheme), and three GT frames lack predictions
+    for f in frames[:3]:
+        f["name"] = "renamed-" + f["name"]
+    preds = tmp_path / "renamed.json"
+    preds.write_text(json.dumps(frames))
+    proc = _run("det", gt, str(preds), "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["unmatched_predictions"] == 3 and out["gt_without_predictions"] == 3
+    table = _run("det", gt, str(preds))
+    assert "matching no ground-truth frame: 3" in table.stdout and "without a prediction frame: 3" in table.stdout
+    strict = _run("det", gt, str(preds), "--fail-on-unmatched")
+    assert strict.returncode == 2 and "renamed.json: 3 prediction frame(s) match no ground-truth frame" in strict.stderr
+    for bad_value, what in (("NaN", "score"), ("Infinity", "score"), ("-Infinity", "x1")):
+        frames = _load(testdata_dir, "preds.json")
+        label = frames[0]["labels"][0]
+        if what == "score":
+            label["score"] = float(bad_value.replace("Infinity", "inf"))
+        else:
+            label["box2d"]["x1"] = float("-inf")
+        bad = tmp_path / f"bad_{bad_value}.json"
+        bad.write_text(json.dumps(frames))
+        proc = _run("det", gt, str(bad))
+        assert proc.returncode == 2 and bad.name in proc.stderr and ("non-finite" in proc.stderr or "finite" in proc.stderr)
+
+
+def test_lane_score_cli_on_png_folders(tmp_path):
+    from paf_ray.tasks.lane_metrics import encode_lane
+
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    gt_dir.mkdir(), pred_dir.mkdir()
+    fg = np.zeros((40, 60), bool)
+    fg[20, 5:55] = True  # one single white, parallel, solid line
+    gt = encode_lane(fg, 6, 0, 0)
+    _write_png(gt_dir / "a.png", gt)
+    _write_png(pred_dir / "a.png", gt)
+    proc = _run("lane", str(gt_dir), str(pred_dir), "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["F1_pix1"] == pytest.approx(100.0) and out["IoU_fg"] == pytest.approx(100.0)
+    table = _run("lane", str(gt_dir), str(pred_dir))
+    assert "mean (official)" in table.stdout and "YOLOP" in table.stdout

@@ -14,8 +14,10 @@ import pickle
 import numpy as np
 import pytest
 
-from paf_ray.eval.commands import score_drv, score_sem
-from paf_ray.eval.lane_metrics import (
+from argparse import Namespace
+
+from paf_ray.tasks import TASKS
+from paf_ray.tasks.lane_metrics import (
     BOUND_PIXELS,
     LANE_ATTRIBUTES,
     LANE_BACKGROUND,
@@ -25,9 +27,25 @@ from paf_ray.eval.lane_metrics import (
     decode_lane,
     encode_lane,
     frame_fscores,
-    read_lane_mask,
-    score_lane,
 )
+from paf_ray.tasks.masks import read_mask_file as read_lane_mask
+
+
+def _score(task: str, gt_dir: str, pred_dir: str) -> dict:
+    """What `paf-ray score TASK GT PRED` computes."""
+    return TASKS[task].score(Namespace(gt=gt_dir, pred=pred_dir))
+
+
+def score_lane(gt_dir, pred_dir):
+    return _score("lane", gt_dir, pred_dir)
+
+
+def score_sem(gt_dir, pred_dir):
+    return _score("sem", gt_dir, pred_dir)
+
+
+def score_drv(gt_dir, pred_dir):
+    return _score("drv", gt_dir, pred_dir)
 
 ORACLE = os.path.join(os.path.dirname(__file__), "data", "oracle")
 TOL = 1e-6

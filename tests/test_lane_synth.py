@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from paf_ray.data import bdd100k as B
-from paf_ray.data.synth import _NoiseBank, frame_rngs, render_frame, write_synthetic
-from paf_ray.eval.lane_metrics import decode_lane
+from paf_ray.data.bdd100k.synth import _NoiseBank, frame_rngs, render_frame, write_synthetic
+from paf_ray.tasks.lane_metrics import decode_lane
 
 SIZE = (320, 180)
 SEM = {name: i for i, name in enumerate(B.SEM_CLASSES)}

@@ -20,32 +20,57 @@ from torchvision.ops import box_iou
 
 from paf_ray.config import ConfigError, StageConfig, from_dict, load_config
 from paf_ray.data.bdd100k import DET_CLASSES, IGNORE_INDEX, SEM_CLASSES
-from paf_ray.data.normalize import normalize_images
-from paf_ray.models import build_model
-from paf_ray.models.adapters import BypassAdapter, LoRAConv2d, add_lora, has_lora, merge_lora
-from paf_ray.models.backbones import build_backbone
-from paf_ray.models.detection import IgnoreAwareFCOSHead, ignore_mask
+from paf_ray.models.adapters.bypass import BypassAdapter
+from paf_ray.models.adapters.lora import LoRAConv2d, add_lora, lora_layers, merge_lora
+from paf_ray.models.backbones import BACKBONES
+from paf_ray.models.multitask import build_model
+from paf_ray.models.normalize import normalize_images
 from paf_ray.models.stages import apply_stage, finish_stage, param_groups, trainable_summary
-from paf_ray.models.zoo import CheckpointError, load_backbone_weights, sniff_format
+from paf_ray.models.zoo import CheckpointError
+from paf_ray.models.zoo import load_backbone_weights as _load_weights
+from paf_ray.tasks.det.heads import IgnoreAwareFCOSHead, ignore_mask
+from paf_ray.tasks.seg_head import seg_loss
+
+
+def build_backbone(name, width=8):
+    entry = BACKBONES[name]
+    return entry.build(entry.config(width=width) if entry.config is not None and name == "tiny" else None)
+
+
+def load_backbone_weights(backbone, path, fmt="auto", trust_checkpoint=False, name=None):
+    """The zoo's loader for the backbone `name` (default: what `backbone` was built as)."""
+    entry = BACKBONES[name or ("clip_rn50" if hasattr(backbone, "attnpool") else
+                                "tiny" if backbone.stage_channels[1] < 64 else "resnet18")]
+    return _load_weights(backbone, entry, path, fmt, trust_checkpoint)
+
+
+def sniff_format(obj):
+    return BACKBONES["resnet18"].sniff(obj)
+
+
+def has_lora(module):
+    return bool(lora_layers(module))
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
-def tiny_model_cfg(**model):
+DET = {
+    "representation_size": 64,
+    "box_batch_size_per_image": 32,
+    "rpn_batch_size_per_image": 64,
+    "rpn_pre_nms_top_n_train": 200,
+    "rpn_post_nms_top_n_train": 50,
+    "rpn_pre_nms_top_n_test": 200,
+    "rpn_post_nms_top_n_test": 50,
+    "anchor_sizes": [16, 32, 64, 128, 256],
+}
+
+
+def tiny_model_cfg(det=None, **model):
     base = {
-        "backbone": {"name": "tiny", "tiny_width": 8, "random_init": True},
+        "backbone": {"name": "tiny", "tiny": {"width": 8}, "random_init": True},
         "fpn_channels": 32,
-        "seg_channels": 16,
-        "det": {
-            "representation_size": 64,
-            "box_batch_size_per_image": 32,
-            "rpn_batch_size_per_image": 64,
-            "rpn_pre_nms_top_n_train": 200,
-            "rpn_post_nms_top_n_train": 50,
-            "rpn_pre_nms_top_n_test": 200,
-            "rpn_post_nms_top_n_test": 50,
-            "anchor_sizes": [16, 32, 64, 128, 256],
-        },
+        "heads": {"sem": {"channels": 16}, "drv": {"channels": 16}, "lane": {"channels": 16}, "det": {**DET, **(det or {})}},
     }
     for k, v in model.items():
         if isinstance(v, dict) and isinstance(base.get(k), dict):
@@ -59,6 +84,7 @@ W, H = 128, 64  # network input (width, height) for the model tests
 
 
 def make_batch(has_det, has_sem, has_drv, seed=0):
+    """A collated batch (data/contracts.Batch) of random frames with the tasks the flags give them."""
     g = torch.Generator().manual_seed(seed)
     b = len(has_det)
     boxes, labels, ignore = [], [], []
@@ -68,8 +94,8 @@ def make_batch(has_det, has_sem, has_drv, seed=0):
         boxes.append(torch.cat([xy, xy + wh], 1) if has_det[i] else torch.zeros(0, 4))
         labels.append(torch.randint(0, len(DET_CLASSES), (3 if has_det[i] else 0,), generator=g))
         ignore.append(torch.tensor([[0.0, 0.0, 20.0, 20.0]]) if has_det[i] else torch.zeros(0, 4))
-    sem = torch.randint(0, len(SEM_CLASSES), (b, H, W), generator=g)
-    drv = torch.randint(0, 3, (b, H, W), generator=g)
+    sem = torch.randint(0, len(SEM_CLASSES), (b, H, W), generator=g).to(torch.uint8)
+    drv = torch.randint(0, 3, (b, H, W), generator=g).to(torch.uint8)
     for i in range(b):
         if not has_sem[i]:
             sem[i] = 255
@@ -77,9 +103,10 @@ def make_batch(has_det, has_sem, has_drv, seed=0):
             drv[i] = 255
     return {
         "image": torch.randint(0, 256, (b, 3, H, W), dtype=torch.uint8, generator=g),
-        "boxes": boxes, "labels": labels, "ignore_boxes": ignore,
-        "sem": sem, "drv": drv,
-        "has_det": torch.tensor(has_det), "has_sem": torch.tensor(has_sem), "has_drv": torch.tensor(has_drv),
+        "targets": {"det": {"boxes": boxes, "labels": labels, "ignore_boxes": ignore,
+                            "ignore_labels": [torch.zeros(len(x), dtype=torch.int64) for x in ignore]},
+                    "sem": sem, "drv": drv},
+        "has": {"det": torch.tensor(has_det), "sem": torch.tensor(has_sem), "drv": torch.tensor(has_drv)},
     }
 
 
@@ -207,14 +234,14 @@ def test_zoo_layout_loads_with_only_heads_dropped(tmp_path, fmt):
     path = str(tmp_path / f"{fmt}{suffix}")
     _save(obj, path)
     backbone = build_backbone("resnet18")
-    recipe = load_backbone_weights(backbone, path, "auto", trust_checkpoint=(fmt == "detco"))
+    recipe = load_backbone_weights(backbone, path, "auto", trust_checkpoint=(fmt == "detco"), name="resnet18")
     _assert_same_backbone(backbone, sd)
     assert recipe == EXPECTED_NORM[fmt]
     # the explicit format gives the same result as sniffing
     loaded = torch.load(path, weights_only=True) if suffix != ".pkl" else obj
     assert sniff_format(loaded) == fmt
     backbone2 = build_backbone("resnet18")
-    assert load_backbone_weights(backbone2, path, fmt, trust_checkpoint=(fmt == "detco")) == EXPECTED_NORM[fmt]
+    assert load_backbone_weights(backbone2, path, fmt, trust_checkpoint=(fmt == "detco"), name="resnet18") == EXPECTED_NORM[fmt]
     _assert_same_backbone(backbone2, sd)
 
 
@@ -223,13 +250,13 @@ def test_zoo_simclr2_port_and_safetensors_resnet50(tmp_path):
     path = str(tmp_path / "r50_1x_sk0.pth")
     _save(_to_simclr2_port(sd), path)
     backbone = build_backbone("resnet50")
-    assert load_backbone_weights(backbone, path) == "none"
+    assert load_backbone_weights(backbone, path, name="resnet50") == "none"
     _assert_same_backbone(backbone, sd)
 
     st = str(tmp_path / "resnet50.safetensors")
     _save({k: v.contiguous() for k, v in sd.items()}, st)
     backbone = build_backbone("resnet50")
-    assert load_backbone_weights(backbone, st, "torchvision") == "imagenet"
+    assert load_backbone_weights(backbone, st, "torchvision", name="resnet50") == "imagenet"
     _assert_same_backbone(backbone, sd)
 
 
@@ -255,8 +282,8 @@ def test_zoo_clip_rn50_into_open_clip_visual(tmp_path):
     assert [tuple(f.shape[-3:]) for f in feats.values()] == [(256, 16, 24), (512, 8, 12), (1024, 4, 6), (2048, 2, 3)]
 
     # A CLIP checkpoint never goes into a torchvision ResNet-50: clear error, not a silent partial load.
-    with pytest.raises(CheckpointError, match="clip_rn50") as err:
-        load_backbone_weights(build_backbone("resnet50"), path)
+    with pytest.raises(CheckpointError, match="another backbone") as err:
+        load_backbone_weights(build_backbone("resnet50"), path, name="resnet50")
     assert "conv1.weight" in str(err.value) and path in str(err.value)
 
 
@@ -277,6 +304,8 @@ def test_zoo_wrong_prefix_fails_listing_keys(tmp_path):
     _save(sd, tv)
     with pytest.raises(CheckpointError, match="module.encoder_q"):
         load_backbone_weights(build_backbone("resnet18"), tv, "moco")
+    with pytest.raises(CheckpointError, match="'clip' is not a layout of backbone resnet18"):
+        load_backbone_weights(build_backbone("resnet18"), tv, "clip")
     # A truncated checkpoint (a stage missing) fails, naming the keys.
     cut = str(tmp_path / "cut.pth")
     _save({k: v for k, v in sd.items() if not k.startswith("layer4.")}, cut)
@@ -295,7 +324,7 @@ def test_zoo_pickles_need_trust(tmp_path):
 
 
 def test_build_model_follows_checkpoint_normalization(tmp_path):
-    src = build_backbone("tiny", 8)
+    src = build_backbone("tiny")
     sd = src.state_dict()
     path = str(tmp_path / "swav_tiny.pth.tar")
     _save({f"module.{k}": v for k, v in sd.items()} | {"module.prototypes.weight": torch.randn(5, 4)}, path)
@@ -316,7 +345,7 @@ def test_build_model_follows_checkpoint_normalization(tmp_path):
 def test_adapters_are_identity_at_init():
     torch.manual_seed(0)
     x = torch.randint(0, 256, (2, 3, H, W), dtype=torch.uint8)
-    plain = build_backbone("tiny", 8).eval()
+    plain = build_backbone("tiny").eval()
     ref = plain(normalize_images(x, "imagenet"))
 
     adapter = BypassAdapter(64, reduction=4, init_scale=0.5)
@@ -328,7 +357,7 @@ def test_adapters_are_identity_at_init():
     _, feats, _ = model.features(x)
     assert all(torch.equal(feats[k], ref[k]) for k in ref)
 
-    lora = build_model(tiny_model_cfg(tasks=["sem"], adapter={"kind": "lora", "rank": 2}), (W, H)).eval()
+    lora = build_model(tiny_model_cfg(tasks=["sem"], adapter={"kind": "lora", "lora": {"rank": 2}}), (W, H)).eval()
     lora.backbone.load_state_dict(plain.state_dict(), strict=False)
     assert has_lora(lora.backbone)
     _, feats, _ = lora.features(x)
@@ -338,7 +367,7 @@ def test_adapters_are_identity_at_init():
 def test_inline_adapters_are_identity_at_init_and_feed_the_next_stage():
     torch.manual_seed(0)
     x = torch.randint(0, 256, (2, 3, H, W), dtype=torch.uint8)
-    plain = build_backbone("tiny", 8).eval()
+    plain = build_backbone("tiny").eval()
     ref = plain(normalize_images(x, "imagenet"))
     models = {}
     for kind in ("inline", "bypass"):
@@ -367,7 +396,8 @@ def test_inline_adapters_train_in_adapt_through_the_frozen_backbone():
     for a in model.adapters.values():
         torch.nn.init.normal_(a.up.weight, std=0.1)
     x = torch.randint(0, 256, (2, 3, H, W), dtype=torch.uint8)
-    batch = {"has_sem": torch.ones(2), "sem": torch.randint(0, len(SEM_CLASSES), (2, H, W))}
+    batch = {"has": {"sem": torch.ones(2, dtype=torch.bool)},
+             "targets": {"sem": torch.randint(0, len(SEM_CLASSES), (2, H, W)).to(torch.uint8)}}
     model.total_loss(model(x, batch)).backward()
     # the stride-4 adapter's gradient passes back through the frozen layer2..layer4
     assert model.adapters["1"].down.weight.grad is not None and model.adapters["1"].down.weight.grad.abs().sum() > 0
@@ -377,7 +407,8 @@ def test_inline_adapters_train_in_adapt_through_the_frozen_backbone():
 
     # `paf-ray inspect` tells the placements apart: only the in-line adapt forward records the backbone
     for kind, graph in (("inline", True), ("bypass", False)):
-        cfg = from_dict({"model": {**to_dict(model.cfg), "adapter": {"kind": kind}}, "data": {"input_size": [W, H]}})
+        cfg = from_dict({"model": {**to_dict(model.cfg), "adapter": {"kind": kind, "stages": [1, 4]}},
+                         "data": {"input_size": [W, H]}})
         report = inspect_model(cfg, "adapt", flops=False)
         assert report["adapter"]["kind"] == kind and report["backbone_graph"] is graph
         assert ("feeds the next stage" in report["adapter"]["placement"]) is graph
@@ -387,7 +418,7 @@ def test_lora_merge_gives_plain_backbone_with_same_outputs():
     torch.manual_seed(0)
     backbone = build_backbone("resnet18").eval()
     plain_keys = set(backbone.state_dict())
-    n = add_lora(backbone, [2, 3, 4], rank=4, alpha=8.0)
+    n = add_lora(backbone, BACKBONES["resnet18"].lora_targets(backbone, [2, 3, 4]), rank=4, alpha=8.0)
     assert n > 0 and set(backbone.state_dict()) > plain_keys
     for m in backbone.modules():
         if isinstance(m, LoRAConv2d):
@@ -413,7 +444,7 @@ def _snapshot(module):
 @pytest.mark.parametrize("kind", ["bypass", "lora"])
 def test_adapt_step_keeps_backbone_bit_identical(kind):
     torch.manual_seed(0)
-    model = build_model(tiny_model_cfg(adapter={"kind": kind, "rank": 2}), (W, H))
+    model = build_model(tiny_model_cfg(adapter={"kind": kind, "lora": {"rank": 2}}), (W, H))
     apply_stage(model, "adapt")
     model.train()
     assert not model.backbone.training  # frozen BN stays in eval mode after .train()
@@ -431,7 +462,7 @@ def test_adapt_step_keeps_backbone_bit_identical(kind):
     frozen = [k for k in backbone_before if ".lora_" not in k]
     assert all(torch.equal(backbone_before[k], after[k]) for k in frozen)  # weights and BN statistics
     changed = {k for k, v in _snapshot(model).items() if k in rest_before and not torch.equal(v, rest_before[k])}
-    for prefix in ("neck.", "det_head.", "sem_head.", "drv_head."):
+    for prefix in ("neck.", "heads.det.", "heads.sem.", "heads.drv."):
         assert any(k.startswith(prefix) for k in changed), prefix
     if kind == "bypass":
         assert any(k.startswith("adapters.") for k in changed)
@@ -441,12 +472,13 @@ def test_adapt_step_keeps_backbone_bit_identical(kind):
 
 
 def test_stage_policy_trainables_groups_and_merge():
-    model = build_model(tiny_model_cfg(adapter={"kind": "lora", "rank": 2}), (W, H))
+    model = build_model(tiny_model_cfg(adapter={"kind": "lora", "lora": {"rank": 2}}), (W, H))
     apply_stage(model, "adapt")
     s = trainable_summary(model)["modules"]
     assert s["backbone"]["trainable"] == 0 and s["adapters"]["trainable"] == s["adapters"]["total"] > 0
 
-    assert finish_stage(model, "adapt", StageConfig(kind="adapt", merge_adapters=True))
+    assert finish_stage(model, "adapt", merge_adapters=True)
+    assert not finish_stage(model, "adapt", merge_adapters=True)  # once
     assert model.adapters_merged and not has_lora(model.backbone)
     apply_stage(model, "finetune")
     s = trainable_summary(model)["modules"]
@@ -464,13 +496,13 @@ def test_stage_policy_trainables_groups_and_merge():
 
     stage = StageConfig(kind="finetune", lr=1e-3, backbone_lr_mult=0.1, head_lr_mult={"det": 0.5})
     lr_of = {names[id(p)]: g["lr"] for g in param_groups(model, stage) for p in g["params"]}
-    assert lr_of["det_head.roi_heads.box_predictor.cls_score.weight"] == pytest.approx(5e-4)
-    assert lr_of["det_head.rpn.head.conv.0.0.bias"] == pytest.approx(5e-4)
-    seg_lrs = [lr for n, lr in lr_of.items() if n.startswith(("sem_head.", "drv_head."))]
+    assert lr_of["heads.det.detector.roi_heads.box_predictor.cls_score.weight"] == pytest.approx(5e-4)
+    assert lr_of["heads.det.detector.rpn.head.conv.0.0.bias"] == pytest.approx(5e-4)
+    seg_lrs = [lr for n, lr in lr_of.items() if n.startswith(("heads.sem.", "heads.drv."))]
     assert seg_lrs and seg_lrs == pytest.approx([1e-3] * len(seg_lrs))
     assert lr_of["neck.inner_blocks.0.0.weight"] == pytest.approx(1e-3)
     assert lr_of["backbone.conv1.weight"] == pytest.approx(1e-4)
-    with pytest.raises(ConfigError, match=r"head_lr_mult\.seg"):
+    with pytest.raises(ConfigError, match=r"head_lr_mult.*unknown task 'seg'"):
         load_config(None, ["model.backbone.random_init=true", "train.stages.1.head_lr_mult={seg: 0.5}"])
 
 
@@ -503,8 +535,10 @@ def test_seg_loss_counts_only_labelled_samples():
     apply_stage(model, "adapt")  # frozen BN: samples do not interact
     model.train()
     both = make_batch([False, False], [True, False], [True, True], seed=3)
-    both["sem"][1] = 5  # garbage labels on a sample flagged as unlabelled must not count
-    alone = {k: (v[:1] if torch.is_tensor(v) else v[:1]) for k, v in both.items()}
+    both["targets"]["sem"][1] = 5  # garbage labels on a sample flagged as unlabelled must not count
+    alone = {"image": both["image"][:1], "has": {k: v[:1] for k, v in both["has"].items()},
+             "targets": {"det": {k: v[:1] for k, v in both["targets"]["det"].items()},
+                         "sem": both["targets"]["sem"][:1], "drv": both["targets"]["drv"][:1]}}
     with torch.no_grad():
         l_both = model(both["image"], both)
         l_alone = model(alone["image"], alone)
@@ -515,8 +549,6 @@ def test_seg_loss_counts_only_labelled_samples():
 def test_class_balanced_seg_loss_gives_rare_classes_their_share():
     """With class_balance=1 every class present counts as much as any other, however few its
     pixels: a thin pole against a large road moves the loss as much as the road does."""
-    from paf_ray.models.heads import seg_loss
-
     torch.manual_seed(0)
     logits = torch.randn(1, 4, 16, 16)
     target = torch.zeros(1, 16, 16, dtype=torch.long)  # road everywhere ...
@@ -528,9 +560,6 @@ def test_class_balanced_seg_loss_gives_rare_classes_their_share():
     plain = ce[target != IGNORE_INDEX].mean()
     assert torch.allclose(seg_loss(logits, target, 0.0), plain, atol=1e-6)
     assert seg_loss(logits, torch.full_like(target, IGNORE_INDEX), 0.5) == 0.0  # nothing labelled: 0, not NaN
-
-    with pytest.raises(ValueError, match="model.loss.class_balance"):
-        build_model(tiny_model_cfg(loss={"class_balance": {"det": 0.5}}), (W, H))
 
 
 def test_eval_outputs_and_single_task_baseline():
@@ -546,12 +575,12 @@ def test_eval_outputs_and_single_task_baseline():
         assert (d["boxes"][:, [0, 2]] <= W).all() and (d["boxes"][:, [1, 3]] <= H).all()
 
     sem_only = build_model(tiny_model_cfg(tasks=["sem"]), (W, H))
-    assert not hasattr(sem_only, "det_head") and not hasattr(sem_only, "drv_head")
+    assert set(sem_only.heads) == {"sem"}
     sem_only.train()
     batch = make_batch([True, True], [True, False], [True, True])
     assert set(sem_only(batch["image"], batch)) == {"sem"}
     with pytest.raises(ValueError, match="multiples of 32"):
-        build_model(tiny_model_cfg(), (100, 64))
+        model(torch.zeros(1, 3, 100, 64, dtype=torch.uint8))
 
 
 def test_detection_learns_a_box_in_input_pixels():
@@ -562,8 +591,9 @@ def test_detection_learns_a_box_in_input_pixels():
     img = torch.full((1, 3, H, W), 60, dtype=torch.uint8)
     box = torch.tensor([[84.0, 16.0, 120.0, 56.0]])  # right half: x beyond H catches swapped/normalised coords
     img[:, :, 16:56, 84:120] = 220
-    batch = {"boxes": [box], "labels": [torch.tensor([2])], "ignore_boxes": [torch.zeros(0, 4)],
-             "has_det": torch.tensor([True])}
+    batch = {"targets": {"det": {"boxes": [box], "labels": [torch.tensor([2])], "ignore_boxes": [torch.zeros(0, 4)],
+                                 "ignore_labels": [torch.zeros(0, dtype=torch.int64)]}},
+             "has": {"det": torch.tensor([True])}}
     opt = torch.optim.AdamW(param_groups(model, StageConfig(kind="finetune", lr=3e-3, weight_decay=0.0)))
     iou = 0.0
     for step in range(60):
@@ -589,7 +619,7 @@ def test_ignore_regions_are_neither_positive_nor_negative():
     assert ignore_mask(anchors, ignore, 0.5).tolist() == [True, True, False, False]
 
     model = build_model(tiny_model_cfg(tasks=["det"]), (W, H))
-    rpn, roi = model.det_head.rpn, model.det_head.roi_heads
+    rpn, roi = model.heads["det"].detector.rpn, model.heads["det"].detector.roi_heads
     gt = torch.tensor([[40.0, 40, 60, 60]])
     targets = [{"boxes": gt, "labels": torch.tensor([3]), "ignore_boxes": ignore}]
     labels, _ = rpn.assign_targets_to_anchors([anchors], targets)
@@ -639,7 +669,7 @@ def _inspect(capsys, *args):
 
 def test_inspect_job_files_r50(capsys):
     # counts do not depend on the input size or proposal count; FLOPs stay cheap
-    small = ["--set", "data.input_size=[128,96]", "--set", "model.det.rpn_post_nms_top_n_test=100"]
+    small = ["--set", "data.input_size=[128,96]", "--set", "model.heads.det.rpn_post_nms_top_n_test=100"]
     adapt = _inspect(capsys, os.path.join(REPO, "jobs", "adapt.yaml"), *small)
     m = adapt["modules"]
     assert adapt["stage"] == "adapt"

@@ -270,6 +270,8 @@ def build(cls: type, data: dict, prefix: str, source: str):
             kwargs[name] = _build_sections(f, value, key, source)
         elif name in data:
             kwargs[name] = _convert(data[name], hints[name], key, source)
+        elif dataclasses.is_dataclass(hints[name]):  # an absent section: its defaults, plug-in sections too
+            kwargs[name] = build(hints[name], {}, key, source)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{source}: missing required key '{key}'")
     return cls(**kwargs)

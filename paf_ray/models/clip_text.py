@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from paf_ray.models.zoo import is_torchscript
 from paf_ray.runtime import storage
 
 # A CLIP small enough for CPU tests and demos (same tokenizer and vocabulary as RN50).
@@ -45,8 +46,6 @@ def read_clip_weights(path: str) -> tuple[dict[str, torch.Tensor], str]:
     .safetensors, ``torch.save(model.state_dict())``, its training checkpoints
     ``{"state_dict": {"module.…"}}`` - is open_clip's layout. The key names are the same in both.
     """
-    from paf_ray.models.zoo import is_torchscript
-
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"model.lv_adapter.clip_weights: {path!r} is not a file "

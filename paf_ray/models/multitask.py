@@ -122,8 +122,13 @@ class MultiTaskModel(nn.Module):
         """Normalised input, adapted backbone features {1..4}, LV score maps ({} when off)."""
         x = normalize_images(images, self.normalization)
         # Adapt with bypass adapters: the frozen backbone's forward builds no autograd graph at all.
-        with torch.set_grad_enabled(torch.is_grad_enabled() and backbone_builds_graph(self)):
-            feats = self.adapter.features(self.backbone, self.adapters, x)
+        graph = torch.is_grad_enabled() and backbone_builds_graph(self)
+
+        def backbone(inp, after_stage=None):
+            with torch.set_grad_enabled(graph):
+                return self.backbone(inp, after_stage)
+
+        feats = self.adapter.features(backbone, self.adapters, x)
         score_maps: dict[str, torch.Tensor] = {}
         if hasattr(self, "lv_adapter"):
             feats, score_maps = self.lv_adapter(feats)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import time
@@ -15,14 +16,19 @@ from ray.data._internal.execution.execution_callback import ExecutionCallback
 # prints to stdout, which Ray forwards once. The driver's value reaches the controller and workers.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
+# `paf-ray --verbose` sets this: every line of Ray's own logging shows, as Ray ships it.
+VERBOSE_ENV = "PAF_RAY_VERBOSE"
+VERBOSE = os.environ.get(VERBOSE_ENV) == "1"
 # Ray Train's and Ray Data's INFO lines ("Checkpoint successfully created", "Progress bars
 # disabled", per-dataset "execution finished") say nothing a user can act on; their warnings and
 # errors still show. Train takes the level from RunConfig (train/run.py); Ray Data from this
 # variable, which the processes of a local Ray inherit from the driver.
-RAY_LOG_LEVEL = "WARNING"
-os.environ.setdefault("RAY_DATA_LOG_LEVEL", RAY_LOG_LEVEL)
+RAY_LOG_LEVEL = "INFO" if VERBOSE else "WARNING"
+if not VERBOSE:
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", RAY_LOG_LEVEL)
 
 
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 MIN_BLOCK_BYTES = 1 << 20  # Ray Data's default target_min_block_size: blocks are not made smaller
 # "0" leaves Ray Data's executor as Ray ships it (the bench's reproduction of the busy loop and the slow start)
 EXECUTOR_FIX_ENV = "PAF_RAY_DATA_EXECUTOR_FIX"
@@ -134,9 +140,11 @@ def quiet_ray_warnings() -> None:
 
 # Loggers of Ray internals whose lines a user cannot act on, and the level they are kept at:
 # Ray Data warns on every dataset that progress bars are off (we turn them off on purpose);
-# Ray Train logs every report at INFO from the worker, past its own level setting.
-QUIET_LOGGERS = {"ray.data._internal.progress": logging.ERROR,
-                 "ray.train.v2._internal.execution.context": logging.WARNING}
+# Ray Train's worker logs every report at INFO ("Reporting training result N: TrainingReport(...)",
+# a whole metrics dict a line), on a logger named after its file (Ray 2.60), so outside "ray.train"
+# and past Train's own level setting.
+QUIET_LOGGERS = {"ray.data._internal.progress": logging.ERROR}
+QUIET_MODULE_LOGGERS = {"ray.train.v2._internal.execution.context": logging.WARNING}
 
 
 class _AtLeast(logging.Filter):
@@ -149,11 +157,25 @@ class _AtLeast(logging.Filter):
         return record.levelno >= self.level
 
 
+def quiet_ray_logs() -> None:
+    """Keep Ray's bookkeeping lines out of this process's log (not with --verbose); idempotent."""
+    if VERBOSE:
+        return
+    quiet_ray_warnings()
+    names = dict(QUIET_LOGGERS)
+    for module, level in QUIET_MODULE_LOGGERS.items():
+        spec = importlib.util.find_spec(module)
+        if spec is not None and spec.origin:
+            names[spec.origin] = level
+    for name, level in names.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _AtLeast) for f in logger.filters):
+            logger.addFilter(_AtLeast(level))
+
+
 def worker_setup() -> None:
     """Worker setup hook of a local Ray: quiet Ray's internal chatter, pin the cluster address."""
-    quiet_ray_warnings()
-    for name, level in QUIET_LOGGERS.items():
-        logging.getLogger(name).addFilter(_AtLeast(level))
+    quiet_ray_logs()
     pin_ray_address()
 
 
@@ -173,6 +195,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, object_sto
     Ray Data settings of this process (``configure_data_context``)."""
     if not ray.is_initialized():
         _start_or_join(address, num_cpus, object_store_mb)
+        quiet_ray_logs()
     if data_cpus is not None:
         configure_data_context(data_cpus)
 
@@ -182,6 +205,11 @@ def _start_or_join(address: str | None, num_cpus: int | None, object_store_mb: i
     if address and address != "local":
         ray.init(address=address, log_to_driver=True)
         return
+    if not VERBOSE:
+        # Ray Train's PreemptionWatcher polls for cloud node drains, which a Ray started here on one
+        # machine never has; its start logs an error line at every stage (Ray 2.60, ray-project/ray
+        # #53727). On a cluster it stays on (docs/cluster.md says what its line means).
+        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     ray.init(
         address="local",
         num_cpus=num_cpus,
@@ -189,7 +217,7 @@ def _start_or_join(address: str | None, num_cpus: int | None, object_store_mb: i
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         configure_logging=True,
-        logging_level="warning",
+        logging_level="info" if VERBOSE else "warning",
         runtime_env={"worker_process_setup_hook": "paf_ray.runtime.ray.worker_setup"},
         # The raylet kills idle workers beyond this many (default: num_cpus). On a 2-CPU box the
         # Train and Data actors alone pass 2, so each epoch's decode tasks would start new

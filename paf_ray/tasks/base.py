@@ -33,11 +33,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from paf_ray.data.transforms import Geometry
+
 if TYPE_CHECKING:  # no torch at import time (module docstring)
     import torch
     from torch import nn
-
-    from paf_ray.data.transforms import Geometry
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ class Task(abc.ABC):
         """The label -> the target at the frame's resolution `size` = (w, h); DatasetError naming the file."""
 
     @abc.abstractmethod
-    def transform(self, target: Any | None, geometry: "Geometry") -> dict[str, np.ndarray]:
+    def transform(self, target: Any | None, geometry: Geometry) -> dict[str, np.ndarray]:
         """The row columns of this task (named ``<name>`` or ``<name>_<field>``); `target` None = the
         frame has no label for the task: the columns hold "nothing" in the same shapes."""
 

@@ -29,6 +29,7 @@ from paf_ray.eval.evaluator import Evaluator, compute_metrics, merge_states
 from paf_ray.models.multitask import build_model
 from paf_ray.models.stages import apply_stage, finish_stage, prepare_norm
 from paf_ray.runtime import storage
+from paf_ray.runtime.ray import quiet_ray_logs
 from paf_ray.tasks import ordered
 from paf_ray.train.checkpoint import load_model_state, read_train_state, save_checkpoint, unwrap
 from paf_ray.train.step import StepCounter, Trainee, all_reduce_sum, dist_on, make_trainee, train_step
@@ -234,6 +235,7 @@ def setup_stage(config: dict) -> tuple[StageRun, Progress] | None:
 
     `config` keys: cfg (dict), stage_index, init_checkpoint (a ray.train.Checkpoint or None),
     steps_per_epoch, step_offset, log_dir, stage_name."""
+    quiet_ray_logs()  # a worker of a cluster we joined has no setup hook of ours
     cfg: Config = from_dict(config["cfg"], "<train_loop_config>", rules=False)  # checked when the run started
     index: int = config["stage_index"]
     spec = cfg.train.stages[index]

@@ -27,8 +27,9 @@ class AdapterKind(abc.ABC):
         """Build the adapters for `stages` (1..4) of `backbone` (made by the registry `entry`); returns
         the module the model keeps as `adapters` (it may also change `backbone` in place)."""
 
-    def features(self, backbone: nn.Module, adapters: nn.Module, x: torch.Tensor) -> dict[int, torch.Tensor]:
-        """The adapted backbone features {1..4} of a normalised input."""
+    def features(self, backbone, adapters: nn.Module, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        """The adapted backbone features {1..4} of a normalised input. `backbone(x, after_stage=None)`
+        runs the backbone (without autograd where the stage policy says it needs none)."""
         return backbone(x)
 
     @abc.abstractmethod
