@@ -10,10 +10,18 @@ import open_clip
 import pytest
 import torch
 
-from paf_ray.config import LVAdapterConfig
-from paf_ray.data.bdd100k import NUM_CLASSES, PROMPT_NAMES
+from paf_ray.config import ConfigError, LVAdapterConfig, from_dict
 from paf_ray.models.clip_text import TINY_CLIP, TINY_CLIP_CONFIG, ClipTextEncoder, PromptLearner, get_tokenizer
-from paf_ray.models.lv_adapter import LVAdapter
+from paf_ray.models.lv_adapter import LVAdapter, alignment_loss
+from paf_ray.tasks import TASKS, ordered
+
+
+def P(*tasks) -> dict:
+    """The prompt names of `tasks`, as the model hands them to the LV-Adapter."""
+    return {t: TASKS[t].prompt_names for t in tasks}
+
+
+THREE = P("det", "sem", "drv")
 
 CHANNELS = {1: 8, 2: 16, 3: 32, 4: 64}
 
@@ -54,7 +62,7 @@ def test_tokenizer_and_real_rn50_text_tower_work_offline(no_network):
 
     # The default config: the real RN50 text tower (random weights), encoded once through the adapter.
     torch.manual_seed(0)
-    adapter = LVAdapter(LVAdapterConfig(enabled=True, random_init=True), ["det", "sem", "drv"],
+    adapter = LVAdapter(LVAdapterConfig(enabled=True, random_init=True), THREE,
                         {1: 256, 2: 512, 3: 1024, 4: 2048})
     assert adapter.text_encoder.width == 512 and adapter.text_encoder.embed_dim == 1024
     assert len(adapter.text_encoder.transformer.resblocks) == 12
@@ -86,7 +94,7 @@ def test_placeholder_prompts_equal_open_clip_encode_text(clip_model, tmp_path):
         torch.manual_seed(123)
         encoder = ClipTextEncoder("RN50")
     reference.eval()
-    names = {"drv": PROMPT_NAMES["drv"], "det": PROMPT_NAMES["det"][:3]}
+    names = {"drv": TASKS["drv"].prompt_names, "det": TASKS["det"].prompt_names[:3]}
     learner = PromptLearner(encoder, names, n_ctx=4, ctx_init="", task_specific=True)
     placeholder_context(learner, encoder)
     tokenizer = get_tokenizer(clip_model)
@@ -102,15 +110,15 @@ def test_clip_weights_file_is_loaded_and_missing_file_is_named(tmp_path):
     reference = open_clip.CLIP(**TINY_CLIP_CONFIG)
     path = tmp_path / "clip.pt"
     torch.save(reference.state_dict(), path)
-    adapter = LVAdapter(tiny_cfg(clip_weights=str(path), random_init=False), ["sem"], CHANNELS)
+    adapter = LVAdapter(tiny_cfg(clip_weights=str(path), random_init=False), P("sem"), CHANNELS)
     assert torch.equal(adapter.text_encoder.token_embedding.weight, reference.token_embedding.weight)
     assert torch.equal(adapter.text_encoder.text_projection, reference.text_projection)
 
     missing = tiny_cfg(clip_weights=str(tmp_path / "missing.safetensors"), random_init=False)
     with pytest.raises(FileNotFoundError, match="model.lv_adapter.clip_weights"):
-        LVAdapter(missing, ["sem"], CHANNELS)
+        LVAdapter(missing, P("sem"), CHANNELS)
     # Before a paf_ray checkpoint (which holds the text tower) is loaded, the file is not needed.
-    rebuilt = LVAdapter(missing, ["sem"], CHANNELS, load_weights=False).eval()
+    rebuilt = LVAdapter(missing, P("sem"), CHANNELS, load_weights=False).eval()
     stale = rebuilt.class_embeddings()["sem"]  # from random weights, cached
     rebuilt.load_state_dict(adapter.state_dict())
     assert torch.equal(rebuilt.text_encoder.token_embedding.weight, reference.token_embedding.weight)
@@ -119,23 +127,20 @@ def test_clip_weights_file_is_loaded_and_missing_file_is_named(tmp_path):
     torch.testing.assert_close(rebuilt.class_embeddings()["sem"], expected)  # the cache followed the load
 
 
-def test_bad_config_values_are_named():
-    with pytest.raises(ValueError, match="model.lv_adapter.levels"):
-        LVAdapter(tiny_cfg(levels=[5]), ["sem"], CHANNELS)
-    with pytest.raises(ValueError, match="model.lv_adapter.heads"):
-        LVAdapter(tiny_cfg(heads=3), ["sem"], CHANNELS)
-    with pytest.raises(ValueError, match="model.lv_adapter.tau"):
-        LVAdapter(tiny_cfg(tau=0.0), ["sem"], CHANNELS)
-    with pytest.raises(ValueError, match="model.lv_adapter.n_ctx"):
-        LVAdapter(tiny_cfg(n_ctx=0), ["sem"], CHANNELS)
-    with pytest.raises(ValueError, match="model.lv_adapter.clip_model: unknown open_clip model 'RN5O'"):
-        LVAdapter(tiny_cfg(clip_model="RN5O"), ["sem"], CHANNELS)
-    with pytest.raises(ValueError, match="model.lv_adapter.clip_model: .* would download"):
-        LVAdapter(tiny_cfg(clip_model="hf-hub:timm/resnet50_clip.openai"), ["sem"], CHANNELS)
+def test_bad_config_values_are_named_at_load():
+    base = {"model": {"backbone": {"random_init": True}, "lv_adapter": {"enabled": True, "random_init": True,
+                                                                        "clip_model": TINY_CLIP, "heads": 2}}}
+    for key, value, match in (("levels", [5], "model.lv_adapter.levels"), ("heads", 3, "model.lv_adapter.heads"),
+                              ("tau", 0.0, "model.lv_adapter.tau"), ("n_ctx", 0, "model.lv_adapter.n_ctx"),
+                              ("clip_model", "RN5O", "model.lv_adapter.clip_model: unknown open_clip model 'RN5O'"),
+                              ("clip_model", "hf-hub:timm/resnet50_clip.openai", "model.lv_adapter.clip_model: .* would download")):
+        data = {"model": {**base["model"], "lv_adapter": {**base["model"]["lv_adapter"], key: value}}}
+        with pytest.raises(ConfigError, match=match):
+            from_dict(data)
 
 
 def test_gradients_reach_context_vectors_and_never_the_text_tower():
-    adapter = LVAdapter(tiny_cfg(), ["det", "sem", "drv"], CHANNELS)
+    adapter = LVAdapter(tiny_cfg(), THREE, CHANNELS)
     adapter.train()
     assert not adapter.text_encoder.training, "the frozen text tower must stay in eval mode"
     frozen_before = {n: p.clone() for n, p in adapter.text_encoder.named_parameters()}
@@ -143,7 +148,7 @@ def test_gradients_reach_context_vectors_and_never_the_text_tower():
 
     out, scores = adapter(features())
     batch = synthetic_batch(2, 64, 96)
-    loss = adapter.alignment_loss(scores, batch)
+    loss = align(scores, batch)
     loss.backward()
     for task in ("det", "sem", "drv"):
         grad = adapter.prompts.ctx[task].grad
@@ -155,7 +160,7 @@ def test_gradients_reach_context_vectors_and_never_the_text_tower():
 
 
 def test_shared_and_initialised_context():
-    shared = LVAdapter(tiny_cfg(task_specific=False, n_ctx=6, ctx_init="a photo of a"), ["det", "sem", "drv"], CHANNELS)
+    shared = LVAdapter(tiny_cfg(task_specific=False, n_ctx=6, ctx_init="a photo of a"), THREE, CHANNELS)
     assert list(shared.prompts.ctx.keys()) == ["shared"]
     enc = shared.text_encoder
     phrase = get_tokenizer(TINY_CLIP)(["a photo of a"])[0, 1:5]
@@ -163,16 +168,16 @@ def test_shared_and_initialised_context():
     # The phrase sits right before the class name; the 2 slots in front are random.
     torch.testing.assert_close(ctx[2:], enc.token_embedding.weight[phrase])
 
-    short = LVAdapter(tiny_cfg(n_ctx=2, ctx_init="a photo of a"), ["sem"], CHANNELS)
+    short = LVAdapter(tiny_cfg(n_ctx=2, ctx_init="a photo of a"), P("sem"), CHANNELS)
     torch.testing.assert_close(short.prompts.ctx["sem"], short.text_encoder.token_embedding.weight[phrase[2:]])
 
-    random_init = LVAdapter(tiny_cfg(n_ctx=16, ctx_init=""), ["sem"], CHANNELS)
+    random_init = LVAdapter(tiny_cfg(n_ctx=16, ctx_init=""), P("sem"), CHANNELS)
     assert 0.01 < random_init.prompts.ctx["sem"].std() < 0.03
 
 
 def test_score_maps_per_task_and_untrained_adapter_leaves_features_unchanged():
-    adapter = LVAdapter(tiny_cfg(levels=[3, 4]), ["sem", "drv"], CHANNELS)
-    assert adapter.score_channels == {"sem": NUM_CLASSES["sem"], "drv": NUM_CLASSES["drv"]}
+    adapter = LVAdapter(tiny_cfg(levels=[3, 4]), P("sem", "drv"), CHANNELS)
+    assert adapter.score_channels == {"sem": len(TASKS["sem"].classes), "drv": len(TASKS["drv"].classes)}
     feats = features(batch=3)
     out, scores = adapter(feats)
     # Score maps at the finest configured level (3 = stride 16): 64x96 input -> 4x6.
@@ -191,7 +196,7 @@ def test_score_maps_per_task_and_untrained_adapter_leaves_features_unchanged():
 
 
 def test_cached_and_uncached_embeddings_are_equal_and_cache_follows_updates():
-    adapter = LVAdapter(tiny_cfg(learn_tau=True), ["det", "sem", "drv"], CHANNELS)
+    adapter = LVAdapter(tiny_cfg(learn_tau=True), THREE, CHANNELS)
     adapter.train()
     uncached = adapter.class_embeddings()
     assert uncached["sem"].requires_grad and adapter._cache is None
@@ -221,51 +226,71 @@ def test_cached_and_uncached_embeddings_are_equal_and_cache_follows_updates():
     assert adapter.class_embeddings() is first and not first["det"].requires_grad
 
 
+def make_batch(sem, drv, labels, has_det, has_sem, has_drv):
+    """A collated batch (data/contracts.Batch) with the targets the alignment loss reads."""
+    n = len(labels)
+    det = {"boxes": [torch.zeros(len(x), 4) for x in labels], "labels": labels,
+           "ignore_boxes": [torch.zeros(0, 4)] * n, "ignore_labels": [torch.zeros(0, dtype=torch.int64)] * n}
+    return {"targets": {"det": det, "sem": sem.to(torch.uint8), "drv": drv.to(torch.uint8)},
+            "has": {"det": has_det, "sem": has_sem, "drv": has_drv}}
+
+
+def with_(batch, **changes):
+    """A copy of `batch` with some targets (sem=, drv=) or has-flags (has_det=, ...) replaced."""
+    out = {"targets": dict(batch["targets"]), "has": dict(batch["has"])}
+    for key, value in changes.items():
+        if key.startswith("has_"):
+            out["has"][key[4:]] = value
+        else:
+            out["targets"][key] = value.to(torch.uint8)
+    return out
+
+
+def align(scores, batch):
+    return alignment_loss(scores, batch, ordered(["det", "sem", "drv"]))
+
+
 def synthetic_batch(batch, height, width, seed=0):
     g = torch.Generator().manual_seed(seed)
     sem = torch.randint(0, 19, (batch, height, width), generator=g)
     drv = torch.randint(0, 3, (batch, height, width), generator=g)
     sem[:, :4] = 255
-    return {
-        "sem": sem,
-        "drv": drv,
-        "labels": [torch.randint(0, 10, (3,), generator=g) for _ in range(batch)],
-        "has_det": torch.tensor([True, False] * (batch // 2) + [True] * (batch % 2)),
-        "has_sem": torch.ones(batch, dtype=torch.bool),
-        "has_drv": torch.tensor([False, True] * (batch // 2) + [False] * (batch % 2)),
-    }
+    return make_batch(sem, drv, [torch.randint(0, 10, (3,), generator=g) for _ in range(batch)],
+                      torch.tensor([True, False] * (batch // 2) + [True] * (batch % 2)),
+                      torch.ones(batch, dtype=torch.bool),
+                      torch.tensor([False, True] * (batch // 2) + [False] * (batch % 2)))
 
 
 def test_alignment_loss_is_grad_connected_zero_without_labels_and_finite_when_all_ignored():
-    adapter = LVAdapter(tiny_cfg(), ["det", "sem", "drv"], CHANNELS)
+    adapter = LVAdapter(tiny_cfg(), THREE, CHANNELS)
     _, scores = adapter(features())
     batch = synthetic_batch(2, 64, 96)
-    none = dict(batch, has_det=torch.zeros(2, dtype=torch.bool), has_sem=torch.zeros(2, dtype=torch.bool),
-                has_drv=torch.zeros(2, dtype=torch.bool))
-    loss = adapter.alignment_loss(scores, none)
+    none = with_(batch, has_det=torch.zeros(2, dtype=torch.bool), has_sem=torch.zeros(2, dtype=torch.bool),
+                 has_drv=torch.zeros(2, dtype=torch.bool))
+    loss = align(scores, none)
     assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()
     assert adapter.proj["4"].weight.grad is not None
 
-    ignored = dict(batch, sem=torch.full((2, 64, 96), 255), has_det=torch.zeros(2, dtype=torch.bool),
-                   has_drv=torch.zeros(2, dtype=torch.bool))
+    ignored = with_(batch, sem=torch.full((2, 64, 96), 255), has_det=torch.zeros(2, dtype=torch.bool),
+                    has_drv=torch.zeros(2, dtype=torch.bool))
     _, scores = adapter(features())
-    assert adapter.alignment_loss(scores, ignored).item() == 0.0
+    assert align(scores, ignored).item() == 0.0
 
     # Only the tasks a sample has: changing an unlabelled sample's mask changes nothing.
     _, scores = adapter(features())
-    base = adapter.alignment_loss(scores, batch)
-    other = dict(batch, drv=batch["drv"].clone())
-    other["drv"][0] = (other["drv"][0] + 1) % 3  # sample 0 has no drivable label
-    assert torch.equal(adapter.alignment_loss(scores, other), base)
+    base = align(scores, batch)
+    drv = batch["targets"]["drv"].clone()
+    drv[0] = (drv[0] + 1) % 3  # sample 0 has no drivable label
+    assert torch.equal(align(scores, with_(batch, drv=drv)), base)
     # Each task present adds its term: without drivable labels the sum is smaller.
-    fewer = dict(batch, has_drv=torch.zeros(2, dtype=torch.bool))
-    assert 0 < adapter.alignment_loss(scores, fewer) < base
+    fewer = with_(batch, has_drv=torch.zeros(2, dtype=torch.bool))
+    assert 0 < align(scores, fewer) < base
 
 
 def test_alignment_loss_falls_when_overfitting_a_few_samples():
     torch.manual_seed(0)
-    adapter = LVAdapter(tiny_cfg(levels=[3, 4]), ["det", "sem", "drv"], CHANNELS)
+    adapter = LVAdapter(tiny_cfg(levels=[3, 4]), THREE, CHANNELS)
     # Features that carry the label: each stride-16 pixel's feature is a fixed code of its sem class.
     sem = torch.randint(0, 19, (4, 4, 6)).repeat_interleave(16, 1).repeat_interleave(16, 2)
     drv = (sem % 3).clone()
@@ -275,14 +300,14 @@ def test_alignment_loss_falls_when_overfitting_a_few_samples():
     feats[3] = f3
     labels = [torch.unique(m[::16, ::16]) for m in sem]
     labels = [l[l < 10] for l in labels]
-    batch = {"sem": sem, "drv": drv, "labels": labels, "has_det": torch.ones(4, dtype=torch.bool),
-             "has_sem": torch.ones(4, dtype=torch.bool), "has_drv": torch.ones(4, dtype=torch.bool)}
+    ones = torch.ones(4, dtype=torch.bool)
+    batch = make_batch(sem, drv, labels, ones, ones, ones)
     adapter.train()
     optimizer = torch.optim.AdamW([p for p in adapter.parameters() if p.requires_grad], lr=3e-3)
     losses = []
     for _ in range(20):
         _, scores = adapter(feats)
-        loss = adapter.alignment_loss(scores, batch)
+        loss = align(scores, batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -298,13 +323,13 @@ def tiny_model_config(**lv):
     return from_dict({
         "data": {"input_size": [128, 96]},
         "model": {
-            "backbone": {"name": "tiny", "tiny_width": 8, "random_init": True},
+            "backbone": {"name": "tiny", "tiny": {"width": 8}, "random_init": True},
             "adapter": {"kind": "bypass"},
             "fpn_channels": 16,
-            "seg_channels": 8,
-            "det": {"kind": "faster_rcnn", "rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 50,
-                    "rpn_pre_nms_top_n_test": 50, "rpn_post_nms_top_n_test": 20, "box_batch_size_per_image": 32,
-                    "representation_size": 32},
+            "heads": {"sem": {"channels": 8}, "drv": {"channels": 8},
+                      "det": {"kind": "faster_rcnn", "rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 50,
+                              "rpn_pre_nms_top_n_test": 50, "rpn_post_nms_top_n_test": 20,
+                              "box_batch_size_per_image": 32, "representation_size": 32}},
             "lv_adapter": {"enabled": True, "clip_model": TINY_CLIP, "random_init": True, "n_ctx": 4, "heads": 2, **lv},
         },
         "train": {"stages": [{"kind": "adapt"}, {"kind": "finetune"}]},
@@ -313,8 +338,8 @@ def tiny_model_config(**lv):
 
 def model_batch(batch=2, height=96, width=128):
     b = synthetic_batch(batch, height, width)
-    b["boxes"] = [torch.tensor([[10.0, 20.0, 50.0, 60.0], [60.0, 30.0, 90.0, 80.0], [5.0, 5.0, 30.0, 40.0]])] * batch
-    b["ignore_boxes"] = [torch.zeros(0, 4)] * batch
+    b["targets"]["det"]["boxes"] = [torch.tensor([[10.0, 20.0, 50.0, 60.0], [60.0, 30.0, 90.0, 80.0],
+                                                  [5.0, 5.0, 30.0, 40.0]])] * batch
     return b
 
 
@@ -328,7 +353,7 @@ def test_stage_policy_and_a_training_step_in_the_multitask_model(train_prompts_i
     lv = model.lv_adapter
     frozen_before = {n: p.clone() for n, p in lv.text_encoder.named_parameters()}
     for stage in ("adapt", "finetune"):
-        apply_stage(model, stage, cfg)
+        apply_stage(model, stage, cfg.model.lv_adapter.train_prompts_in_finetune)
         model.train()
         assert not lv.text_encoder.training
         assert not any(p.requires_grad for p in lv.text_encoder.parameters())
@@ -588,7 +613,7 @@ def test_one_head_pool_embedding_is_the_attention_weighted_average_of_the_pixel_
 
     torch.manual_seed(0)
     pool = AttentionPool2d(spacial_dim=3, embed_dim=CHANNELS[4], num_heads=1, output_dim=TINY_CLIP_CONFIG["embed_dim"])
-    adapter = LVAdapter(tiny_cfg(levels=[3, 4]), ["sem"], CHANNELS, attnpool=pool)
+    adapter = LVAdapter(tiny_cfg(levels=[3, 4]), P("sem"), CHANNELS, attnpool=pool)
     assert adapter.projection_source == {3: FROM_SCRATCH, 4: FROM_CLIP}
     x = torch.randn(2, CHANNELS[4], 3, 3)
     with torch.no_grad():
@@ -605,24 +630,23 @@ def test_one_head_pool_embedding_is_the_attention_weighted_average_of_the_pixel_
 
 
 def test_clip_rn50_model_starts_its_pixel_text_projection_from_clip_attnpool(capsys):
-    from paf_ray.config import from_dict
-    from paf_ray.data.normalize import normalize_images
-    from paf_ray.models.backbones import build_backbone
-    from paf_ray.models.inspect import _text, inspect_model
+    from paf_ray.models.backbones import BACKBONES
+    from paf_ray.models.inspect import inspect_model, report_text
     from paf_ray.models.lv_adapter import FROM_CLIP, FROM_SCRATCH
     from paf_ray.models.multitask import build_model
+    from paf_ray.models.normalize import normalize_images
 
     cfg = from_dict({
         "data": {"input_size": [224, 224]},
         "model": {"tasks": ["sem"], "backbone": {"name": "clip_rn50", "random_init": True},
-                  "fpn_channels": 16, "seg_channels": 8,
+                  "fpn_channels": 16, "heads": {"sem": {"channels": 8}},
                   "lv_adapter": {"enabled": True, "random_init": True, "n_ctx": 2}},
         "train": {"stages": [{"kind": "adapt"}]},
     })
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.data.input_size)
     torch.manual_seed(0)
-    clip_visual = build_backbone("clip_rn50")  # the same random CLIP image tower, pool kept
+    clip_visual = BACKBONES["clip_rn50"].build(None)  # the same random CLIP image tower, pool kept
     # BatchNorm on batch statistics: features of order 1 (random running statistics give ~1e-3),
     # so the pixels, not only the positional embedding, carry the embeddings compared below.
     model.backbone.train()
@@ -656,9 +680,9 @@ def test_clip_rn50_model_starts_its_pixel_text_projection_from_clip_attnpool(cap
     # paf-ray inspect says where the projection starts.
     report = inspect_model(cfg, flops=False)
     assert report["lv_projection"] == {"4": FROM_CLIP}
-    assert "pixel→text projection (level 4): from CLIP attnpool (v_proj, c_proj)" in _text(report)
-    plain = from_dict({"model": {"backbone": {"name": "tiny", "tiny_width": 8, "random_init": True},
-                                 "fpn_channels": 16, "seg_channels": 8,
+    assert "pixel→text projection (level 4): from CLIP attnpool (v_proj, c_proj)" in report_text(report)
+    plain = from_dict({"model": {"backbone": {"name": "tiny", "tiny": {"width": 8}, "random_init": True},
+                                 "fpn_channels": 16, "heads": {"sem": {"channels": 8}, "drv": {"channels": 8}},
                                  "lv_adapter": {"enabled": True, "clip_model": TINY_CLIP, "random_init": True,
                                                 "n_ctx": 2, "heads": 2}},
                        "data": {"input_size": [64, 64]}})

@@ -18,8 +18,8 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from paf_ray.config import StageConfig, from_dict
 from paf_ray.data.bdd100k import DET_CLASSES, SEM_CLASSES
-from paf_ray.models import build_model
-from paf_ray.models.backbones import tiny_resnet
+from paf_ray.models.backbones.resnet import TinyConfig, tiny_resnet
+from paf_ray.models.multitask import build_model
 from paf_ray.models.norm import CPUSyncBatchNorm
 from paf_ray.models.stages import apply_stage, param_groups, prepare_norm
 from paf_ray.train.checkpoint import load_model, save_checkpoint
@@ -32,13 +32,14 @@ def _config(norm: str, weights: str) -> dict:
         "data": {"input_size": [W, H]},
         "model": {
             "norm": norm,
-            "backbone": {"name": "tiny", "tiny_width": 8, "weights": weights, "format": "torchvision"},
+            "backbone": {"name": "tiny", "tiny": {"width": 8}, "weights": weights, "format": "torchvision"},
             "adapter": {"kind": "none"},
             "fpn_channels": 32,
-            "seg_channels": 16,
-            "det": {"representation_size": 32, "box_batch_size_per_image": 16, "rpn_pre_nms_top_n_train": 100,
-                    "rpn_post_nms_top_n_train": 30, "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 30,
-                    "anchor_sizes": [16, 32, 64, 128, 256]},
+            "heads": {
+                "sem": {"channels": 16}, "drv": {"channels": 16},
+                "det": {"representation_size": 32, "box_batch_size_per_image": 16, "rpn_pre_nms_top_n_train": 100,
+                        "rpn_post_nms_top_n_train": 30, "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 30,
+                        "anchor_sizes": [16, 32, 64, 128, 256]}},
         },
         "train": {"stages": [{"kind": "finetune", "lr": 1e-3}]},
     }
@@ -47,7 +48,7 @@ def _config(norm: str, weights: str) -> dict:
 def _pretrained_tiny(path: str) -> str:
     """A 'pretrained' tiny backbone with non-trivial BatchNorm statistics, in torchvision's layout."""
     torch.manual_seed(1)
-    net = tiny_resnet(8)
+    net = tiny_resnet(TinyConfig(width=8))
     for m in net.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
@@ -62,16 +63,20 @@ def _batch(n: int, seed: int = 0) -> dict:
     boxes = [torch.cat([p, p + 20], 1) for p in xy]
     return {
         "image": torch.randint(0, 256, (n, 3, H, W), dtype=torch.uint8, generator=g),
-        "boxes": boxes, "labels": [torch.randint(0, len(DET_CLASSES), (2,), generator=g) for _ in range(n)],
-        "ignore_boxes": [torch.zeros(0, 4)] * n,
-        "sem": torch.randint(0, len(SEM_CLASSES), (n, H, W), generator=g), "drv": torch.randint(0, 3, (n, H, W), generator=g),
-        "has_det": torch.ones(n, dtype=torch.bool), "has_sem": torch.ones(n, dtype=torch.bool),
-        "has_drv": torch.ones(n, dtype=torch.bool),
+        "targets": {
+            "det": {"boxes": boxes, "labels": [torch.randint(0, len(DET_CLASSES), (2,), generator=g) for _ in range(n)],
+                    "ignore_boxes": [torch.zeros(0, 4)] * n, "ignore_labels": [torch.zeros(0, dtype=torch.int64)] * n},
+            "sem": torch.randint(0, len(SEM_CLASSES), (n, H, W), generator=g).to(torch.uint8),
+            "drv": torch.randint(0, 3, (n, H, W), generator=g).to(torch.uint8)},
+        "has": {t: torch.ones(n, dtype=torch.bool) for t in ("det", "sem", "drv")},
     }
 
 
 def _slice(batch: dict, idx: slice) -> dict:
-    return {k: v[idx] for k, v in batch.items()}
+    det = batch["targets"]["det"]
+    return {"image": batch["image"][idx], "has": {k: v[idx] for k, v in batch["has"].items()},
+            "targets": {"det": {k: v[idx] for k, v in det.items()}, "sem": batch["targets"]["sem"][idx],
+                        "drv": batch["targets"]["drv"][idx]}}
 
 
 def _step(model, batch) -> None:
@@ -92,7 +97,7 @@ def test_each_norm_mode_builds_steps_and_checkpoints(norm, tmp_path):
     cfg = from_dict(_config(norm, _pretrained_tiny(str(tmp_path / "tiny.pth"))))
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.data.input_size)
-    apply_stage(model, "finetune", cfg)
+    apply_stage(model, "finetune")
     assert prepare_norm(model, norm, world_size=1) == 0  # syncbn converts only when several workers run
     kinds = {type(m) for m in model.backbone.modules()}
     if norm == "frozen":
@@ -142,7 +147,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, weights: str) -
         cfg = from_dict(_config("syncbn", weights))
         torch.manual_seed(0)
         model = build_model(cfg.model, cfg.data.input_size)
-        apply_stage(model, "finetune", cfg)
+        apply_stage(model, "finetune")
         synced = prepare_norm(model, "syncbn", world)
         assert synced > 0 and all(type(m) is not nn.BatchNorm2d for m in model.modules())
         assert any(isinstance(m, CPUSyncBatchNorm) for m in model.modules())
@@ -184,7 +189,7 @@ def test_syncbn_on_two_gloo_workers_uses_the_whole_batch(tmp_path):
     cfg = from_dict(_config("bn", weights))
     torch.manual_seed(0)
     whole = build_model(cfg.model, cfg.data.input_size)
-    apply_stage(whole, "finetune", cfg)
+    apply_stage(whole, "finetune")
     _step(whole, _batch(4))
     ranks = [torch.load(tmp_path / f"model{r}.pt", weights_only=True) for r in (0, 1)]
     for r in ranks:

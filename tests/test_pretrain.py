@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from paf_ray.config import BackboneConfig, PretrainConfig
-from paf_ray.data.normalize import FORMAT_NORMALIZATION
-from paf_ray.models.backbones import build_backbone
-from paf_ray.models.zoo import load_backbone_weights, read_checkpoint, sniff_format
+from paf_ray.config import PretrainConfig, load_config
+from paf_ray.models.backbones import BACKBONES
+from paf_ray.models.zoo import load_backbone_weights, read_checkpoint
 from paf_ray.train.pretrain import augment, nt_xent, train_contrastive
+
+TINY = BACKBONES["tiny"]
 
 
 @pytest.mark.parametrize("method, keys", [
@@ -20,7 +21,8 @@ from paf_ray.train.pretrain import augment, nt_xent, train_contrastive
 def test_contrastive_checkpoint_loads_through_the_zoo_as_its_method(method, keys, tmp_path):
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (6, 3, 32, 64), dtype=torch.uint8, generator=gen)
-    backbone_cfg = BackboneConfig(name="tiny", tiny_width=4)
+    backbone_cfg = load_config(None, ["model.backbone.name=tiny", "model.backbone.tiny.width=4",
+                                      "model.backbone.random_init=true"]).model.backbone
     pc = PretrainConfig(method=method, steps=3, batch_size=4, lr=1e-2, queue=8, proj_dim=16)
     trained, obj, losses = train_contrastive(method, backbone_cfg, images, pc)
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
@@ -28,11 +30,11 @@ def test_contrastive_checkpoint_loads_through_the_zoo_as_its_method(method, keys
     torch.save(obj, path)
 
     assert keys <= set(obj["state_dict"]) and "fc.bias" not in obj["state_dict"]
-    assert sniff_format(read_checkpoint(path)) == method
-    fresh = build_backbone("tiny", 4)
+    assert TINY.sniff(read_checkpoint(path)) == method
+    fresh = TINY.build(backbone_cfg.options["tiny"])
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
-    recipe = load_backbone_weights(fresh, path, "auto")
-    assert recipe == FORMAT_NORMALIZATION[method]  # SimCLR: no mean/std, as it was trained
+    recipe = load_backbone_weights(fresh, TINY, path, "auto")
+    assert recipe == TINY.formats[method].normalization == {"simclr": "none", "moco": "imagenet"}[method]
     loaded, encoder = fresh.state_dict(), trained.state_dict()
     assert set(loaded) == set(encoder)
     assert all(torch.equal(loaded[k], encoder[k]) for k in loaded)
@@ -54,8 +56,7 @@ def test_pretrain_command_writes_a_checkpoint_the_config_can_use(tmp_path, monke
     import os
 
     from paf_ray.cli import main
-    from paf_ray.config import load_config
-    from paf_ray.models import build_model
+    from paf_ray.models.multitask import build_model
 
     smoke = os.path.join(os.path.dirname(__file__), "..", "jobs", "smoke.yaml")
     monkeypatch.setenv("PAF_RAY_CACHE", str(tmp_path / "cache"))
@@ -68,3 +69,10 @@ def test_pretrain_command_writes_a_checkpoint_the_config_can_use(tmp_path, monke
     assert model.normalization == "imagenet"
     saved = torch.load(out, weights_only=True)["state_dict"]
     assert torch.equal(model.backbone.conv1.weight, saved["module.encoder_q.conv1.weight"])
+
+
+def test_a_backbone_without_the_methods_layout_is_refused_in_one_line():
+    cfg = load_config(None, ["model.backbone.name=convnext_tiny", "model.backbone.random_init=true"]).model.backbone
+    images = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="simclr.*convnext_tiny does not read"):
+        train_contrastive("simclr", cfg, images, PretrainConfig(method="simclr", steps=1, batch_size=2))

@@ -114,9 +114,15 @@ def rule_lv_adapter(lv) -> Problems:
                          "deliberately random text tower (tests, demos)"))
     if lv.clip_weights is not None and lv.random_init:
         problems.append(("model.lv_adapter.random_init", "true, but model.lv_adapter.clip_weights names a file: choose one"))
+    if lv.n_ctx < 1:
+        problems.append(("model.lv_adapter.n_ctx", f"must be >= 1, got {lv.n_ctx}"))
+    if lv.clip_model.startswith("hf-hub:"):
+        return problems + [("model.lv_adapter.clip_model", f"{lv.clip_model!r} would download; use an open_clip model "
+                            "name with model.lv_adapter.clip_weights set to a file, or 'local-dir:<folder>'")]
     dim = None if lv.clip_model.startswith("local-dir:") else clip_embed_dim(lv.clip_model)  # a folder: read at build
     if dim is None and not lv.clip_model.startswith("local-dir:"):
-        problems.append(("model.lv_adapter.clip_model", f"{lv.clip_model!r} is not an open_clip model name"))
+        problems.append(("model.lv_adapter.clip_model", f"unknown open_clip model {lv.clip_model!r} (e.g. 'RN50', "
+                         "'RN50-quickgelu', 'ViT-B-32', 'local-dir:<folder>', or 'paf-tiny-clip')"))
     elif dim is not None and dim % lv.heads:
         problems.append(("model.lv_adapter.heads", f"{lv.heads} does not divide the text embedding size {dim} of "
                                                    f"{lv.clip_model!r}"))

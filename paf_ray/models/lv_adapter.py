@@ -159,3 +159,20 @@ class LVAdapter(nn.Module):
                     cls = F.normalize(text[t].to(pix.dtype), dim=-1)
                     scores[t] = torch.einsum("bdhw,kd->bkhw", pix, cls) / self.tau.to(pix.dtype)
         return out, scores
+
+
+def alignment_loss(score_maps: dict[str, torch.Tensor], batch: dict, tasks) -> torch.Tensor:
+    """The LV-Adapter's alignment loss (unweighted): each task's own (``Task.alignment_loss``) over the
+    frames that have the task, summed. It touches every score map, so it is an exact, grad-connected
+    zero when no frame has any label (DDP then still sees every LV-Adapter parameter)."""
+    total = sum(s.float().sum() for s in score_maps.values()) * 0.0
+    for task in tasks:
+        if task.name not in score_maps:
+            continue
+        scores = score_maps[task.name]
+        idx = batch["has"][task.name].to(scores.device).bool().nonzero().flatten()
+        if idx.numel():
+            term = task.alignment_loss(scores[idx], task.select(batch["targets"][task.name], idx))
+            if term is not None:
+                total = total + term
+    return total

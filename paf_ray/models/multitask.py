@@ -24,7 +24,7 @@ from torchvision.ops import FeaturePyramidNetwork
 
 from paf_ray.models.adapters import ADAPTERS
 from paf_ray.models.backbones import BACKBONES, STAGES
-from paf_ray.models.lv_adapter import LVAdapter
+from paf_ray.models.lv_adapter import LVAdapter, alignment_loss
 from paf_ray.models.normalize import normalize_images
 from paf_ray.models.stages import backbone_builds_graph, build_norm
 from paf_ray.models.zoo import checkpoint_normalization, load_backbone_weights
@@ -166,7 +166,6 @@ class MultiTaskModel(nn.Module):
     def _losses(self, inputs: dict[str, HeadInput], score_maps: dict, batch: dict) -> dict[str, torch.Tensor]:
         losses: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
-        align = []
         for task in self.tasks:
             inp = inputs[task.name]
             idx = batch["has"][task.name].to(inp.images.device).bool().nonzero().flatten()
@@ -175,15 +174,9 @@ class MultiTaskModel(nn.Module):
             if counts[task.name] == 0:
                 losses[task.name] = self._zero(head, inp)
                 continue
-            target = task.select(batch["targets"][task.name], idx)
-            losses.update(head.losses(inp.select(idx), target))
-            if task.name in score_maps:
-                term = task.alignment_loss(score_maps[task.name][idx], target)
-                if term is not None:
-                    align.append(term)
+            losses.update(head.losses(inp.select(idx), task.select(batch["targets"][task.name], idx)))
         if score_maps:
-            # touch every score map so the graph (and DDP) sees all LV-Adapter parameters
-            losses["align"] = sum(s.float().sum() for s in score_maps.values()) * 0.0 + sum(align)
+            losses["align"] = alignment_loss(score_maps, batch, self.tasks)
         self.last_task_counts = counts
         return losses
 

@@ -53,8 +53,7 @@ def pretrain_command(args) -> int:
         if getattr(args, name) is not None:
             pc = replace(pc, **{name: getattr(args, name)})
     if args.size:
-        w, h = (int(v) for v in args.size.lower().split("x"))
-        pc = replace(pc, size=(w, h))
+        pc = replace(pc, size=args.size)
     cfg, train_records, _ = prepare_data(cfg)
     print(f"[pretrain] {pc.method} on {len(train_records)} frames of {cfg.data.root}, backbone "
           f"{cfg.model.backbone.name}, {pc.steps} steps -> {args.out}", flush=True)
