@@ -49,7 +49,7 @@ def ray_local():
     """A local Ray with 2 CPUs and the dashboard (Tune's early-stop cleanup needs it)."""
     import ray
 
-    from paf_ray.train.ray_setup import init_ray
+    from paf_ray.runtime.ray import init_ray
 
     init_ray(address="local", num_cpus=2, object_store_mb=512)
     yield ray
@@ -59,7 +59,7 @@ def ray_local():
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory):
     """A small synthetic dataset in the official layout (shared by tests; do not modify)."""
-    from paf_ray.data.synth import write_synthetic
+    from paf_ray.data.bdd100k.synth import write_synthetic
 
     root = tmp_path_factory.mktemp("synth")
     write_synthetic(str(root), images=32, seed=0, size=(320, 180), val_fraction=0.25)

@@ -29,11 +29,11 @@ def _tiny_cfg(lv: bool = False):
     from paf_ray.config import from_dict
 
     model = {
-        "backbone": {"name": "tiny", "tiny_width": 8, "random_init": True},
+        "backbone": {"name": "tiny", "tiny": {"width": 8}, "random_init": True},
         "fpn_channels": 16,
-        "seg_channels": 16,
-        "adapter": {"kind": "lora", "rank": 2},
-        "det": {"representation_size": 32, "rpn_pre_nms_top_n_test": 200, "rpn_post_nms_top_n_test": 50},
+        "adapter": {"kind": "lora", "lora": {"rank": 2}},
+        "heads": {"sem": {"channels": 16}, "drv": {"channels": 16},
+                  "det": {"representation_size": 32, "rpn_pre_nms_top_n_test": 200, "rpn_post_nms_top_n_test": 50}},
     }
     if lv:
         model["lv_adapter"] = {"enabled": True, "clip_model": "paf-tiny-clip", "random_init": True, "n_ctx": 2, "heads": 2}
@@ -42,8 +42,7 @@ def _tiny_cfg(lv: bool = False):
 
 def _make_checkpoint(directory, lv: bool = False, merge: bool = True) -> str:
     """A tiny 3-task model with non-zero LoRA deltas (merged as after an adapt stage when `merge`)."""
-    from paf_ray.config import StageConfig
-    from paf_ray.models import build_model
+    from paf_ray.models.multitask import build_model
     from paf_ray.models.stages import finish_stage
     from paf_ray.train.checkpoint import save_checkpoint
 
@@ -55,7 +54,7 @@ def _make_checkpoint(directory, lv: bool = False, merge: bool = True) -> str:
             if ".lora_" in name:
                 p.normal_(std=0.1)
     if merge:
-        assert finish_stage(model, "adapt", StageConfig(kind="adapt"))
+        assert finish_stage(model, "adapt")
     save_checkpoint(str(directory), model, cfg, {"stage": "adapt", "epoch": 1, "step": 1})
     return str(directory)
 
@@ -123,9 +122,10 @@ def test_python_api_predicts_at_original_resolution(checkpoint, images_dir, pred
     predictor = paf_ray.load(checkpoint)
     path = os.path.join(images_dir, f"{STEMS[0]}.jpg")
     from_path = predictor.predict(path)
-    assert set(from_path) == {"boxes", "scores", "labels", "sem", "drv"}
+    assert set(from_path) == {"det", "sem", "drv"}
     assert from_path["sem"].shape == from_path["drv"].shape == (720, 1280)
-    assert from_path["boxes"].shape == (len(from_path["scores"]), 4) == (len(from_path["labels"]), 4)
+    det = from_path["det"]
+    assert det["boxes"].shape == (len(det["scores"]), 4) == (len(det["labels"]), 4)
     # The same masks as the command wrote.
     written = np.asarray(Image.open(os.path.join(predicted, "sem", f"{STEMS[0]}.png")))
     np.testing.assert_array_equal(from_path["sem"], written)
@@ -133,15 +133,30 @@ def test_python_api_predicts_at_original_resolution(checkpoint, images_dir, pred
     small = np.asarray(Image.open(path).convert("RGB").resize((640, 360)))
     result = predictor.predict(small, score_thr=0.5)
     assert result["sem"].shape == (360, 640)
-    assert (result["scores"] >= 0.5).all()
-    assert (result["boxes"][:, 2] <= 640).all() and (result["boxes"][:, 3] <= 360).all()
+    assert (result["det"]["scores"] >= 0.5).all()
+    assert (result["det"]["boxes"][:, 2] <= 640).all() and (result["det"]["boxes"][:, 3] <= 360).all()
 
 
-def test_predict_bad_input_names_the_file(checkpoint, tmp_path, capsys):
-    bad = tmp_path / "broken.jpg"
-    bad.write_bytes(b"not a jpeg")
-    assert main(["predict", checkpoint, str(bad), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
-    assert "broken.jpg" in capsys.readouterr().err
+def test_predict_skips_and_counts_a_bad_image_and_still_writes_every_output(checkpoint, images_dir, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "frames"
+    shutil.copytree(images_dir, folder)
+    (folder / "0broken.jpg").write_bytes(b"not a jpeg")  # first in the sorted order
+    out = tmp_path / "o"
+    assert main(["predict", checkpoint, str(folder), "--out", str(out), "--device", "cpu"]) == 1
+    captured = capsys.readouterr()
+    assert "skipped" in captured.err and "0broken.jpg" in captured.err
+    assert "predicted 6 images, 1 skipped" in captured.out
+    assert sorted(os.listdir(out / "sem")) == [f"{s}.png" for s in STEMS]
+    with open(out / "det.json", encoding="utf-8") as f:
+        assert [fr["name"] for fr in json.load(f)] == [f"{s}.jpg" for s in STEMS]
+    # asked to stop: it stops at the bad frame, one line naming it, and det.json holds what was done (none)
+    stop = tmp_path / "stop"
+    assert main(["predict", checkpoint, str(folder), "--out", str(stop), "--device", "cpu", "--stop-on-bad-image"]) == 2
+    assert "0broken.jpg" in capsys.readouterr().err
+    with open(stop / "det.json", encoding="utf-8") as f:
+        assert json.load(f) == []
     assert main(["predict", checkpoint, str(tmp_path / "nope*.jpg"), "--out", str(tmp_path / "o")]) == 2
     assert "nope*.jpg" in capsys.readouterr().err
 
@@ -181,8 +196,8 @@ def test_distributed_predict_on_ray_data_matches_local(ray_local, checkpoint, im
 
     paths = resolve_inputs([os.path.join(images_dir, "*.jpg")])
     out = str(tmp_path / "dist")
-    frames = predict_distributed(checkpoint, paths, out, batch_size=3, workers=1, device="cpu", score_thr=0.0)
-    assert len(frames) == 6
+    report = predict_distributed(checkpoint, paths, out, batch_size=3, workers=1, device="cpu", score_thr=0.0)
+    assert report.frames == 6 and not report.skipped
     for kind in ("sem", "drv"):
         for stem in STEMS:
             a = np.asarray(Image.open(os.path.join(out, kind, f"{stem}.png")))
@@ -197,15 +212,16 @@ def test_distributed_predict_on_ray_data_matches_local(ray_local, checkpoint, im
 
 
 def test_overlay_colours_classes_drivable_and_boxes():
-    from paf_ray.viz import overlay
+    from paf_ray.predict import overlay
+    from paf_ray.tasks import ordered
 
     image = np.full((40, 60, 3), 100, np.uint8)
     sem = np.zeros((40, 60), np.uint8)  # road
     sem[:, 30:] = 255  # unlabelled: left as is
     drv = np.full((40, 60), 2, np.uint8)  # background: no tint
     drv[30:, :10] = 1  # alternative lane
-    out = overlay(image, sem=sem, drv=drv, boxes=np.array([[35.0, 5.0, 55.0, 25.0]]), labels=np.array([2]),
-                  scores=np.array([0.9]))
+    det = {"boxes": np.array([[35.0, 5.0, 55.0, 25.0]]), "labels": np.array([2]), "scores": np.array([0.9])}
+    out = overlay(image, {"sem": sem, "drv": drv, "det": det}, ordered(["det", "sem", "drv"]))
     road = np.array(SEM_PALETTE[0])
     assert np.abs(out[20, 15].astype(int) - (0.55 * 100 + 0.45 * road)).max() <= 1
     assert (out[35, 45] == 100).all()  # no sem, no drv, outside the box
@@ -221,6 +237,7 @@ def _run_export(checkpoint, out, fmt, sample, capsys):
 
 def test_export_torchscript_loads_and_matches_on_another_frame(checkpoint, images_dir, tmp_path, capsys):
     from paf_ray.export import TOLERANCE, DeployableModel, compare_outputs, sample_frame
+    from paf_ray.tasks import ordered
     from paf_ray.train.checkpoint import load_model
 
     out = str(tmp_path / "m.pt")
@@ -236,11 +253,14 @@ def test_export_torchscript_loads_and_matches_on_another_frame(checkpoint, image
     assert not [n for n, _ in exported.named_parameters() if "lora_" in n]  # deltas merged into the convs
     frame = sample_frame(os.path.join(images_dir, f"{STEMS[3]}.jpg"), (1280, 720))  # not the traced sample
     model, cfg, _ = load_model(checkpoint)
-    reference = DeployableModel(model, cfg.model.tasks, cfg.data.input_size, (1280, 720)).eval()
+    tasks = ordered(cfg.model.tasks)
+    reference = DeployableModel(model, tasks, cfg.data.input_size, (1280, 720)).eval()
     with torch.no_grad():
         got, want = exported(frame), reference(frame)
     assert got[3].shape == (1, 19, 720, 1280) and got[4].shape == (1, 3, 720, 1280)
-    diffs = compare_outputs([w.numpy() for w in want], [g.numpy() for g in got])
+    assert report["outputs"] == ["boxes", "scores", "labels", "sem_logits", "drv_logits"]
+    kinds = {n: k for t in tasks for n, k in t.export_kinds.items()}
+    diffs = compare_outputs([w.numpy() for w in want], [g.numpy() for g in got], report["outputs"], kinds)
     assert all(diffs[k] <= TOLERANCE[k] for k in TOLERANCE)
 
 
@@ -274,7 +294,7 @@ def test_export_with_lv_adapter_bakes_class_embeddings(tmp_path, images_dir, cap
     checkpoint = _make_checkpoint(tmp_path / "lv", lv=True, merge=False)
     sample = os.path.join(images_dir, f"{STEMS[1]}.jpg")
     report = _run_export(checkpoint, str(tmp_path / "lv.pt"), "torchscript", sample, capsys)
-    assert report["class_embeddings_baked"] and report["lora_convs_merged_at_export"] > 0
+    assert report["class_embeddings_baked"] and report["adapters_merged_at_export"]
     import torchvision  # noqa: F401
 
     with warnings.catch_warnings():
