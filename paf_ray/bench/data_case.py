@@ -1,19 +1,11 @@
-"""The input pipeline: Ray Data against a plain torch DataLoader over the same row function and collate.
+"""The input pipeline: Ray Data against a torch DataLoader on the same rows, collate, priority and CPUs.
 
-Both sides run the pipeline's row function (`pipeline.load_row`: read a 1280x720 JPEG and its masks,
-decode, train transform) at the same CPU priority (`data.decode_priority`), its collate
-(`pipeline.BatchCollate`), on as many CPUs: Ray Data's map capped at N CPUs (`data.cpus = N`) against
-`DataLoader(num_workers=N, persistent_workers=True)`. Passes alternate between the sides, so a change
-of the machine's load hits both alike.
-
-- Pipeline passes, one epoch each, consumed as fast as they come. Ray Data starts a new execution every
-  pass (what a stage start costs); the DataLoader keeps its workers (its best case). Time to first
-  batch is compared with a new DataLoader's (its workers start); steady rows/s over the batches after
-  a pass's first fifth (rows decoded before the first batch are handed on at once after it).
-- Consumer stages: what a training loop sees over a stage of 3 epochs, each batch followed by fixed
-  work (`FixedWork`). Ray Data reads the stage's stream (`build_dataset(epochs=3)`) through one
-  `streaming_split`, as a Train worker's `get_dataset_shard` does; the DataLoader runs 3 epochs.
-  Rows/s over the epochs after the first, and over the whole stage.
+Both run `pipeline.load_row` (a 1280x720 JPEG and its masks to a train row) at `data.decode_priority`
+and collate with `pipeline.BatchCollate`: Ray Data's map capped at N CPUs against
+`DataLoader(num_workers=N, persistent_workers=True)`, alternating, so a change of the machine's load
+hits both alike. Pipeline passes (one epoch, consumed as fast as it comes; a new Ray Data execution
+each) and consumer stages (3 epochs through one `streaming_split`, as a Train worker reads a stage,
+each batch followed by `FixedWork`); docs/benchmarks.md says what each number is.
 """
 
 from __future__ import annotations
@@ -55,9 +47,8 @@ class RecordDataset:
     def __getitem__(self, i: int) -> dict:
         from paf_ray.data.pipeline import load_row, run_at_idle_priority
 
-        if self.data_cfg.decode_priority == "idle":
-            return run_at_idle_priority(load_row, self.records[i], self.data_cfg, self.train)
-        return load_row(self.records[i], self.data_cfg, self.train)
+        row = (self.records[i], self.data_cfg, self.train)
+        return run_at_idle_priority(load_row, *row) if self.data_cfg.decode_priority == "idle" else load_row(*row)
 
 
 def collate_rows(rows: list[dict]) -> dict:
@@ -98,9 +89,8 @@ class FixedWork:
 
 
 def timed_pass(batches, work: FixedWork | None = None) -> dict:
-    """Consume `batches`, calling `work` after each: {"rows", "first_s" (time to first batch),
-    "total_s", "step_s" and "wait_s" (per batch: the step and the wait for the batch), "rows_s",
-    "after_first_rows_s" (the rows after the first batch / the time after it), "steady_rows_s"
+    """Consume `batches`, calling `work` after each: {"rows", "first_s" (time to first batch), "total_s",
+    "step_s" and "wait_s" (per batch: the step and the wait for the batch), "rows_s", "steady_rows_s"
     (the batches after the first STEADY_SKIP of the pass / the time they took)}."""
     t0 = time.perf_counter()
     rows, first, step_s, wait_s, batch_rows, t_prev = 0, None, [], [], [], t0
@@ -122,7 +112,6 @@ def timed_pass(batches, work: FixedWork | None = None) -> dict:
     steady_s = sum(step_s[skip:])
     return {"rows": rows, "first_s": first, "total_s": total, "step_s": step_s, "wait_s": wait_s,
             "rows_s": rows / total,
-            "after_first_rows_s": (rows - batch_rows[0]) / (total - first) if total > first else float("nan"),
             "steady_rows_s": sum(batch_rows[skip:]) / steady_s if steady_s > 0 else float("nan")}
 
 
@@ -146,11 +135,6 @@ def make_dataloader(records: list[dict], data_cfg, workers: int, pin_memory: boo
         multiprocessing_context="forkserver" if workers > 0 else None)  # not fork: this process runs Ray's threads
 
 
-def dataloader_epochs(loader, epochs: int):
-    for _ in range(epochs):
-        yield from loader
-
-
 def _paired_ratio(passes: dict[str, list], key: str) -> float:
     """The median of each repeat's Ray Data / DataLoader: the two ran back to back, so a drift of the
     machine's speed over the run cancels."""
@@ -167,7 +151,7 @@ def measure_input_pipeline(records: list[dict], data_cfg, workers: int, repeats:
     per_epoch = len(records) // data_cfg.batch_size
     passes = {"ray_data": lambda: ray_data_batches(records, data_cfg, split=False), "dataloader": lambda: iter(loader)}
     stages = {"ray_data": lambda: ray_data_batches(records, data_cfg, split=True, epochs=CONSUMER_EPOCHS),
-              "dataloader": lambda: dataloader_epochs(loader, CONSUMER_EPOCHS)}
+              "dataloader": lambda: (b for _ in range(CONSUMER_EPOCHS) for b in loader)}  # for epoch: for batch
     for make in passes.values():
         timed_pass(make())
     plain: dict[str, list] = {k: [] for k in passes}

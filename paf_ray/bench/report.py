@@ -127,7 +127,8 @@ def _gpu(g: dict) -> list[str]:
         ["peak memory", f"{_f(g['peak_mb'], 0)} MB", f"{_f(g['adapt_peak_mb'], 0)} MB", ""],
         ["FLOPs per step (torch.utils.flop_counter, fwd + bwd)", f"{g['flops_per_step'] / 1e9:.1f} GFLOP",
          f"{g['adapt_flops_per_step'] / 1e9:.1f} GFLOP", ""],
-        [f"**MFU** (dense bf16 peak {_f(g['bf16_peak_tflops'])} TFLOP/s)", f"**{_pct(g['mfu'])}**", _pct(g["adapt_mfu"]), ""],
+        [f"**MFU** (dense bf16 peak {_f(g['bf16_peak_tflops'])} TFLOP/s)", f"**{_pct(g['mfu'])}**",
+         _pct(g["adapt_mfu"]), ""],
         ["**adapt / finetune images/s**", "", _bold(g, "gpu", "adapt_over_finetune_img_s"), ""],
         ["**adapt / finetune peak memory**", "", _bold(g, "gpu", "adapt_over_finetune_peak"), ""],
         ["input pipeline images/s (the data case)", _f(g["pipeline_img_s"]), "", ""],
@@ -138,10 +139,9 @@ WRITERS = {"data": _data, "step": _step, "compile": _compile, "ray_overhead": _r
 
 
 def bench_markdown(r: dict) -> str:
-    m = r["machine"]
+    m, quick = r["machine"], r["settings"]["quick"]
     lines = [
-        "# paf-ray bench" + (" (--quick: tiny sizes, a smoke run, not a measurement)" if r["settings"]["quick"] else ""),
-        "",
+        "# paf-ray bench" + (" (--quick: tiny sizes, a smoke run, not a measurement)" if quick else ""), "",
         f"Machine: {m['cpu_count']} CPUs ({m['cpu_model']}), GPU: {m['gpu_name'] or 'none'}; torch {m['torch']}, "
         f"ray {m['ray']}, python {m['python']}; device `{m['device']}`; load average at start "
         f"{_f(m['load_avg_at_start'][0], 2)}; {m['date']}; total {r.get('wall_s', 0):.0f} s"

@@ -7,8 +7,7 @@ ray_overhead  the same steps in a 1-worker TorchTrainer vs a plain loop
 lv_overhead   the adapt step without, with the LV-Adapter, and with its prompts frozen
 gpu           (--device cuda) images/s of the 3-task R50-FPN at 1280x736, adapt and finetune, MFU
 
-docs/benchmarks.md says what each measures. `step`, `compile` and `gpu` import no Ray: the step
-cases run in processes of their own (step_case.py) on a batch rendered in memory.
+docs/benchmarks.md says what each measures. `step`, `compile` and `gpu` import no Ray (step_case.py).
 """
 
 from __future__ import annotations
@@ -36,8 +35,6 @@ BF16_PEAK_TFLOPS: list[tuple[tuple[str, ...], float]] = [
     (("rtx", "4090"), 165.2), (("rtx", "3090"), 71.0), (("v100",), 125.0),  # V100: fp16, it has no bf16
 ]
 SECTIONS = ("data", "step", "compile", "ray_overhead", "lv_overhead", "gpu")
-RAY_SECTIONS = ("data", "ray_overhead")  # the sections that start a local Ray
-BENCH_STORE_MB = {"cpu": 512, "cuda": 4096}
 
 
 def bf16_peak_tflops(gpu_name: str | None) -> float | None:
@@ -51,21 +48,15 @@ def machine_info(device: str) -> dict:
 
     try:
         import ray
-
-        ray_version = ray.__version__
     except ImportError:
-        ray_version = None
-    cpu_model = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu_model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu_model)
+        ray = None
+    with open("/proc/cpuinfo", encoding="utf-8") as f:  # Linux
+        cpu_model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), platform.machine())
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu_count": os.cpu_count(), "cpu_model": cpu_model, "gpu_name": gpu,
-            "gpu_count": torch.cuda.device_count() if gpu else 0, "gpu_bf16_peak_tflops": bf16_peak_tflops(gpu),
-            "torch": torch.__version__, "torchvision": torchvision.__version__, "cuda": torch.version.cuda,
-            "ray": ray_version,
-            "python": platform.python_version(), "platform": platform.platform(), "device": device,
-            "load_avg_at_start": list(os.getloadavg()), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    return {"cpu_count": os.cpu_count(), "cpu_model": cpu_model, "gpu_name": gpu, "gpu_bf16_peak_tflops":
+            bf16_peak_tflops(gpu), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "cuda": torch.version.cuda, "ray": ray and ray.__version__, "python": platform.python_version(),
+            "device": device, "load_avg_at_start": list(os.getloadavg()), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
 def _log(msg: str) -> None:
@@ -75,39 +66,20 @@ def _log(msg: str) -> None:
 # --------------------------------------------------------------------------- step cases
 
 
-def case_config(model: dict, input_size, batch: int, adapter: str, lv: bool, s: BenchSettings) -> dict:
-    """A config dict for one case: `model` over the defaults, one adapt and one finetune stage.
-    Weights are random: a step's cost does not depend on them."""
-    from paf_ray.config import from_dict, to_dict
-
-    model = copy.deepcopy(model)
-    model.setdefault("adapter", {})["kind"] = adapter
-    model["lv_adapter"] = {"enabled": lv, "random_init": True} if lv else {"enabled": False}
-    model.setdefault("backbone", {})["random_init"] = True
-    train = {"stages": [{"kind": "adapt", "lr": 1e-3}, {"kind": "finetune", "lr": 1e-4}],
-             "amp": "bf16" if s.amp else "off", "channels_last": "on" if s.channels_last else "off"}
-    return to_dict(from_dict({"data": {"input_size": list(input_size), "batch_size": batch}, "model": model,
-                              "train": train}, "<bench>"))
-
-
 def collate_samples(rows: list[dict]) -> dict:
-    """Transformed rows -> the training batch as `pipeline.BatchCollate` builds it (an NCHW view of
-    NHWC images), without importing the pipeline (Ray)."""
+    """Transformed rows -> what a training step reads of the batch `pipeline.BatchCollate` builds (an
+    NCHW view of NHWC images), without importing the pipeline (Ray)."""
     import numpy as np
     import torch
 
-    def each(key, dtype, shape=None):
-        return [torch.from_numpy(np.asarray(r[key], dtype)).reshape(*(shape or (-1,))) for r in rows]
+    def each(key, dtype, shape=(-1,)):
+        return [torch.from_numpy(np.asarray(r[key], dtype)).reshape(shape) for r in rows]
 
-    def stack(key):
-        return torch.from_numpy(np.stack([r[key] for r in rows]))
-
-    return {"image": stack("image").permute(0, 3, 1, 2), "sem": stack("sem"), "drv": stack("drv"),
-            "orig_size": stack("orig_size"), "boxes": each("boxes", np.float32, (-1, 4)),
-            "labels": each("labels", np.int64), "ignore_boxes": each("ignore_boxes", np.float32, (-1, 4)),
-            "ignore_labels": each("ignore_labels", np.int64),
-            **{f"has_{t}": torch.tensor([bool(r[f"has_{t}"]) for r in rows]) for t in ("det", "sem", "drv")},
-            "name": [f"synth-{i}" for i in range(len(rows))], "scale": torch.tensor([float(r["scale"]) for r in rows])}
+    return {"image": torch.from_numpy(np.stack([r["image"] for r in rows])).permute(0, 3, 1, 2),
+            **{k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in ("sem", "drv")},
+            "boxes": each("boxes", np.float32, (-1, 4)), "labels": each("labels", np.int64),
+            "ignore_boxes": each("ignore_boxes", np.float32, (-1, 4)), "ignore_labels": each("ignore_labels", np.int64),
+            **{f"has_{t}": torch.tensor([bool(r[f"has_{t}"]) for r in rows]) for t in ("det", "sem", "drv")}}
 
 
 def synthetic_batch(input_size, batch: int) -> dict:
@@ -121,15 +93,23 @@ def synthetic_batch(input_size, batch: int) -> dict:
 
 def step_case(s: BenchSettings, workdir: str, stage: str, size: str, adapter: str = "bypass", lv: bool = False,
               **extra) -> dict:
-    """A step case of the `size` settings ("step", "small" or "gpu"); its batch is saved once in `workdir`."""
+    """A step case at the `size` settings ("step", "small" or "gpu"): a config with one adapt and one
+    finetune stage, random weights (a step's cost does not depend on them); its batch saved in `workdir`."""
     import torch
+
+    from paf_ray.config import from_dict, to_dict
 
     model, input_size, batch = (getattr(s, f"{size}_{k}") for k in ("model", "input_size", "batch"))
     path = os.path.join(workdir, f"batch-{input_size[0]}x{input_size[1]}-b{batch}.pt")
     if not os.path.exists(path):
         torch.save(synthetic_batch(input_size, batch), path)
-    return {"cfg": case_config(model, input_size, batch, adapter, lv, s), "stage": stage, "batch_path": path,
-            "device": s.device, "amp": s.amp, "channels_last": s.channels_last, **extra}
+    model = {**copy.deepcopy(model), "adapter": {"kind": adapter}, "lv_adapter": {"enabled": lv, "random_init": True}}
+    model["backbone"]["random_init"] = True
+    train = {"stages": [{"kind": "adapt", "lr": 1e-3}, {"kind": "finetune", "lr": 1e-4}],
+             "amp": "bf16" if s.amp else "off", "channels_last": "on" if s.channels_last else "off"}
+    cfg = from_dict({"data": {"input_size": list(input_size), "batch_size": batch}, "model": model, "train": train})
+    return {"cfg": to_dict(cfg), "stage": stage, "batch_path": path, "device": s.device, "amp": s.amp,
+            "channels_last": s.channels_last, **extra}
 
 
 def process_spec(s: BenchSettings, size: str, cases: dict, **extra) -> dict:
@@ -159,8 +139,7 @@ def run_case_process(spec: dict, workdir: str, name: str, timeout_s: int) -> dic
         return json.load(f)
 
 
-def _alone(r: dict, name: str) -> dict:
-    """A process's result for its case `name`, the process's own keys (peak_mb, cpu_ms_per_step, ...) included."""
+def _alone(r: dict, name: str) -> dict:  # a process's result for case `name`, with its peak_mb, cpu_ms_per_step, ...
     return {**{k: v for k, v in r.items() if k != "cases"}, **r["cases"][name]}
 
 
@@ -179,6 +158,12 @@ def side_by_side(s: BenchSettings, workdir: str, section: str, size: str, cases:
     return results
 
 
+def _per_case(r: dict[str, dict], *more: str) -> dict:
+    """{case}_ms and {case}_peak_mb of every case, and {key: {case: value}} for trainable_params and `more`."""
+    return {**{f"{k}_{key}": v[key] for k, v in r.items() for key in ("ms", "peak_mb")},
+            **{key: {k: v[key] for k, v in r.items()} for key in ("trainable_params", *more)}}
+
+
 def _about(s: BenchSettings, size: str) -> dict:
     model, input_size, batch = (getattr(s, f"{size}_{k}") for k in ("model", "input_size", "batch"))
     return {"model": model["backbone"]["name"], "input_size": list(input_size), "batch": batch}
@@ -192,12 +177,10 @@ def bench_steps(s: BenchSettings, workdir: str) -> dict:
     })
     fb = r["finetune"]["breakdown"]
     return {
-        **{f"{k}_ms": v["ms"] for k, v in r.items()}, **{f"{k}_peak_mb": v["peak_mb"] for k, v in r.items()},
-        "time_ratio": r["adapt"]["ms"] / r["finetune"]["ms"],
+        **_per_case(r, "breakdown", "params"), "time_ratio": r["adapt"]["ms"] / r["finetune"]["ms"],
         "mem_ratio": r["adapt"]["peak_mb"] / r["finetune"]["peak_mb"],
         # what adapt could reach: finetune's step without the backbone's backward and its optimizer share
         "reachable_time_ratio": (fb["backbone_fwd_ms"] + fb["rest_fwd_ms"] + fb["rest_bwd_ms"]) / sum(fb.values()),
-        **{key: {k: v[key] for k, v in r.items()} for key in ("breakdown", "trainable_params", "params", "ms_all")},
         "memory": ("CUDA max_memory_allocated" if s.device == "cuda" else
                    "peak RSS of the case's process minus its RSS before the model was built"),
         **_about(s, "step"),
@@ -214,7 +197,6 @@ def bench_compile(s: BenchSettings, workdir: str) -> dict:
     return {"eager_ms": r["eager"]["ms"], "compiled_ms": r["compiled"]["ms"],
             "speedup": r["eager"]["ms"] / r["compiled"]["ms"],
             "compile_s": (r["compiled"]["first_step_ms"] - r["eager"]["first_step_ms"]) / 1000,
-            "eager_ms_all": r["eager"]["ms_all"], "compiled_ms_all": r["compiled"]["ms_all"],
             "compiled_parts": ["backbone", "adapters", "neck", "sem_head", "drv_head"], "stage": "finetune",
             **_about(s, "small")}
 
@@ -228,10 +210,8 @@ def bench_lv_overhead(s: BenchSettings, workdir: str) -> dict:
         "prompts_frozen": step_case(s, workdir, "adapt", "small", lv=True, prompts_frozen=True)})
     w, f, wo = r["with"], r["prompts_frozen"], r["without"]
     return {"ratio": w["ms"] / wo["ms"], "frozen_ratio": f["ms"] / wo["ms"], "mem_ratio": w["peak_mb"] / wo["peak_mb"],
-            **{f"{k}_ms": v["ms"] for k, v in r.items()}, **{f"{k}_peak_mb": v["peak_mb"] for k, v in r.items()},
-            "text_tower_ms": w["ms"] - f["ms"], "vision_side_ms": f["ms"] - wo["ms"],
-            "trainable_params": {k: v["trainable_params"] for k, v in r.items()}, "stage": "adapt",
-            **_about(s, "small")}
+            "text_tower_ms": w["ms"] - f["ms"], "vision_side_ms": f["ms"] - wo["ms"], **_per_case(r),
+            "stage": "adapt", **_about(s, "small")}
 
 
 # --------------------------------------------------------------------------- Ray Train overhead
@@ -246,7 +226,7 @@ def ray_timed_steps(spec: dict) -> None:
 
     entered_at = time.time()
     result = _alone(measure(spec), "step")
-    result.update(entered_at=entered_at, omp_num_threads=os.environ.get("OMP_NUM_THREADS"))
+    result["entered_at"] = entered_at
     with tempfile.TemporaryDirectory() as d:
         with open(os.path.join(d, "bench.json"), "w", encoding="utf-8") as f:
             json.dump(result, f)
@@ -271,15 +251,17 @@ def ray_train_steps(spec: dict, storage_path: str, name: str) -> dict:
             failure_config=ray.train.FailureConfig(max_failures=0, controller_failure_limit=0),
             worker_runtime_env={"env_vars": train_process_env()}))  # as train/run.py gives its workers
     t0 = time.time()
-    metrics = dict(trainer.fit().metrics or {})
+    metrics = trainer.fit().metrics or {}
     if "ms" not in metrics:
         raise RuntimeError(f"bench ray_overhead: the Ray Train worker reported no timing (metrics: {metrics})")
-    return {**metrics, "startup_s": metrics["entered_at"] - t0, "fit_s": time.time() - t0}
+    return {**metrics, "startup_s": metrics["entered_at"] - t0}
 
 
-def _mean_dicts(dicts: list[dict]) -> dict:
-    keys = {k for d in dicts for k in d}
-    return dict(sorted(((k, sum(d.get(k, 0.0) for d in dicts) / len(dicts)) for k in keys), key=lambda kv: -kv[1]))
+def _mean_cpu(runs: list[dict]) -> dict:
+    """CPU ms per step by process, the mean over `runs`, largest first."""
+    names = {k for r in runs for k in r["cpu_ms_per_step"]}
+    return dict(sorted(((k, statistics.fmean(r["cpu_ms_per_step"].get(k, 0.0) for r in runs)) for k in names),
+                       key=lambda kv: -kv[1]))
 
 
 def bench_ray_overhead(s: BenchSettings, workdir: str) -> dict:
@@ -306,16 +288,13 @@ def bench_ray_overhead(s: BenchSettings, workdir: str) -> dict:
         _log(f"ray_overhead: TorchTrainer {trained[-1]['ms']:.0f} ms/step, start-up {trained[-1]['startup_s']:.1f} s")
         plain.append(plain_run(i + 1))
     ratios = [r["ms"] / ((plain[i]["ms"] + plain[i + 1]["ms"]) / 2) for i, r in enumerate(trained)]
-    cpu = {"plain": _mean_dicts([r["cpu_ms_per_step"] for r in plain]),
-           "ray": _mean_dicts([r["cpu_ms_per_step"] for r in trained])}
+    cpu = {"plain": _mean_cpu(plain), "ray": _mean_cpu(trained)}
     return {
         "plain_ms": statistics.median(r["ms"] for r in plain), "ray_ms": statistics.median(r["ms"] for r in trained),
         "ratio": statistics.median(ratios), "ratios": ratios,
-        "startup_s": statistics.median(r["startup_s"] for r in trained), "fit_s": [r["fit_s"] for r in trained],
-        "plain_ms_all": [r["ms_all"] for r in plain], "ray_ms_all": [r["ms_all"] for r in trained],
+        "startup_s": statistics.median(r["startup_s"] for r in trained),
         "threads": {"plain": plain[0]["threads"], "ray": trained[0]["threads"]},
         "openmp_wait": {"plain": plain[0]["openmp_wait"], "ray": trained[0]["openmp_wait"]},
-        "ray_worker_omp_num_threads": trained[0]["omp_num_threads"],
         # CPU ms per timed step by process: where Ray Train's cost goes
         "cpu_ms_per_step": cpu,
         "others_cpu_ms_per_step": {k: sum(v for p, v in c.items() if p != "self") for k, c in cpu.items()},
@@ -335,7 +314,8 @@ def bench_data(s: BenchSettings, out: str) -> dict:
 
     root = os.path.join(out, f"synth-{s.frames}-1280x720")
     write_synthetic(root, images=s.frames, seed=0, size=(1280, 720), val_fraction=0.02)
-    data_cfg = from_dict({"data": {"input_size": list(s.data_input_size), "batch_size": s.data_batch}}, rules=False).data
+    data = {"input_size": list(s.data_input_size), "batch_size": s.data_batch}
+    data_cfg = from_dict({"data": data}, rules=False).data  # the data section alone
     records = load_records(data_cfg, root, "train")
     _log(f"data: {len(records)} training frames in {root} ...")
     return measure_input_pipeline(records, data_cfg, s.data_workers, s.data_repeats, s.consumer_step_s,
@@ -390,8 +370,7 @@ def run_bench(out: str, quick: bool = False, device: str = "cpu", cases: list[st
     import torch
 
     sections = list(cases) if cases else [c for c in SECTIONS if not (c == "compile" and device == "cpu")]
-    unknown = [c for c in sections if c not in SECTIONS]
-    if unknown:
+    if unknown := [c for c in sections if c not in SECTIONS]:
         raise ValueError(f"bench --cases: unknown {unknown} (known: {', '.join(SECTIONS)})")
     s = bench_settings(device, quick)
     if device == "cuda" and not torch.cuda.is_available():
@@ -404,10 +383,10 @@ def run_bench(out: str, quick: bool = False, device: str = "cpu", cases: list[st
     settings = {k: v["backbone"]["name"] if k.endswith("_model") else v for k, v in vars(s).items()}
     result: dict[str, Any] = {"machine": machine_info(device), "settings": settings, "complete": False,
                               "failed": [], "cases": sections}
-    if any(c in RAY_SECTIONS for c in sections):
+    if {"data", "ray_overhead"} & set(sections):  # the cases that use a local Ray
         from paf_ray.train.ray_setup import init_ray
 
-        init_ray(num_cpus=os.cpu_count(), object_store_mb=BENCH_STORE_MB["cpu" if quick else device])
+        init_ray(num_cpus=os.cpu_count(), object_store_mb=4096 if device == "cuda" and not quick else 512)
     runners = {
         "data": lambda: bench_data(s, out),
         "step": lambda: bench_steps(s, workdir),
@@ -443,10 +422,9 @@ def bench_command(args) -> int:
         raise ValueError("bench --compare / --set: they change a config, so they need --config CONFIG")
     cases = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
     result = run_bench(args.out, quick=args.quick, device=args.device, cases=cases)
-    out = os.path.abspath(args.out)
-    with open(os.path.join(out, "bench.md"), encoding="utf-8") as f:
+    with open(os.path.join(args.out, "bench.md"), encoding="utf-8") as f:
         print(f.read())
-    _log(f"wrote {os.path.join(out, 'bench.json')} in {result['wall_s']:.0f} s")
+    _log(f"wrote {os.path.abspath(os.path.join(args.out, 'bench.json'))} in {result['wall_s']:.0f} s")
     if result["failed"]:
         _log(f"cases that failed: {', '.join(result['failed'])} (their error is in bench.json)")
         return 1

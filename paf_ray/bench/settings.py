@@ -62,12 +62,10 @@ class BenchSettings:
     case_timeout_s: int = 600  # one measuring process may not take longer
 
     @property
-    def amp(self) -> bool:  # bf16 autocast and channels_last on CUDA, as training has them
+    def amp(self) -> bool:  # bf16 autocast and channels_last on CUDA, as training has them there
         return self.device == "cuda"
 
-    @property
-    def channels_last(self) -> bool:
-        return self.device == "cuda"
+    channels_last = amp
 
 
 def bench_settings(device: str, quick: bool) -> BenchSettings:

@@ -7,8 +7,7 @@ machine hits every case alike. Peak memory is the process's: a case's own where 
 `max_memory_allocated`; on CPU the peak RSS, reset after the imports, minus the RSS before the model
 was built: weights, gradients, optimizer state and activations).
 
-Imports no Ray, and open_clip only for an LV-Adapter case: scripts/gpu_bench.sh runs it on a GPU
-machine's stock image.
+No Ray here, open_clip only for an LV-Adapter case: scripts/gpu_bench.sh runs this on a GPU machine's stock image.
 """
 
 from __future__ import annotations
@@ -21,25 +20,11 @@ import time
 from typing import Any
 
 
-def _tensors(obj: Any):
-    import torch
-
-    if torch.is_tensor(obj):
-        yield obj
-    elif isinstance(obj, (dict, list, tuple)):
-        for v in obj.values() if isinstance(obj, dict) else obj:
-            yield from _tensors(v)
-
-
 class StepClock:
-    """Timestamps of one step's phases, from hooks on the model and the optimizer's parameters.
-
-    The forward ends when the model returns its losses; the backward when every trainable parameter
-    has its gradient (a multi-grad hook); the optimizer part (clip, step, zero_grad) with the step.
-    The backbone's forward is bracketed by a pre-hook and a hook; its backward starts when the
-    gradient of its last output arrives (a frozen backbone has none). On CUDA every timestamp
-    synchronises, so the breakdown gets its own pass there.
-    """
+    """Timestamps of a step's phases from hooks: the backbone's forward (a pre-hook and a hook) and
+    backward (from the gradient of its last output; a frozen backbone has none), the model's forward
+    (it returns the losses), the backward (every trainable parameter has its gradient: a multi-grad
+    hook), the optimizer part (clip, step, zero_grad) to the step's end. Each timestamp synchronises."""
 
     def __init__(self, trainee, sync):
         import torch
@@ -66,7 +51,7 @@ class StepClock:
 
     def _backbone_done(self, module, inputs, output) -> None:
         self.bb_end = self.now()
-        for t in _tensors(output):
+        for t in output.values() if isinstance(output, dict) else [output]:  # a backbone's feature maps
             if t.requires_grad:
                 t.register_hook(lambda grad: self._mark("grad_at_backbone"))
 
@@ -84,44 +69,37 @@ class StepClock:
             h.remove()
 
 
-def _rss_mb() -> float:
-    """This process's resident set size (Linux /proc; no psutil on the GPU bench's path)."""
-    import resource
-
-    try:
-        with open("/proc/self/statm", encoding="ascii") as f:
-            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-    except OSError:
-        return 0.0
+def _memory_mb(key: str) -> float:
+    """This process's VmRSS (now) or VmHWM (its peak since `_reset_peak`), Linux /proc; no psutil on the GPU path."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
 
 
-def _reset_peak_rss() -> bool:
-    """Reset the peak RSS (Linux: clear_refs 5), so the imports' peak does not hide the case's own."""
+def _reset_peak() -> bool:
+    """Reset the peak RSS (clear_refs 5), so that the imports' peak does not hide the case's own."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
+            return f.write("5") == 1
     except OSError:
         return False
 
 
 def build_case(spec: dict):
-    """(cfg, model, stage, batch, device) of a spec: the config dict "cfg", the stage kind "stage",
-    a torch.save'd batch "batch_path", "device", "channels_last", "compile", "prompts_frozen"."""
+    """(model, stage, batch, device) of a case: the config dict "cfg", the stage kind "stage" (the
+    config's stage of that kind, or its defaults), a torch.save'd batch "batch_path", "device",
+    "channels_last", "compile", "prompts_frozen", "load_weights" (default true)."""
     import torch
 
-    from paf_ray.config import from_dict
+    from paf_ray.config import StageConfig, from_dict
     from paf_ray.models import build_model
     from paf_ray.models.stages import apply_stage
 
     cfg = from_dict(spec["cfg"], "<bench case>")
-    stage = next((s for s in cfg.train.stages if s.kind == spec["stage"]), None)
-    if stage is None:
-        raise ValueError(f"bench case: the config has no {spec['stage']!r} stage")
+    stage = next((s for s in cfg.train.stages if s.kind == spec["stage"]), StageConfig(kind=spec["stage"]))
     device = torch.device(spec["device"])
     batch = torch.load(spec["batch_path"], weights_only=True)
     torch.manual_seed(0)
-    model = build_model(cfg.model, input_size=cfg.data.input_size)
+    model = build_model(cfg.model, cfg.data.input_size, load_weights=spec.get("load_weights", True))
     apply_stage(model, stage.kind, cfg)
     if spec.get("prompts_frozen"):  # class embeddings cached: the LV-Adapter without its text tower
         model.lv_adapter.set_prompts_trainable(False)
@@ -135,7 +113,7 @@ def build_case(spec: dict):
         batch = {k: v.to(device) if torch.is_tensor(v) else
                  [x.to(device) for x in v] if isinstance(v, list) and v and torch.is_tensor(v[0]) else v
                  for k, v in batch.items()}
-    return cfg, model, stage, batch, device
+    return model, stage, batch, device
 
 
 def make_step(model, stage, batch, device, amp: bool, total_updates: int):
@@ -166,10 +144,9 @@ def make_step(model, stage, batch, device, amp: bool, total_updates: int):
 def measure(spec: dict) -> dict:
     """{"cases": {name: `build_case` spec + "amp"}, "device", "threads", "warmup", "repeats", "breakdown"
     (default true), "flops" (count one more step's FLOPs)} -> {"cases": {name: {"ms", "ms_all",
-    "first_step_ms", "breakdown", ...}}, "peak_mb" (of the process: a case's own where it is alone),
+    "cpu_ms", "first_step_ms", "breakdown", ...}}, "peak_mb" (of the process: a case's own where it is alone),
     "threads", "openmp_wait", "cpu_ms_per_step" (over the timed steps, by process)}."""
     import gc
-    import resource
 
     import torch
 
@@ -180,10 +157,10 @@ def measure(spec: dict) -> dict:
     on_cuda, repeats = spec["device"] == "cuda", int(spec["repeats"])
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)
     gc.collect()
-    rss_base, peak_reset = _rss_mb(), _reset_peak_rss()
+    peak_reset, rss_base = _reset_peak(), _memory_mb("VmRSS")
     trainees, steps, out = {}, {}, {}
     for name, case in spec["cases"].items():
-        _, model, stage, batch, device = build_case(case)
+        model, stage, batch, device = build_case(case)
         trainees[name], steps[name] = make_step(model, stage, batch, device, bool(case["amp"]),
                                                 int(spec["warmup"]) + 2 * repeats + 1)  # the lr schedule's length
         out[name] = {"batch": int(batch["image"].shape[0]), "params": sum(p.numel() for p in model.parameters()),
@@ -204,24 +181,26 @@ def measure(spec: dict) -> dict:
     broken_down = [n for n in names if spec.get("breakdown", True) and not spec["cases"][n].get("compile")]
     clocks = {} if on_cuda else {n: StepClock(trainees[n], sync) for n in broken_down}
     ms: dict[str, list] = {n: [] for n in names}
+    own_cpu_ms: dict[str, list] = {n: [] for n in names}  # this process's CPU time a step
     parts: dict[str, list] = {n: [] for n in names}
     cpu_before = cpu_by_process()
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:  # rotate who goes first
-            clock = clocks.get(name)
+            clock, c0 = clocks.get(name), time.process_time()
             t0, t_end = steps[name](clock.reset() if clock else None)
             sync()
             ms[name].append(1000 * (time.perf_counter() - t0))
+            own_cpu_ms[name].append(1000 * (time.process_time() - c0))
             if clock is not None:
                 parts[name].append(clock.breakdown_ms(t0, t_end))
     cpu = cpu_ms_per_step(cpu_before, cpu_by_process(), os.getpid(), sum(len(v) for v in ms.values()))
     for name in broken_down if on_cuda else []:
-        clock = StepClock(trainees[name], sync)
+        clock = clocks[name] = StepClock(trainees[name], sync)
         parts[name] = [clock.breakdown_ms(*steps[name](clock.reset())) for _ in range(max(2, repeats // 2))]
     for clock in clocks.values():
         clock.remove()
     for name in names:
-        out[name].update(ms=statistics.median(ms[name]), ms_all=ms[name],
+        out[name].update(ms=statistics.median(ms[name]), ms_all=ms[name], cpu_ms=statistics.median(own_cpu_ms[name]),
                          breakdown={k: statistics.median(p[k] for p in parts[name]) for k in parts[name][0]}
                          if parts[name] else None)
         if spec.get("flops"):
@@ -235,21 +214,16 @@ def measure(spec: dict) -> dict:
     if on_cuda:
         result["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     else:  # peak_reset False: the peak may be the imports' rather than the case's
-        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        result.update(peak_mb=peak_rss - rss_base, peak_rss_mb=peak_rss, base_rss_mb=rss_base, peak_reset=peak_reset)
+        peak = _memory_mb("VmHWM")
+        result.update(peak_mb=peak - rss_base, peak_rss_mb=peak, base_rss_mb=rss_base, peak_reset=peak_reset)
     return result
 
 
 def cpu_by_process() -> dict[int, tuple[str, float]]:
-    """pid -> (name, CPU seconds so far) of every process on this machine (Linux /proc; {} elsewhere).
+    """pid -> (name, CPU seconds so far) of every process on this machine (Linux /proc).
     The name is the command's first word, a Python daemon's script (Ray names its workers `ray::Class`)."""
-    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    out = {}
-    try:
-        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
-    except OSError:
-        return out
-    for pid in pids:
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
         try:
             with open(f"/proc/{pid}/stat", "rb") as f:
                 stat = f.read().decode(errors="replace")
@@ -277,18 +251,12 @@ def cpu_ms_per_step(before: dict, after: dict, me: int, steps: int) -> dict[str,
     return dict(sorted(used.items(), key=lambda kv: -kv[1]))
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print("usage: python -m paf_ray.bench.step_case SPEC.json OUT.json", file=sys.stderr)
-        return 2
-    with open(argv[0], encoding="utf-8") as f:
-        spec = json.load(f)
-    result = measure(spec)
-    with open(argv[1] + ".tmp", "w", encoding="utf-8") as f:
+def main(spec_path: str, out_path: str) -> None:
+    with open(spec_path, encoding="utf-8") as f:
+        result = measure(json.load(f))
+    with open(out_path, "w", encoding="utf-8") as f:
         json.dump(result, f)
-    os.replace(argv[1] + ".tmp", argv[1])
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    main(*sys.argv[1:])
