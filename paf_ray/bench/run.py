@@ -66,37 +66,13 @@ def _log(msg: str) -> None:
 # --------------------------------------------------------------------------- step cases
 
 
-def collate_samples(rows: list[dict]) -> dict:
-    """Transformed rows -> what a training step reads of the batch `pipeline.BatchCollate` builds (an
-    NCHW view of NHWC images), without importing the pipeline (Ray)."""
-    import numpy as np
-    import torch
-
-    def each(key, dtype, shape=(-1,)):
-        return [torch.from_numpy(np.asarray(r[key], dtype)).reshape(shape) for r in rows]
-
-    return {"image": torch.from_numpy(np.stack([r["image"] for r in rows])).permute(0, 3, 1, 2),
-            **{k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in ("sem", "drv")},
-            "boxes": each("boxes", np.float32, (-1, 4)), "labels": each("labels", np.int64),
-            "ignore_boxes": each("ignore_boxes", np.float32, (-1, 4)), "ignore_labels": each("ignore_labels", np.int64),
-            **{f"has_{t}": torch.tensor([bool(r[f"has_{t}"]) for r in rows]) for t in ("det", "sem", "drv")}}
-
-
-def synthetic_batch(input_size, batch: int) -> dict:
-    """A training batch: synthetic 1280x720 frames rendered in memory (`synth.render_samples`, what
-    `data synth` writes before JPEG), the pipeline's val transform, its collate layout. No Ray, no files."""
-    from paf_ray.data.synth import render_samples
-    from paf_ray.data.transforms import val_transform
-
-    return collate_samples([val_transform(sample, input_size) for sample in render_samples(batch, (1280, 720))])
-
-
 def step_case(s: BenchSettings, workdir: str, stage: str, size: str, adapter: str = "bypass", lv: bool = False,
               **extra) -> dict:
     """A step case at the `size` settings ("step", "small" or "gpu"): a config with one adapt and one
     finetune stage, random weights (a step's cost does not depend on them); its batch saved in `workdir`."""
     import torch
 
+    from paf_ray.bench.step_case import synthetic_batch
     from paf_ray.config import from_dict, to_dict
 
     model, input_size, batch = (getattr(s, f"{size}_{k}") for k in ("model", "input_size", "batch"))

@@ -84,6 +84,31 @@ def _reset_peak() -> bool:
         return False
 
 
+def collate_samples(rows: list[dict]) -> dict:
+    """Transformed rows -> what a training step reads of the batch `pipeline.BatchCollate` builds (an
+    NCHW view of NHWC images), without importing the pipeline (Ray)."""
+    import numpy as np
+    import torch
+
+    def each(key, dtype, shape=(-1,)):
+        return [torch.from_numpy(np.asarray(r[key], dtype)).reshape(shape) for r in rows]
+
+    return {"image": torch.from_numpy(np.stack([r["image"] for r in rows])).permute(0, 3, 1, 2),
+            **{k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in ("sem", "drv")},
+            "boxes": each("boxes", np.float32, (-1, 4)), "labels": each("labels", np.int64),
+            "ignore_boxes": each("ignore_boxes", np.float32, (-1, 4)), "ignore_labels": each("ignore_labels", np.int64),
+            **{f"has_{t}": torch.tensor([bool(r[f"has_{t}"]) for r in rows]) for t in ("det", "sem", "drv")}}
+
+
+def synthetic_batch(input_size, batch: int) -> dict:
+    """A training batch: synthetic 1280x720 frames rendered in memory (`synth.render_samples`, what
+    `data synth` writes before JPEG), the pipeline's val transform, its collate layout. No Ray, no files."""
+    from paf_ray.data.synth import render_samples
+    from paf_ray.data.transforms import val_transform
+
+    return collate_samples([val_transform(sample, input_size) for sample in render_samples(batch, (1280, 720))])
+
+
 def build_case(spec: dict):
     """(model, stage, batch, device) of a case: the config dict "cfg", the stage kind "stage" (the
     config's stage of that kind, or its defaults), a torch.save'd batch "batch_path", "device",

@@ -20,8 +20,7 @@ import tempfile
 def step_time_command(args) -> int:
     import torch
 
-    from paf_ray.bench.run import synthetic_batch
-    from paf_ray.bench.step_case import measure
+    from paf_ray.bench.step_case import measure, synthetic_batch
     from paf_ray.config import load_config, to_dict
 
     cfg = load_config(args.config, args.overrides)
