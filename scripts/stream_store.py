@@ -4,8 +4,8 @@ epoch against one that holds the whole epoch, with and without Ray Data's execut
     python scripts/stream_store.py [--frames 256] [--size 640x384] [--batch 4] [--cpus 2] [--step-s 0.3]
                                    [--root DIR]    # JSON on stdout; --quick: 16 tiny frames, a smoke run
 
-What it measured (docs/benchmarks.md, "Object store and back-pressure"): the stream a stage trains
-from (`pipeline.build_dataset(epochs=2)`, every epoch in one execution), read through
+What it measured (docs/benchmarks.md, "One stream per stage, and the object store"): the stream a
+stage trains from (`pipeline.build_dataset(epochs=2)`, every epoch in one execution), read through
 `streaming_split` by a consumer whose fixed work per batch (`bench.data_case.FixedWork`, ~0.3 s)
 outlasts a batch's decoding, so decoded rows pile up against the object store. Each setting runs
 on a fresh local Ray with `--cpus` + 1 CPUs:

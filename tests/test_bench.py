@@ -96,8 +96,8 @@ def test_step_and_gpu_cases_run_without_ray_open_clip_or_pycocotools(tmp_path):
     assert probe.returncode != 0 and "blocked by the test" in probe.stderr
 
     out = tmp_path / "bench"
-    proc = subprocess.run([sys.executable, "-m", "paf_ray", "bench", "--quick", "--cases", "gpu,step", "--out", str(out)],
-                          env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-m", "paf_ray", "bench", "--quick", "--cases", "gpu,step",
+                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "bench.json").read_text())
     _check_sections(result, ["gpu", "step"])
