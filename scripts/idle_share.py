@@ -95,7 +95,7 @@ def main(argv=None) -> int:
             json.dump(result, f)
         return 0
 
-    from paf_ray.bench.run import step_case
+    from paf_ray.bench.run import case_spec
     from paf_ray.bench.settings import bench_settings
     from paf_ray.config import from_dict
     from paf_ray.data.pipeline import load_records
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     s, work = bench_settings("cpu", args.quick), tempfile.mkdtemp(prefix="idle_share_")
     root = write_synthetic(args.root or os.path.join(work, "synth"), images=24, seed=0, size=(1280, 720),
                            val_fraction=0.1)
-    spec = {"case": step_case(s, work, "finetune", "small"), "threads": s.threads,
+    spec = {"case": case_spec(s, work, "finetune", "small"), "threads": s.threads,
             "repeats": 20 if args.quick else s.small_repeats,  # tiny steps: 20 give the decoder a few rows
             "decoder_data": {"input_size": [640, 384], "decode_priority": "idle"}}
     spec["records"] = load_records(from_dict({"data": spec["decoder_data"]}, rules=False).data, root, "train")[:16]

@@ -66,7 +66,7 @@ def _log(msg: str) -> None:
 # --------------------------------------------------------------------------- step cases
 
 
-def step_case(s: BenchSettings, workdir: str, stage: str, size: str, adapter: str = "bypass", lv: bool = False,
+def case_spec(s: BenchSettings, workdir: str, stage: str, size: str, adapter: str = "bypass", lv: bool = False,
               **extra) -> dict:
     """A step case at the `size` settings ("step", "small" or "gpu"): a config with one adapt and one
     finetune stage, random weights (a step's cost does not depend on them); its batch saved in `workdir`."""
@@ -147,9 +147,9 @@ def _about(s: BenchSettings, size: str) -> dict:
 
 def bench_steps(s: BenchSettings, workdir: str) -> dict:
     r = side_by_side(s, workdir, "step", "step", {
-        "adapt": step_case(s, workdir, "adapt", "step"),  # bypass adapters, backbone frozen
-        "finetune": step_case(s, workdir, "finetune", "step"),  # the same model after adapt: all trains
-        "pretrain_finetune": step_case(s, workdir, "finetune", "step", adapter="none"),  # no adapters
+        "adapt": case_spec(s, workdir, "adapt", "step"),  # bypass adapters, backbone frozen
+        "finetune": case_spec(s, workdir, "finetune", "step"),  # the same model after adapt: all trains
+        "pretrain_finetune": case_spec(s, workdir, "finetune", "step", adapter="none"),  # no adapters
     })
     fb = r["finetune"]["breakdown"]
     return {
@@ -165,7 +165,7 @@ def bench_steps(s: BenchSettings, workdir: str) -> dict:
 
 def bench_compile(s: BenchSettings, workdir: str) -> dict:
     """Compilation happens in the first warm-up step: one more warm-up step than the eager case needs."""
-    eager = step_case(s, workdir, "finetune", "small")
+    eager = case_spec(s, workdir, "finetune", "small")
     _log("compile: eager vs torch.compile of the dense part, interleaved ...")
     r = run_case_process(process_spec(s, "small", {"eager": eager, "compiled": {**eager, "compile": True}},
                                       warmup=s.small_warmup + 1), workdir, "compile", 3 * s.case_timeout_s)["cases"]
@@ -181,9 +181,9 @@ def bench_lv_overhead(s: BenchSettings, workdir: str) -> dict:
     """with - frozen prompts is the text tower's share (CLIP's text transformer over every class
     prompt, each step while the prompts train); frozen - without the vision side's."""
     r = side_by_side(s, workdir, "lv_overhead", "small", {
-        "without": step_case(s, workdir, "adapt", "small"),
-        "with": step_case(s, workdir, "adapt", "small", lv=True),
-        "prompts_frozen": step_case(s, workdir, "adapt", "small", lv=True, prompts_frozen=True)})
+        "without": case_spec(s, workdir, "adapt", "small"),
+        "with": case_spec(s, workdir, "adapt", "small", lv=True),
+        "prompts_frozen": case_spec(s, workdir, "adapt", "small", lv=True, prompts_frozen=True)})
     w, f, wo = r["with"], r["prompts_frozen"], r["without"]
     return {"ratio": w["ms"] / wo["ms"], "frozen_ratio": f["ms"] / wo["ms"], "mem_ratio": w["peak_mb"] / wo["peak_mb"],
             "text_tower_ms": w["ms"] - f["ms"], "vision_side_ms": f["ms"] - wo["ms"], **_per_case(r),
@@ -245,7 +245,7 @@ def bench_ray_overhead(s: BenchSettings, workdir: str) -> dict:
     runs around it, so the machine's drift over the minutes of the case hits both sides alike."""
     import ray
 
-    spec = process_spec(s, "small", {"step": step_case(s, workdir, "finetune", "small")}, breakdown=False,
+    spec = process_spec(s, "small", {"step": case_spec(s, workdir, "finetune", "small")}, breakdown=False,
                         repeats=s.overhead_steps)
     deadline = time.time() + 60  # the data case's tasks may still be releasing their CPUs
     while (free := ray.available_resources().get("CPU", 0.0)) < s.threads and time.time() < deadline:
@@ -305,7 +305,7 @@ def bench_gpu(s: BenchSettings, workdir: str, data: dict, machine: dict) -> dict
     r = {}
     for stage in ("finetune", "adapt"):
         _log(f"gpu: {stage} throughput ...")
-        spec = process_spec(s, "gpu", {stage: step_case(s, workdir, stage, "gpu")}, flops=True)
+        spec = process_spec(s, "gpu", {stage: case_spec(s, workdir, stage, "gpu")}, flops=True)
         r[stage] = _alone(run_case_process(spec, workdir, f"gpu_{stage}", s.case_timeout_s), stage)
         r[stage]["img_s"] = r[stage]["batch"] / (r[stage]["ms"] / 1000)
         r[stage]["tflops"] = r[stage]["flops_per_step"] / (r[stage]["ms"] / 1000) / 1e12
