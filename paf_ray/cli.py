@@ -184,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--out", default="bench_out")
     p.add_argument("--cases", default=None, metavar="A,B",
-                   help="sections to run, in this order (data, stream, step, compile, ray_overhead, lv_overhead, "
-                        "gpu; default all, on CPU all but compile); step, compile and gpu need no Ray")
+                   help="cases to run, in this order (data, step, compile, ray_overhead, lv_overhead, gpu; "
+                        "default all, on CPU all but compile); step, compile and gpu need no Ray")
     p.add_argument("--config", default=None,
                    help="instead of the cases: adapt vs finetune step time of this config, side by side "
                         "(with --compare: the finetune step of the config vs the config with the changes)")

@@ -9,11 +9,14 @@
 # pycocotools. It runs this checkout (PYTHONPATH) as
 #   python -m paf_ray bench --device cuda --cases gpu,step,compile
 # gpu first: the 3-task R50-FPN at 1280x736, batch 8, bf16 autocast + channels_last, finetune
-# and adapt each in its own process (images/s, peak memory, FLOPs, MFU), then the fp32-vs-bf16
-# box check on the GPU; then the adapt/finetune step at 640x384 and the torch.compile variant.
-# bench.json / bench.md are rewritten after every case, so a run stopped at the time limit
-# still leaves the cases it finished. Exit status: the bench's (0 = every case ran),
-# 124 = stopped at the limit, 3 = the python cannot run it (what is missing is printed).
+# and adapt each in its own process (images/s, peak memory, FLOPs, MFU); then the adapt/finetune
+# step at 640x384 and the torch.compile variant. bench.json / bench.md are rewritten after every
+# case, so a run stopped at the time limit still leaves the cases it finished. Then, each with its
+# own bound and without changing the exit status: the fp32-vs-bf16 box check on the GPU
+# (tests/box_check.py: CUDA autocast casts other ops than the CPU autocast the tests use), and the
+# LV-Adapter case (`--cases lv_overhead`, where open_clip is installed).
+# Exit status: the bench's (0 = every case ran), 124 = stopped at the limit, 3 = the python
+# cannot run it (what is missing is printed).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -50,7 +53,12 @@ timeout --signal=TERM --kill-after=20 "$LIMIT_S" "$PY" -m paf_ray bench --device
 status=${PIPESTATUS[0]}
 cp "$WORK"/bench.json "$WORK"/bench.md "$OUT/bench/" 2>/dev/null || echo "gpu_bench: no bench.json was written"
 
-# LV-Adapter overhead at the GPU settings (R50-FPN reference heads, 1280x736, batch 8, bf16), its own bound; does not change the exit status.
-timeout --signal=TERM --kill-after=30 "${LV_LIMIT_S:-240}" "$PY" -m paf_ray.bench.lv_report --device cuda --backbone resnet50 --heads reference --size 1280x736 --batch 8 --steps 10 2>&1 | tee "$OUT/bench/lv_overhead.txt"
+timeout --signal=TERM --kill-after=20 "${BOX_LIMIT_S:-120}" "$PY" tests/box_check.py --device cuda \
+    > "$OUT/bench/box_check.json" && echo "gpu_bench: box check passed (<= 0.01 px)" \
+    || echo "gpu_bench: box check FAILED or did not finish ($OUT/bench/box_check.json)"
+if "$PY" -c "import open_clip" 2>/dev/null; then
+    timeout --signal=TERM --kill-after=30 "${LV_LIMIT_S:-240}" "$PY" -m paf_ray bench --device cuda \
+        --cases lv_overhead --out "$WORK/lv" 2>&1 | tee "$OUT/bench/lv_overhead.txt"
+fi
 
 exit "$status"

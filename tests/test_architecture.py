@@ -103,14 +103,17 @@ def test_paf_ray_has_no_import_cycle():
 
 
 def test_the_gpu_bench_modules_import_neither_ray_open_clip_nor_pycocotools():
-    """scripts/gpu_bench.sh runs these on a GPU machine's stock image, where none of the three is installed."""
+    """scripts/gpu_bench.sh runs these on a GPU machine's stock image, where none of the three is installed
+    (tests/test_bench.py runs the bench's gpu and step cases where they cannot be imported)."""
     import subprocess
     import sys
 
-    code = ("import sys, paf_ray.bench.step_case, paf_ray.bench.lv_report, paf_ray.train.step\n"
+    code = ("import sys, paf_ray.bench, paf_ray.bench.run, paf_ray.bench.step_case, paf_ray.bench.report, "
+            "paf_ray.bench.step_time, paf_ray.train.step, box_check\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'open_clip', 'pycocotools'}))")
+    tests = os.path.dirname(os.path.abspath(__file__))  # box_check.py: the box check gpu_bench.sh runs
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT.parent)})
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT.parent), tests])})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]"
 

@@ -448,7 +448,16 @@ def test_decode_tasks_hand_on_whole_batches_of_about_twenty_mb(ray_local, synth_
     assert sizes == [16] * 4
 
 
-def _coordinator_cpu_while_the_consumer_rests(records, rest_s: float) -> float:
+def _without_executor_fixes(ds):
+    """`ds` with Ray Data's executor as Ray ships it: the reproductions of what the fixes fix."""
+    from paf_ray.train.ray_setup import EXECUTOR_FIXES
+
+    ds.context.custom_execution_callback_classes = [
+        c for c in ds.context.custom_execution_callback_classes if c not in EXECUTOR_FIXES]
+    return ds
+
+
+def _coordinator_cpu_while_the_consumer_rests(records, rest_s: float, fixed: bool = True) -> float:
     """CPU seconds the SplitCoordinator (what feeds a Train worker) burns while its consumer holds
     a batch for `rest_s` and Ray Data's budget is full."""
     import psutil
@@ -456,6 +465,8 @@ def _coordinator_cpu_while_the_consumer_rests(records, rest_s: float) -> float:
 
     cfg = _cfg()
     ds = build_dataset(records, cfg, train=True, epochs=4)
+    if not fixed:
+        _without_executor_fixes(ds)
     ds.context.execution_options.resource_limits = ds.context.execution_options.resource_limits.copy(
         object_store_memory=2 * 2**20)  # a few batches: the executor is held back at once
     shard = ds.streaming_split(1, equal=True)[0]
@@ -472,20 +483,17 @@ def _coordinator_cpu_while_the_consumer_rests(records, rest_s: float) -> float:
     return used
 
 
-def test_the_executor_rests_while_its_consumer_is_busy(ray_local, synth_root, monkeypatch):
+def test_the_executor_rests_while_its_consumer_is_busy(ray_local, synth_root):
     """Ray 2.60's streaming executor spins while held back; ray_setup.SleepWhileHeldBack ends that.
     Without it the coordinator takes most of a core; with it, a few percent."""
-    from paf_ray.train.ray_setup import EXECUTOR_FIX_ENV
-
     records = load_records(_cfg(), synth_root, "train")
     fixed = _coordinator_cpu_while_the_consumer_rests(records, rest_s=3.0)
-    monkeypatch.setenv(EXECUTOR_FIX_ENV, "0")
-    unfixed = _coordinator_cpu_while_the_consumer_rests(records, rest_s=3.0)
+    unfixed = _coordinator_cpu_while_the_consumer_rests(records, rest_s=3.0, fixed=False)
     assert unfixed > 1.0, unfixed  # the reproduction: Ray as shipped spins
     assert fixed < 0.4, fixed
 
 
-def _second_task_start_delay() -> float:
+def _second_task_start_delay(fixed: bool = True) -> float:
     """Seconds between the first rows of two decode tasks that 2 CPUs could run at once."""
     import ray
 
@@ -496,21 +504,19 @@ def _second_task_start_delay() -> float:
         return {"data": item["data"], "t": time.time(), "pixels": np.zeros(600_000, np.uint8)}
 
     configure_data_context(2.0, block_bytes=1 << 20)
-    rows = ray.data.from_numpy([np.arange(8), np.arange(8, 16)]).map(slow_row, num_cpus=1).take_all()
+    ds = ray.data.from_numpy([np.arange(8), np.arange(8, 16)]).map(slow_row, num_cpus=1)
+    rows = (ds if fixed else _without_executor_fixes(ds)).take_all()
     first = [min(r["t"] for r in rows if (r["data"] < 8) == low) for low in (True, False)]
     return abs(first[1] - first[0])
 
 
-def test_a_new_execution_runs_its_tasks_side_by_side_from_the_start(ray_local, monkeypatch):
+def test_a_new_execution_runs_its_tasks_side_by_side_from_the_start(ray_local):
     """Ray 2.60 starts an execution with zero resource limits, kept for a second: one task ran
     alone for the first second of every stage and evaluation. ray_setup.RefreshLimitsAtStart.
     (A cluster's first execution also waits for Ray Data's coordinator actor to start: not fixed.)"""
-    from paf_ray.train.ray_setup import EXECUTOR_FIX_ENV
-
     _second_task_start_delay()  # warm: two worker processes, and Ray Data's coordinator actor
     fixed = _second_task_start_delay()
-    monkeypatch.setenv(EXECUTOR_FIX_ENV, "0")
-    unfixed = _second_task_start_delay()
+    unfixed = _second_task_start_delay(fixed=False)
     assert unfixed > 0.7, unfixed  # the reproduction: Ray as shipped
     assert fixed < 0.5, fixed
 

@@ -20,7 +20,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RPNHead
 
-from paf_ray.bench.box_check import compare_runs, make_inputs, run_head, small_det_config
+from box_check import box_check, compare_runs, largest_px, make_inputs, run_head, small_det_config
 from paf_ray.models.detection import ROI_BOX_WEIGHTS, RPN_BOX_WEIGHTS, build_det_head
 
 BF16 = torch.bfloat16
@@ -82,6 +82,16 @@ def test_fcos_box_arithmetic_matches_fp32_under_bf16_autocast():
     assert after["head_outputs_not_replayed"] == 0 and after["detections"] > 0
     assert after["anchors_px"] <= 0.01 and after["targets_px"]["head.box_coder"] <= 0.01
     assert after["boxes_px"] <= 0.01
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA autocast casts other ops than CPU autocast: needs a GPU"))])
+def test_box_check_of_both_detectors(device):
+    """What `python tests/box_check.py --device cuda` (scripts/gpu_bench.sh) checks on a GPU."""
+    result = box_check(device)
+    for kind in ("faster_rcnn", "fcos"):
+        assert result[kind]["boxes_dtype"] == "float32" and result[kind]["detections"] > 0, result[kind]
+    assert largest_px(result) <= 0.01, result
 
 
 def _scene(width: int, height: int, count: int, g: torch.Generator, at_right_edge: bool = False):

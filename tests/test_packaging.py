@@ -42,6 +42,8 @@ def test_wheel_ships_the_demo_config(built_wheel):
     with open(os.path.join(REPO, "jobs", "demo.yaml"), "rb") as f:
         assert shipped == f.read(), "the packaged demo config must be jobs/demo.yaml itself"
     assert not any(n.startswith(("tests/", "jobs/")) for n in names)
+    # `paf-ray bench` is a command of the product (docs/benchmarks.md says why it ships)
+    assert {"paf_ray/bench/run.py", "paf_ray/bench/step_case.py"} <= names
 
 
 def test_installed_package_runs_the_demo_command_from_another_folder(built_wheel, tmp_path):

@@ -78,15 +78,6 @@ def test_training_processes_get_a_short_openmp_spin_unless_the_user_set_one():
     assert train_process_env({"GOMP_SPINCOUNT": "infinite"}) == {}
 
 
-def test_epoch_start_ratio_compares_the_first_ten_steps_with_the_median():
-    from paf_ray.train.loop import epoch_start_ratio
-
-    assert epoch_start_ratio([0.3] * 19) is None  # too few steps to say
-    steps = [1.5] + [0.3] * 29  # one slow first step (a pipeline start) among 30
-    assert epoch_start_ratio(steps) == pytest.approx((1.5 + 9 * 0.3) / 10 / 0.3)
-    assert epoch_start_ratio([0.3] * 30) == pytest.approx(1.0)
-
-
 def _backbone_weights_file(directory) -> str:
     """A tiny backbone saved as a torchvision-layout checkpoint: the 'pretrained' weights of a test run."""
     from paf_ray.models.backbones import build_backbone

@@ -1,5 +1,5 @@
-"""Benchmarks: side-by-side ratios for the input pipeline, adapt vs finetune, Ray overhead,
-LV-Adapter and GPU throughput (`paf-ray bench`; see docs/benchmarks.md)."""
+"""`paf-ray bench`: side-by-side ratios for the input pipeline, adapt vs finetune, torch.compile, Ray Train,
+the LV-Adapter and GPU throughput (docs/benchmarks.md)."""
 
 from paf_ray.bench.run import bench_command, run_bench
 

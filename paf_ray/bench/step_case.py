@@ -1,14 +1,13 @@
-"""One training step, timed: ms/step, its breakdown, peak memory and (optionally) FLOPs.
+"""Training steps, timed in a process of their own: `python -m paf_ray.bench.step_case SPEC OUT`.
 
-Each case runs in a fresh process (``python -m paf_ray.bench.step_case SPEC OUT``), so
-peak memory belongs to that case alone: on CUDA ``torch.cuda.max_memory_allocated``; on
-CPU the process's peak RSS (``ru_maxrss``) minus its RSS once the libraries are
-imported and the batch is built, i.e. what the model, its gradients, the optimizer state
-and the step's activations added.
+The step is the training loop's `train.step.train_step` (autocast forward, total loss, backward, clip,
+optimizer and scheduler step, zero_grad) on a batch built before timing. The cases of a spec are built
+in one process and their steps interleaved (one step of each in turn), so a load change on a shared
+machine hits every case alike. Peak memory is the process's: a case's own where it runs alone (on CUDA
+`max_memory_allocated`; on CPU the peak RSS, reset after the imports, minus the RSS before the model
+was built: weights, gradients, optimizer state and activations).
 
-The step is the training loop's step, ``paf_ray.train.step.train_step`` (autocast forward,
-total loss, backward, clip, optimizer and scheduler step, zero_grad). Batches are built
-before timing (the data pipeline is measured in its own case).
+No Ray here, open_clip only for an LV-Adapter case: scripts/gpu_bench.sh runs this on a GPU machine's stock image.
 """
 
 from __future__ import annotations
@@ -21,152 +20,130 @@ import time
 from typing import Any
 
 
-def _iter_tensors(obj: Any):
-    import torch
-
-    if torch.is_tensor(obj):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _iter_tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _iter_tensors(v)
-
-
 class StepClock:
-    """Timestamps of one step's phases, taken from hooks on the model and the optimizer.
-
-    The forward ends when the model returns its losses (a hook on the model); the backward ends
-    when every trainable parameter has its gradient (a multi-grad hook); the optimizer part
-    (clip, step, zero_grad) ends with the step. The backbone's
-    forward is bracketed by a pre-hook and a hook. Its backward starts when the gradient of
-    its last output arrives (a tensor hook on every output that requires grad); a frozen
-    backbone whose outputs need no gradient has no backward. On CUDA every timestamp
-    synchronises first, so only use it in a breakdown pass.
-    """
+    """Timestamps of a step's phases from hooks: the backbone's forward (a pre-hook and a hook) and
+    backward (from the gradient of its last output; a frozen backbone has none), the model's forward
+    (it returns the losses), the backward (every trainable parameter has its gradient: a multi-grad
+    hook), the optimizer part (clip, step, zero_grad) to the step's end. Each timestamp synchronises."""
 
     def __init__(self, trainee, sync):
         import torch
 
         self.sync = sync
         backbone = trainee.net.backbone
-        self.handles = [backbone.register_forward_pre_hook(self._pre), backbone.register_forward_hook(self._post),
-                        trainee.model.register_forward_hook(self._forward_done),
-                        torch.autograd.graph.register_multi_grad_hook(trainee.trainable, self._backward_done)]
+        self.handles = [backbone.register_forward_pre_hook(lambda m, i: self._mark("bb_start")),
+                        backbone.register_forward_hook(self._backbone_done),
+                        trainee.model.register_forward_hook(lambda m, i, o: self._mark("forward_done")),
+                        torch.autograd.graph.register_multi_grad_hook(trainee.trainable,
+                                                                      lambda g: self._mark("backward_done"))]
         self.reset()
 
-    def reset(self) -> None:
-        self.bb_start = self.bb_end = None
-        self.last_grad_at_backbone = None
-        self.forward_done = self.backward_done = None
+    def reset(self) -> StepClock:
+        self.bb_start = self.bb_end = self.grad_at_backbone = self.forward_done = self.backward_done = None
+        return self
 
     def now(self) -> float:
         self.sync()
         return time.perf_counter()
 
-    def _pre(self, module, inputs):
-        self.bb_start = self.now()
+    def _mark(self, name: str) -> None:
+        setattr(self, name, self.now())
 
-    def _post(self, module, inputs, output):
+    def _backbone_done(self, module, inputs, output) -> None:
         self.bb_end = self.now()
-        for t in _iter_tensors(output):
+        for t in output.values() if isinstance(output, dict) else [output]:  # a backbone's feature maps
             if t.requires_grad:
-                t.register_hook(self._grad_arrived)
+                t.register_hook(lambda grad: self._mark("grad_at_backbone"))
 
-    def _grad_arrived(self, grad):
-        self.last_grad_at_backbone = self.now()
-
-    def _forward_done(self, module, inputs, output):
-        self.forward_done = self.now()
-
-    def _backward_done(self, grads):
-        self.backward_done = self.now()
+    def breakdown_ms(self, t0: float, t_end: float) -> dict:
+        """The step from `t0` to `t_end`: backbone forward/backward, the rest forward/backward, optimizer."""
+        fwd, bwd = self.forward_done - t0, self.backward_done - self.forward_done
+        bb_fwd = self.bb_end - self.bb_start if self.bb_start is not None and self.bb_end is not None else 0.0
+        bb_bwd = self.backward_done - self.grad_at_backbone if self.grad_at_backbone is not None else 0.0
+        return {"backbone_fwd_ms": 1000 * bb_fwd, "backbone_bwd_ms": 1000 * bb_bwd,
+                "rest_fwd_ms": 1000 * (fwd - bb_fwd), "rest_bwd_ms": 1000 * (bwd - bb_bwd),
+                "optimizer_ms": 1000 * (t_end - self.backward_done)}
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
 
 
-def _rss_mb() -> float:
-    """This process's resident set size (Linux /proc; no psutil on the GPU bench's path)."""
-    import resource
-
-    try:
-        with open("/proc/self/statm", encoding="ascii") as f:
-            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-    except OSError:
-        return 0.0
+def _memory_mb(key: str) -> float:
+    """This process's VmRSS (now) or VmHWM (its peak since `_reset_peak`), Linux /proc; no psutil on the GPU path."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
 
 
-def _peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _reset_peak_rss() -> bool:
-    """Reset this process's peak RSS (Linux: clear_refs 5), so that the imports' transient
-    peak does not hide the case's own. False where the kernel does not allow it."""
+def _reset_peak() -> bool:
+    """Reset the peak RSS (clear_refs 5), so that the imports' peak does not hide the case's own."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
+            return f.write("5") == 1
     except OSError:
         return False
 
 
-def load_batch(path: str) -> dict:
+def collate_samples(rows: list[dict]) -> dict:
+    """Transformed rows -> what a training step reads of the batch `pipeline.BatchCollate` builds (an
+    NCHW view of NHWC images), without importing the pipeline (Ray)."""
+    import numpy as np
     import torch
 
-    return torch.load(path, weights_only=True)
+    def each(key, dtype, shape=(-1,)):
+        return [torch.from_numpy(np.asarray(r[key], dtype)).reshape(shape) for r in rows]
+
+    return {"image": torch.from_numpy(np.stack([r["image"] for r in rows])).permute(0, 3, 1, 2),
+            **{k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in ("sem", "drv")},
+            "boxes": each("boxes", np.float32, (-1, 4)), "labels": each("labels", np.int64),
+            "ignore_boxes": each("ignore_boxes", np.float32, (-1, 4)), "ignore_labels": each("ignore_labels", np.int64),
+            **{f"has_{t}": torch.tensor([bool(r[f"has_{t}"]) for r in rows]) for t in ("det", "sem", "drv")}}
+
+
+def synthetic_batch(input_size, batch: int) -> dict:
+    """A training batch: synthetic 1280x720 frames rendered in memory (`synth.render_samples`, what
+    `data synth` writes before JPEG), the pipeline's val transform, its collate layout. No Ray, no files."""
+    from paf_ray.data.synth import render_samples
+    from paf_ray.data.transforms import val_transform
+
+    return collate_samples([val_transform(sample, input_size) for sample in render_samples(batch, (1280, 720))])
 
 
 def build_case(spec: dict):
-    """(cfg, model, stage, batch, device) for a spec; see `measure_step`."""
+    """(model, stage, batch, device) of a case: the config dict "cfg", the stage kind "stage" (the
+    config's stage of that kind, or its defaults), a torch.save'd batch "batch_path", "device",
+    "channels_last", "compile", "prompts_frozen", "load_weights" (default true)."""
     import torch
 
-    from paf_ray.config import from_dict
+    from paf_ray.config import StageConfig, from_dict
     from paf_ray.models import build_model
     from paf_ray.models.stages import apply_stage
 
     cfg = from_dict(spec["cfg"], "<bench case>")
-    stage = next((s for s in cfg.train.stages if s.kind == spec["stage"]), None)
-    if stage is None:
-        raise ValueError(f"bench case: the config has no {spec['stage']!r} stage")
+    stage = next((s for s in cfg.train.stages if s.kind == spec["stage"]), StageConfig(kind=spec["stage"]))
     device = torch.device(spec["device"])
-    batch = load_batch(spec["batch_path"])
+    batch = torch.load(spec["batch_path"], weights_only=True)
     torch.manual_seed(0)
-    model = build_model(cfg.model, input_size=cfg.data.input_size)
+    model = build_model(cfg.model, cfg.data.input_size, load_weights=spec.get("load_weights", True))
     apply_stage(model, stage.kind, cfg)
+    if spec.get("prompts_frozen"):  # class embeddings cached: the LV-Adapter without its text tower
+        model.lv_adapter.set_prompts_trainable(False)
     model.to(device)
     if spec.get("channels_last"):
         model.to(memory_format=torch.channels_last)
     model.train()
     if spec.get("compile"):
         model.compile_dense()
-    return cfg, model, stage, _to_device(batch, device), device
-
-
-def _to_device(batch: dict, device) -> dict:
-    import torch
-
-    if device.type == "cpu":
-        return batch
-    out = {}
-    for k, v in batch.items():
-        if torch.is_tensor(v):
-            out[k] = v.to(device)
-        elif isinstance(v, list) and v and torch.is_tensor(v[0]):
-            out[k] = [x.to(device) for x in v]
-        else:
-            out[k] = v
-    return out
+    if device.type != "cpu":
+        batch = {k: v.to(device) if torch.is_tensor(v) else
+                 [x.to(device) for x in v] if isinstance(v, list) and v and torch.is_tensor(v[0]) else v
+                 for k, v in batch.items()}
+    return model, stage, batch, device
 
 
 def make_step(model, stage, batch, device, amp: bool, total_updates: int):
-    """The training loop's step (`train_step`) on `batch`, as a closure returning the time it
-    started and ended; (trainee, step). Every call is one optimizer update."""
+    """(trainee, step): `step(clock=None)` runs `train_step` on `batch`, one optimizer update, and
+    returns the times it started and ended."""
     from dataclasses import replace
 
     from paf_ray.train.step import StepCounter, make_trainee, train_step
@@ -177,160 +154,119 @@ def make_step(model, stage, batch, device, amp: bool, total_updates: int):
                            total_updates=total_updates, name="bench")
     counter = StepCounter()
 
-    def step(clock: StepClock | None = None) -> dict:
+    def step(clock: StepClock | None = None) -> tuple[float, float]:
         now = clock.now if clock is not None else time.perf_counter
         t0 = now()
         outcome = train_step(trainee, batch, counter)
         t_end = now()
         if not outcome.updated:
             raise RuntimeError(f"bench case: the training step was skipped ({outcome.skipped})")
-        return {"t0": t0, "t_end": t_end}
+        return t0, t_end
 
     return trainee, step
 
 
-def breakdown_ms(times: dict, clock: StepClock) -> dict:
-    """Split one step into backbone forward/backward, the rest forward/backward, optimizer."""
-    t_fwd, t_bwd = clock.forward_done, clock.backward_done
-    fwd = t_fwd - times["t0"]
-    bwd = t_bwd - t_fwd
-    bb_fwd = (clock.bb_end - clock.bb_start) if clock.bb_start is not None and clock.bb_end is not None else 0.0
-    if clock.last_grad_at_backbone is not None:
-        rest_bwd = clock.last_grad_at_backbone - t_fwd
-        bb_bwd = t_bwd - clock.last_grad_at_backbone
-    else:
-        rest_bwd, bb_bwd = bwd, 0.0
-    return {
-        "backbone_fwd_ms": 1000 * bb_fwd,
-        "backbone_bwd_ms": 1000 * bb_bwd,
-        "rest_fwd_ms": 1000 * (fwd - bb_fwd),
-        "rest_bwd_ms": 1000 * rest_bwd,
-        "optimizer_ms": 1000 * (times["t_end"] - t_bwd),
-    }
+def measure(spec: dict) -> dict:
+    """{"cases": {name: `build_case` spec + "amp"}, "device", "threads", "warmup", "repeats", "breakdown"
+    (default true), "flops" (count one more step's FLOPs)} -> {"cases": {name: {"ms", "ms_all",
+    "cpu_ms", "first_step_ms", "breakdown", ...}}, "peak_mb" (of the process: a case's own where it is alone),
+    "threads", "openmp_wait", "cpu_ms_per_step" (over the timed steps, by process)}."""
+    import gc
 
-
-def _median_dict(rows: list[dict]) -> dict:
-    return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-
-
-def _updates(spec: dict) -> int:
-    """The updates a case runs (the lr schedule's length), FLOP count included."""
-    return int(spec["warmup"]) + 2 * int(spec["repeats"]) + 1
-
-
-def timed_steps(spec: dict) -> dict:
-    """Median ms/step of `spec` in the calling process, no hooks (the Ray Train overhead case
-    runs this in a plain process and in a Ray Train worker)."""
     import torch
 
-    torch.set_num_threads(int(spec["threads"]))
-    on_cuda = spec["device"] == "cuda"
-    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
-    _, model, stage, batch, device = build_case(spec)
-    _, step = make_step(model, stage, batch, device, bool(spec["amp"]), _updates(spec))
-    for _ in range(int(spec["warmup"])):
-        step()
-    sync()
-    cpu_before = cpu_by_process()
-    times = _timed_steps(step, int(spec["repeats"]), sync)
-    cpu = cpu_ms_per_step(cpu_before, cpu_by_process(), os.getpid(), len(times))
-    return {"ms": statistics.median(times), "ms_all": times, "threads": torch.get_num_threads(), "cpu_ms_per_step": cpu,
-            "openmp_wait": _openmp_wait()}
-
-
-def _timed_steps(step, repeats: int, sync=lambda: None) -> list[float]:
-    """ms of each of `repeats` calls of `step`, each synchronised (`sync`) before its clock stops."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(1000 * (time.perf_counter() - t0))
-    return times
-
-
-def _openmp_wait() -> dict:
-    """How this process's OpenMP threads wait (train.step.OPENMP_WAIT_VARS; None = unset)."""
+    from paf_ray.models import build_model  # noqa: F401  (imported before the memory baseline)
     from paf_ray.train.step import OPENMP_WAIT_VARS
 
-    return {name: os.environ.get(name) for name in OPENMP_WAIT_VARS}
-
-
-def steps_beside_decoder(spec: dict) -> dict:
-    """The idle_share case (share_case.py): spec is a step case (``build_case``) plus
-    "decoder_records" and "decoder_data" (the ``data`` section of a config). The step timed
-    alone, then beside the decoder (started first and timed from its first row on, so its
-    start-up is not counted)."""
-    import multiprocessing as mp
-
-    import torch
-
-    from paf_ray.bench.share_case import decode_until_stopped
-    from paf_ray.config import from_dict
-
     torch.set_num_threads(int(spec["threads"]))
-    _, model, stage, batch, device = build_case(spec)
-    _, step = make_step(model, stage, batch, device, bool(spec["amp"]), _updates(spec))
-    for _ in range(int(spec["warmup"])):
-        step()
-    repeats = int(spec["repeats"])
-    alone = _timed_steps(step, repeats)
+    on_cuda, repeats = spec["device"] == "cuda", int(spec["repeats"])
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+    gc.collect()
+    peak_reset, rss_base = _reset_peak(), _memory_mb("VmRSS")
+    trainees, steps, out = {}, {}, {}
+    for name, case in spec["cases"].items():
+        model, stage, batch, device = build_case(case)
+        trainees[name], steps[name] = make_step(model, stage, batch, device, bool(case["amp"]),
+                                                int(spec["warmup"]) + 2 * repeats + 1)  # the lr schedule's length
+        out[name] = {"batch": int(batch["image"].shape[0]), "params": sum(p.numel() for p in model.parameters()),
+                     "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    names = list(steps)
+    for i in range(int(spec["warmup"])):
+        for name in names:
+            t0 = time.perf_counter()
+            steps[name]()
+            sync()
+            if i == 0:
+                out[name]["first_step_ms"] = 1000 * (time.perf_counter() - t0)  # torch.compile's compilation included
+    # On CPU the hooks cost nothing, so the timed steps carry the breakdown; on CUDA every hook
+    # synchronises: the breakdown gets steps of its own. No hooks on a compiled backbone (they would
+    # run inside the compiled graph).
+    broken_down = [n for n in names if spec.get("breakdown", True) and not spec["cases"][n].get("compile")]
+    clocks = {} if on_cuda else {n: StepClock(trainees[n], sync) for n in broken_down}
+    ms: dict[str, list] = {n: [] for n in names}
+    own_cpu_ms: dict[str, list] = {n: [] for n in names}  # this process's CPU time a step
+    parts: dict[str, list] = {n: [] for n in names}
+    cpu_before = cpu_by_process()
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate who goes first
+            clock, c0 = clocks.get(name), time.process_time()
+            t0, t_end = steps[name](clock.reset() if clock else None)
+            sync()
+            ms[name].append(1000 * (time.perf_counter() - t0))
+            own_cpu_ms[name].append(1000 * (time.process_time() - c0))
+            if clock is not None:
+                parts[name].append(clock.breakdown_ms(t0, t_end))
+    cpu = cpu_ms_per_step(cpu_before, cpu_by_process(), os.getpid(), sum(len(v) for v in ms.values()))
+    for name in broken_down if on_cuda else []:
+        clock = clocks[name] = StepClock(trainees[name], sync)
+        parts[name] = [clock.breakdown_ms(*steps[name](clock.reset())) for _ in range(max(2, repeats // 2))]
+    for clock in clocks.values():
+        clock.remove()
+    for name in names:
+        out[name].update(ms=statistics.median(ms[name]), ms_all=ms[name], cpu_ms=statistics.median(own_cpu_ms[name]),
+                         breakdown={k: statistics.median(p[k] for p in parts[name]) for k in parts[name][0]}
+                         if parts[name] else None)
+        if spec.get("flops"):
+            from torch.utils.flop_counter import FlopCounterMode
 
-    data_cfg = from_dict({"data": spec["decoder_data"]}, "<bench idle_share>", rules=False).data
-    ctx = mp.get_context("spawn")  # a fresh interpreter: nothing of this process's torch threads
-    stop, rows = ctx.Event(), ctx.Value("l", 0)
-    decoder = ctx.Process(target=decode_until_stopped, args=(spec["decoder_records"], data_cfg, stop, rows),
-                          daemon=True)
-    decoder.start()
-    try:
-        deadline = time.time() + 120
-        while rows.value == 0:
-            if not decoder.is_alive() or time.time() > deadline:
-                raise RuntimeError(f"bench idle_share: the decoder made no row (exit code {decoder.exitcode})")
-            time.sleep(0.05)
-        rows_before, t0 = rows.value, time.perf_counter()
-        beside = _timed_steps(step, repeats)
-        rows_s = (rows.value - rows_before) / (time.perf_counter() - t0)
-    finally:
-        stop.set()
-        decoder.join(timeout=60)
-        if decoder.is_alive():
-            decoder.kill()
-    return {"alone_ms": statistics.median(alone), "beside_ms": statistics.median(beside), "decoder_rows_s": rows_s,
-            "alone_ms_all": alone, "beside_ms_all": beside, "threads": torch.get_num_threads(),
-            "openmp_wait": _openmp_wait()}
+            with FlopCounterMode(display=False) as counter:
+                steps[name]()
+            out[name]["flops_per_step"] = int(counter.get_total_flops())
+    result: dict[str, Any] = {"cases": out, "threads": torch.get_num_threads(), "cpu_ms_per_step": cpu,
+                              "openmp_wait": {v: os.environ.get(v) for v in OPENMP_WAIT_VARS}}
+    if on_cuda:
+        result["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    else:  # peak_reset False: the peak may be the imports' rather than the case's
+        peak = _memory_mb("VmHWM")
+        result.update(peak_mb=peak - rss_base, peak_rss_mb=peak, base_rss_mb=rss_base, peak_reset=peak_reset)
+    return result
 
 
 def cpu_by_process() -> dict[int, tuple[str, float]]:
-    """pid -> (name, CPU seconds so far) of every process on this machine (Linux /proc; {} elsewhere).
-    The name is the first word of the command line (Ray names its workers ``ray::Class``)."""
-    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    out = {}
-    try:
-        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
-    except OSError:
-        return out
-    for pid in pids:
+    """pid -> (name, CPU seconds so far) of every process on this machine (Linux /proc).
+    The name is the command's first word, a Python daemon's script (Ray names its workers `ray::Class`)."""
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
         try:
             with open(f"/proc/{pid}/stat", "rb") as f:
                 stat = f.read().decode(errors="replace")
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
+                words = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
         except OSError:  # gone meanwhile, or not ours to read
             continue
         fields = stat[stat.rindex(")") + 2:].split()
-        words = [a.decode(errors="replace") for a in argv if a]
         name = os.path.basename(words[0]) if words else stat[stat.index("(") + 1:stat.rindex(")")]
-        if name.startswith("python") and len(words) > 1:  # a Python daemon: name it by its script
+        if name.startswith("python") and len(words) > 1:
             name = os.path.basename(words[1]) if not words[1].startswith("-") else " ".join(words[1:3])
         out[pid] = (name.split(" ")[0], (int(fields[11]) + int(fields[12])) / tick)
     return out
 
 
 def cpu_ms_per_step(before: dict, after: dict, me: int, steps: int) -> dict[str, float]:
-    """CPU milliseconds per step between two `cpu_by_process` snapshots, by process name; this
-    process is "self" (its torch threads), the rest summed under their names as they end (a Ray
-    worker renames itself for each task it runs; its earlier CPU time is not counted again)."""
+    """CPU ms per step between two `cpu_by_process` snapshots, by process name, largest first; this
+    process is "self". Counted by pid: a Ray worker renames itself for each task it runs."""
     used: dict[str, float] = {}
     for pid, (name, seconds) in after.items():
         spent = seconds - (before[pid][1] if pid in before else 0.0)
@@ -340,154 +276,12 @@ def cpu_ms_per_step(before: dict, after: dict, me: int, steps: int) -> dict[str,
     return dict(sorted(used.items(), key=lambda kv: -kv[1]))
 
 
-def measure_step(spec: dict) -> dict:
-    """Time `spec`'s step in this process. Keys of spec: cfg (config dict), stage ("adapt" or
-    "finetune"), batch_path (a torch.save'd batch), device, amp, channels_last,
-    warmup, repeats, threads, flops (count FLOPs of one step)."""
-    import torch
-
-    torch.set_num_threads(int(spec["threads"]))
-    on_cuda = spec["device"] == "cuda"
-    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
-    from paf_ray.models import build_model  # noqa: F401  (imported before the memory baseline)
-
-    t_start = time.perf_counter()
-    import gc
-
-    gc.collect()
-    rss_base = _rss_mb()
-    peak_reset = _reset_peak_rss()
-    cfg, model, stage, batch, device = build_case(spec)
-    build_s = time.perf_counter() - t_start
-    if on_cuda:
-        torch.cuda.reset_peak_memory_stats()
-    trainee, step = make_step(model, stage, batch, device, bool(spec["amp"]), _updates(spec))
-    for _ in range(int(spec["warmup"])):
-        step()
-    sync()
-
-    step_ms, parts = [], []
-    clock = StepClock(trainee, sync) if not on_cuda else None
-    # On CPU the hooks cost nothing, so the timed steps carry the breakdown too. On CUDA
-    # the breakdown's synchronisations would slow the step: it gets its own pass.
-    for _ in range(int(spec["repeats"])):
-        if clock is not None:
-            clock.reset()
-        times = step(clock)
-        sync()
-        step_ms.append(1000 * (time.perf_counter() - times["t0"]))
-        if clock is not None:
-            parts.append(breakdown_ms(times, clock))
-    if on_cuda:
-        clock = StepClock(trainee, sync)
-        for _ in range(max(2, int(spec["repeats"]) // 2)):
-            clock.reset()
-            parts.append(breakdown_ms(step(clock), clock))
-    clock.remove()
-
-    out: dict[str, Any] = {
-        "ms": statistics.median(step_ms),
-        "ms_all": step_ms,
-        "breakdown": _median_dict(parts),
-        "batch": int(batch["image"].shape[0]),
-        "input_size": list(cfg.data.input_size),
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "params": sum(p.numel() for p in model.parameters()),
-        "build_s": build_s,
-        "threads": torch.get_num_threads(),
-    }
-    if on_cuda:
-        out["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        out["peak_rss_mb"] = _peak_rss_mb()
-        out["base_rss_mb"] = rss_base
-        out["peak_mb"] = out["peak_rss_mb"] - rss_base
-        out["peak_reset"] = peak_reset  # False: the peak may be the imports' rather than the case's
-    if spec.get("flops"):
-        from torch.utils.flop_counter import FlopCounterMode
-
-        with FlopCounterMode(display=False) as counter:
-            step()
-        sync()
-        out["flops_per_step"] = int(counter.get_total_flops())
-    return out
-
-
-def measure_interleaved(spec: dict) -> dict:
-    """Time several cases' steps in one process, one step of each case in turn, so that a
-    load change on a shared machine hits every case alike. spec: {"cases": {name: case spec},
-    "threads", "device", "warmup", "repeats"}; returns {name: {"ms", "ms_all", "breakdown"}}.
-    Peak memory needs a process per case: `measure_step` gives it."""
-    import torch
-
-    torch.set_num_threads(int(spec["threads"]))
-    on_cuda = spec["device"] == "cuda"
-    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
-    steps, clocks, first_ms = {}, {}, {}
-    for name, case in spec["cases"].items():
-        _, model, stage, batch, device = build_case(case)
-        trainee, steps[name] = make_step(model, stage, batch, device, bool(case["amp"]), _updates(spec))
-        # no hooks on a compiled backbone: they would run inside the compiled graph
-        clocks[name] = None if case.get("compile") else StepClock(trainee, sync)
-    names = list(steps)
-    for i in range(int(spec["warmup"])):
-        for name in names:
-            t0 = time.perf_counter()
-            steps[name]()
-            sync()
-            if i == 0:
-                first_ms[name] = 1000 * (time.perf_counter() - t0)  # includes torch.compile's compilation
-    sync()
-    ms = {n: [] for n in names}
-    parts = {n: [] for n in names}
-    for r in range(int(spec["repeats"])):
-        for name in names[r % len(names):] + names[: r % len(names)]:  # rotate who goes first
-            clock = clocks[name]
-            if clock is not None:
-                clock.reset()
-            # the hooks cost nothing on CPU; on CUDA they synchronise, so the headline goes without
-            times = steps[name](None if on_cuda else clock)
-            sync()
-            ms[name].append(1000 * (time.perf_counter() - times["t0"]))
-            if not on_cuda and clock is not None:
-                parts[name].append(breakdown_ms(times, clock))
-    if on_cuda:
-        for _ in range(max(2, int(spec["repeats"]) // 2)):
-            for name in names:
-                if clocks[name] is not None:
-                    clocks[name].reset()
-                    parts[name].append(breakdown_ms(steps[name](clocks[name]), clocks[name]))
-    return {n: {"ms": statistics.median(ms[n]), "ms_all": ms[n], "first_step_ms": first_ms.get(n),
-                "breakdown": _median_dict(parts[n]) if parts[n] else None} for n in names}
-
-
-def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print("usage: python -m paf_ray.bench.step_case SPEC.json OUT.json", file=sys.stderr)
-        return 2
-    spec_path, out_path = argv
+def main(spec_path: str, out_path: str) -> None:
     with open(spec_path, encoding="utf-8") as f:
-        spec = json.load(f)
-    if spec.get("entry") == "timed_steps":  # the plain loop of the Ray Train overhead case
-        result = timed_steps(spec)
-    elif spec.get("entry") == "beside_decoder":
-        result = steps_beside_decoder(spec)
-    elif spec.get("entry") == "interleaved":
-        result = measure_interleaved(spec)
-    elif spec.get("entry") == "box_check":
-        import torch
-
-        from paf_ray.bench.box_check import box_check
-
-        torch.set_num_threads(int(spec["threads"]))
-        result = box_check(spec["device"], image_size=tuple(spec["image_size"]), batch=int(spec["batch"]))
-    else:
-        result = measure_step(spec)
-    with open(out_path + ".tmp", "w", encoding="utf-8") as f:
+        result = measure(json.load(f))
+    with open(out_path, "w", encoding="utf-8") as f:
         json.dump(result, f)
-    os.replace(out_path + ".tmp", out_path)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    main(*sys.argv[1:])

@@ -30,8 +30,6 @@ if not VERBOSE:
 
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 MIN_BLOCK_BYTES = 1 << 20  # Ray Data's default target_min_block_size: blocks are not made smaller
-# "0" leaves Ray Data's executor as Ray ships it (the bench's reproduction of the busy loop and the slow start)
-EXECUTOR_FIX_ENV = "PAF_RAY_DATA_EXECUTOR_FIX"
 # a still loop step sleeps HELD_BACK_SLEEP_S, the next one twice as long, up to HELD_BACK_MAX_SLEEP_S
 HELD_BACK_SLEEP_S = 0.02
 HELD_BACK_MAX_SLEEP_S = 0.2
@@ -49,13 +47,9 @@ def configure_data_context(data_cpus: float, block_bytes: int | None = None) -> 
     ctx.execution_options.resource_limits = ray.data.ExecutionResources(cpu=data_cpus)
     if block_bytes:
         ctx.target_max_block_size = max(block_bytes, MIN_BLOCK_BYTES)
-    callbacks = ctx.custom_execution_callback_classes
-    fix = os.environ.get(EXECUTOR_FIX_ENV, "1") != "0"
     for callback in EXECUTOR_FIXES:
-        if fix and callback not in callbacks:
-            callbacks.append(callback)
-        elif not fix and callback in callbacks:
-            callbacks.remove(callback)
+        if callback not in ctx.custom_execution_callback_classes:
+            ctx.custom_execution_callback_classes.append(callback)
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
 

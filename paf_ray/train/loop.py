@@ -295,18 +295,6 @@ def stage_batches(run: StageRun):
     return run.waits.timed(iter_train_batches(shard, tasks, run.cfg.data.batch_size, device=run.trainee.device))
 
 
-EPOCH_START_STEPS = 10  # the first steps of an epoch, timed against the epoch's median step
-
-
-def epoch_start_ratio(step_s: list[float]) -> float | None:
-    """Mean time of an epoch's first EPOCH_START_STEPS steps / the median of the rest."""
-    n = EPOCH_START_STEPS
-    if len(step_s) < 2 * n:
-        return None
-    rest = sorted(step_s[n:])
-    return (sum(step_s[:n]) / n) / max(1e-9, rest[len(rest) // 2])
-
-
 def train_one_epoch(run: StageRun, progress: Progress, epoch: int, batches) -> dict:
     """Train one epoch (`steps_per_epoch` batches of the stage's stream); return the epoch's loss
     means and counts (all ranks)."""
@@ -315,8 +303,6 @@ def train_one_epoch(run: StageRun, progress: Progress, epoch: int, batches) -> d
     n_loss = skipped = images_seen = 0
     clock = {"t_epoch": time.perf_counter(), "t_log": time.perf_counter(), "images": 0,
              "first_step": progress.skip_steps}
-    step_s: list[float] = []  # wall time of each step, its wait for the batch included
-    t_prev = clock["t_epoch"]
     for step_in_epoch in range(run.steps_per_epoch):
         batch = next(batches, None)
         if batch is None:  # the stream ran out (a stage resumed from an earlier epoch than its stream holds)
@@ -325,9 +311,6 @@ def train_one_epoch(run: StageRun, progress: Progress, epoch: int, batches) -> d
         if step_in_epoch < progress.skip_steps:  # resumed mid-epoch: these steps are in the checkpoint already
             continue
         outcome = train_step(run.trainee, batch, counter)
-        now = time.perf_counter()
-        step_s.append(now - t_prev)
-        t_prev = now
         if outcome.skipped == "nonfinite loss" and run.rank == 0:
             print(f"[{run.name}] non-finite loss at step {progress.global_step}: step skipped on every rank "
                   f"({counter.bad_in_a_row} in a row): {outcome.losses}")
@@ -355,9 +338,6 @@ def train_one_epoch(run: StageRun, progress: Progress, epoch: int, batches) -> d
     metrics["data/skipped"] = int(totals[len(keys) + 1])
     metrics["train/img_s"] = totals[len(keys) + 2] / max(1e-9, wall)
     metrics["train/epoch_s"] = wall
-    start = epoch_start_ratio(step_s)
-    if start is not None:  # epoch 1 of a stage includes the pipeline's start (its first batch)
-        metrics["train/epoch_start_ratio"] = start
     return metrics
 
 
@@ -416,10 +396,8 @@ def train_loop(config: dict) -> None:
     for epoch in range(progress.epoch, run.spec.epochs):
         metrics = train_one_epoch(run, progress, epoch, batches)
         if run.rank == 0:
-            start = metrics.get("train/epoch_start_ratio")
             print(f"[{run.name}] epoch {epoch + 1}/{run.spec.epochs}: {metrics['train/epoch_s']:.1f} s, "
-                  f"{metrics['train/img_s']:.1f} img/s" +
-                  (f", first {EPOCH_START_STEPS} steps {start:.2f}x the median step" if start else ""), flush=True)
+                  f"{metrics['train/img_s']:.1f} img/s", flush=True)
         metrics.update(evaluate_epoch(run, progress, epoch))
         last = epoch == run.spec.epochs - 1
         if last:

@@ -1,14 +1,17 @@
-"""Data-layer throughput: the synthetic generator and the Ray Data pipeline (frames/s).
+"""Data-layer costs: the synthetic generator, the CPU time of a train row, the Ray Data pipeline's frames/s.
 
-    python -m paf_ray.bench.synth_case [--synth-images 60] [--pipeline-images 48] [--cpus 2]
+    python scripts/data_costs.py [--synth-images 60] [--pipeline-images 48] [--cpus 2]   # JSON on stdout
 
-1. generator: ``write_synthetic`` at 640x360 in this process (wall and CPU seconds);
-2. rows: CPU milliseconds per row of ``load_row`` (decode + train transform), the work each
-   Ray Data task does per frame, in this process: 320x180 frames to 320x192 (the demo) and
-   1280x720 frames to 640x384;
-3. pipeline: 1280x720 synthetic frames -> index -> Ray Data decode + train transform to
-   640x384 -> ``iter_train_batches`` on a local Ray with ``--cpus`` CPUs, all of them given to
-   data. The first epoch includes worker start-up; the second is the steady-state number.
+1. generator: `write_synthetic` at 640x360 in this process (wall and CPU seconds);
+2. rows: CPU milliseconds per row of `pipeline.load_row` (decode + train transform), the work a Ray
+   Data task does per frame, in this process: 320x180 frames to 320x192 (the demo) and 1280x720
+   frames to 640x384;
+3. pipeline: 1280x720 synthetic frames -> index -> Ray Data decode + train transform to 640x384 ->
+   `iter_train_batches` on a local Ray with `--cpus` CPUs, all of them given to data. The first
+   epoch includes the workers' start; the second is the steady-state number.
+
+What it measured: README's generator and row-cost rows, and the row cost docs/benchmarks.md quotes
+("Colour jitter without BLAS").
 """
 
 from __future__ import annotations

@@ -10,8 +10,12 @@ arithmetic, so the two runs must agree. It reports the largest difference in pix
 anchors, of the regression targets (each decoded against the float32 run's anchors or
 proposals, i.e. the displacement of the box it encodes) and of the final boxes.
 
-Used by tests/test_detection_precision.py (CPU) and `paf-ray bench --device cuda` (GPU).
-Imports torch and torchvision only.
+Used by tests/test_detection_precision.py (CPU autocast) and, on a GPU (CUDA autocast casts other
+ops than CPU autocast), by scripts/gpu_bench.sh:
+
+    python tests/box_check.py [--device cuda]   # JSON; exit 1 if a difference is over 0.01 px
+
+Imports torch, torchvision and paf_ray's detection heads only.
 """
 
 from __future__ import annotations
@@ -216,3 +220,23 @@ def box_check(device: str = "cpu", kinds=("faster_rcnn", "fcos"), image_size=(12
         out[kind] = compare_runs(head, kind, low, ref)
     return {"device": device, "dtype": str(dtype).replace("torch.", ""), "image_size": list(image_size),
             "batch": batch, **out}
+
+
+def largest_px(result: dict) -> float | None:
+    """The largest anchor, target or final-box difference over both detectors (None: shapes differed)."""
+    values = [v for kind in ("faster_rcnn", "fcos") for v in (result[kind]["anchors_px"], result[kind]["boxes_px"],
+                                                             *result[kind]["targets_px"].values())]
+    return None if None in values else max(values)
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+    import sys
+
+    p = argparse.ArgumentParser(description="fp32 vs bf16 autocast: the detection heads' box arithmetic")
+    p.add_argument("--device", default="cpu")
+    result = box_check(p.parse_args().device)
+    result["largest_px"] = largest_px(result)
+    print(json.dumps(result, indent=1))
+    sys.exit(0 if result["largest_px"] is not None and result["largest_px"] <= 0.01 else 1)
