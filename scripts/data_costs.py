@@ -23,8 +23,16 @@ import tempfile
 import time
 
 
+def default_tasks():
+    """The tasks a config trains when it names none (the registry's objects)."""
+    from paf_ray.config import from_dict
+    from paf_ray.tasks import TASKS
+
+    return TASKS.get_many(from_dict({}, rules=False).model.tasks)
+
+
 def bench_synth(images: int, size=(640, 360)) -> dict:
-    from paf_ray.data.synth import write_synthetic
+    from paf_ray.data.bdd100k.synth import write_synthetic
 
     with tempfile.TemporaryDirectory() as d:
         w0, c0 = time.perf_counter(), time.process_time()
@@ -36,18 +44,19 @@ def bench_synth(images: int, size=(640, 360)) -> dict:
 
 def bench_rows(images: int, size, input_size, repeats: int = 3) -> dict:
     from paf_ray.config import DataConfig
-    from paf_ray.data.pipeline import load_records, load_row
-    from paf_ray.data.synth import write_synthetic
+    from paf_ray.data.pipeline import RowSettings, load_records, load_row
+    from paf_ray.data.bdd100k.synth import write_synthetic
 
     with tempfile.TemporaryDirectory() as d:
         root = write_synthetic(os.path.join(d, "s"), images=images, seed=0, size=size, val_fraction=0.0)
         cfg = DataConfig(input_size=input_size)
-        items = load_records(cfg, root, "train")
-        load_row(items[0], cfg, True)  # warm-up
+        tasks, settings = default_tasks(), RowSettings.of(cfg)
+        items = load_records(cfg, root, "train", tasks)
+        load_row(items[0], settings, tasks, True)  # warm-up
         c0 = time.process_time()
         for _ in range(repeats):
             for item in items:
-                load_row(item, cfg, True)
+                load_row(item, settings, tasks, True)
         cpu = time.process_time() - c0
     return {"frame": f"{size[0]}x{size[1]}", "input": f"{input_size[0]}x{input_size[1]}",
             "rows": repeats * len(items), "cpu_ms_per_row": round(1000 * cpu / (repeats * len(items)), 2)}
@@ -56,19 +65,20 @@ def bench_rows(images: int, size, input_size, repeats: int = 3) -> dict:
 def bench_pipeline(images: int, cpus: int, batch_size: int = 4) -> dict:
     from paf_ray.config import DataConfig
     from paf_ray.data.pipeline import build_dataset, iter_train_batches, load_records
-    from paf_ray.data.synth import write_synthetic
-    from paf_ray.train.ray_setup import init_ray
+    from paf_ray.data.bdd100k.synth import write_synthetic
+    from paf_ray.runtime.ray import init_ray
 
     with tempfile.TemporaryDirectory() as d:
         root = write_synthetic(os.path.join(d, "s"), images=images, seed=0, size=(1280, 720), val_fraction=0.0)
         cfg = DataConfig(input_size=(640, 384), cpus=float(cpus), batch_size=batch_size)
         init_ray(address="local", num_cpus=cpus, object_store_mb=512)
-        records = load_records(cfg, root, "train")
-        ds = build_dataset(records, cfg, train=True)
+        tasks = default_tasks()
+        records = load_records(cfg, root, "train", tasks)
+        ds = build_dataset(records, cfg, tasks, train=True)
         epochs = []
         for _ in range(2):
             t0, n = time.perf_counter(), 0
-            for batch in iter_train_batches(ds, batch_size):
+            for batch in iter_train_batches(ds, tasks, batch_size):
                 n += len(batch["name"])
             epochs.append((n, time.perf_counter() - t0))
     (n1, t1), (n2, t2) = epochs

@@ -27,14 +27,22 @@ import tempfile
 import time
 
 
+def default_tasks():
+    """The tasks a config trains when it names none (the registry's objects)."""
+    from paf_ray.config import from_dict
+    from paf_ray.tasks import TASKS
+
+    return TASKS.get_many(from_dict({}, rules=False).model.tasks)
+
+
 def decode_until_stopped(records: list[dict], data_cfg, stop, rows) -> None:
     """The decoder process: the pipeline's row function on `records` in turn, each on the pipeline's
     idle-priority thread, until `stop` is set; `rows` counts the rows made."""
-    from paf_ray.data.pipeline import load_row, run_at_idle_priority
+    from paf_ray.data.pipeline import RowSettings, load_row, run_at_idle_priority
 
-    i = 0
+    tasks, settings, i = default_tasks(), RowSettings.of(data_cfg), 0
     while not stop.is_set():
-        run_at_idle_priority(load_row, records[i % len(records)], data_cfg, True)
+        run_at_idle_priority(load_row, records[i % len(records)], settings, tasks, True)
         i += 1
         with rows.get_lock():
             rows.value += 1
@@ -99,7 +107,7 @@ def main(argv=None) -> int:
     from paf_ray.bench.settings import bench_settings
     from paf_ray.config import from_dict
     from paf_ray.data.pipeline import load_records
-    from paf_ray.data.synth import write_synthetic
+    from paf_ray.data.bdd100k.synth import write_synthetic
     from paf_ray.train.step import OPENMP_WAIT_VARS, TRAIN_PROCESS_ENV
 
     s, work = bench_settings("cpu", args.quick), tempfile.mkdtemp(prefix="idle_share_")
@@ -108,7 +116,8 @@ def main(argv=None) -> int:
     spec = {"case": case_spec(s, work, "finetune", "small"), "threads": s.threads,
             "repeats": 20 if args.quick else s.small_repeats,  # tiny steps: 20 give the decoder a few rows
             "decoder_data": {"input_size": [640, 384], "decode_priority": "idle"}}
-    spec["records"] = load_records(from_dict({"data": spec["decoder_data"]}, rules=False).data, root, "train")[:16]
+    spec["records"] = load_records(from_dict({"data": spec["decoder_data"]}, rules=False).data, root, "train",
+                                   default_tasks())[:16]
     variants = {"openmp_default": {}, "train_worker": dict(TRAIN_PROCESS_ENV)}
     order = ["openmp_default", "train_worker"] + ([] if args.quick else ["train_worker", "openmp_default"])
     runs: dict[str, list] = {name: [] for name in variants}

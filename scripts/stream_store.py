@@ -13,7 +13,7 @@ on a fresh local Ray with `--cpus` + 1 CPUs:
 - whole: a store whose Ray Data half holds the epoch's rows (2.5x an epoch);
 - quarter: a store of a quarter epoch (at least 80 MB: Ray refuses less than 75);
 - quarter_unfixed: the same with Ray Data's executor as Ray 2.60 ships it (the executor fixes of
-  `ray_setup.EXECUTOR_FIXES` removed from the dataset's context).
+  `runtime.ray.EXECUTOR_FIXES` removed from the dataset's context).
 
 Per run: each epoch's first 10 steps against the median step (`epoch_start_ratios`), rows/s after the
 stage's first batch (both runs decode the same rows in it; epoch 2 alone would credit the whole store
@@ -34,16 +34,16 @@ import tempfile
 EPOCH_START_STEPS = 10
 
 
-def stream_run(records: list[dict], data_cfg, work, fixed: bool) -> dict:
+def stream_run(records: list[dict], data_cfg, tasks, work, fixed: bool) -> dict:
     """One stage stream of 2 epochs on the running Ray, timed by `timed_pass`, with a CPU snapshot of
     every process as each epoch's first batch arrives and at the end."""
     from paf_ray.bench.data_case import timed_pass
     from paf_ray.bench.step_case import cpu_by_process, cpu_ms_per_step
     from paf_ray.data.pipeline import build_dataset, iter_train_batches
-    from paf_ray.train.ray_setup import EXECUTOR_FIXES
+    from paf_ray.runtime.ray import EXECUTOR_FIXES
 
     per_epoch = len(records) // data_cfg.batch_size
-    ds = build_dataset(records, data_cfg, train=True, epochs=2, rows_per_epoch=per_epoch * data_cfg.batch_size)
+    ds = build_dataset(records, data_cfg, tasks, train=True, epochs=2, rows_per_epoch=per_epoch * data_cfg.batch_size)
     if not fixed:
         ds.context.custom_execution_callback_classes = [
             c for c in ds.context.custom_execution_callback_classes if c not in EXECUTOR_FIXES]
@@ -56,7 +56,7 @@ def stream_run(records: list[dict], data_cfg, work, fixed: bool) -> dict:
             yield batch
         snapshots.append(cpu_by_process())
 
-    p = timed_pass(with_snapshots(iter_train_batches(ds.streaming_split(1, equal=True)[0], data_cfg.batch_size)), work)
+    p = timed_pass(with_snapshots(iter_train_batches(ds.streaming_split(1, equal=True)[0], tasks, data_cfg.batch_size)), work)
     epochs = [slice(e * per_epoch, (e + 1) * per_epoch) for e in range(2)]
     median = statistics.median(p["step_s"])
     first_rows = data_cfg.batch_size
@@ -92,16 +92,18 @@ def main(argv=None) -> int:
     from paf_ray.bench.data_case import FixedWork
     from paf_ray.config import from_dict
     from paf_ray.data.pipeline import load_records, row_bytes
-    from paf_ray.data.synth import write_synthetic
-    from paf_ray.train.ray_setup import init_ray
+    from paf_ray.tasks import TASKS
+    from paf_ray.data.bdd100k.synth import write_synthetic
+    from paf_ray.runtime.ray import init_ray
 
     root = args.root or os.path.join(tempfile.mkdtemp(prefix="stream_store_"), "synth")
     write_synthetic(root, images=args.frames + args.frames // 20 + 2, seed=0, size=(1280, 720), val_fraction=0.02)
     width, height = (int(v) for v in args.size.lower().split("x"))
     data = {"input_size": [width, height], "batch_size": args.batch, "cpus": float(args.cpus)}
-    data_cfg = from_dict({"data": data}, rules=False).data
-    records = load_records(data_cfg, root, "train")[:args.frames]
-    epoch_mb = len(records) * row_bytes(data_cfg) / 2**20
+    cfg = from_dict({"data": data}, rules=False)  # the data section and the default tasks
+    data_cfg, tasks = cfg.data, TASKS.get_many(cfg.model.tasks)
+    records = load_records(data_cfg, root, "train", tasks)[:args.frames]
+    epoch_mb = len(records) * row_bytes(data_cfg, tasks) / 2**20
     stores = {"whole": max(80, int(2.5 * epoch_mb)), "quarter": max(80, int(epoch_mb / 4))}  # Ray Data takes half
     work = FixedWork.lasting(args.step_s)
     runs = {}
@@ -111,7 +113,7 @@ def main(argv=None) -> int:
         init_ray(address="local", num_cpus=args.cpus + 1, object_store_mb=stores[store])
         print(f"[stream_store] {name}: {len(records)} frames an epoch ({epoch_mb:.0f} MB of rows), "
               f"store {stores[store]} MB ...", file=sys.stderr, flush=True)
-        runs[name] = stream_run(records, data_cfg, work, fixed)
+        runs[name] = stream_run(records, data_cfg, tasks, work, fixed)
     ray.shutdown()
     whole = runs["whole"]
     print(json.dumps({

@@ -36,7 +36,7 @@ LEVEL_STRIDES = {"faster_rcnn": {"0": 4, "1": 8, "2": 16, "3": 32, "pool": 64},
 
 def small_det_config(kind: str):
     """The detector at the reference anchor sizes with fewer proposals (cheap on CPU)."""
-    from paf_ray.config import DetConfig
+    from paf_ray.tasks.det.config import DetConfig
 
     return DetConfig(kind=kind, rpn_pre_nms_top_n_train=1000, rpn_post_nms_top_n_train=300,
                      rpn_pre_nms_top_n_test=1000, rpn_post_nms_top_n_test=300, box_batch_size_per_image=128,
@@ -207,12 +207,12 @@ def compare_runs(head, kind: str, low: dict, ref: dict) -> dict:
 def box_check(device: str = "cpu", kinds=("faster_rcnn", "fcos"), image_size=(1280, 736), batch: int = 2,
               channels: int = 32, dtype=torch.bfloat16) -> dict:
     """{kind: compare_runs(...)} for a head of each kind: `dtype` autocast vs float32 on `device`."""
-    from paf_ray.models.detection import build_det_head
+    from paf_ray.tasks.det.heads import DetHead
 
     out = {}
     for kind in kinds:
         torch.manual_seed(0)
-        head = build_det_head(channels, 10, small_det_config(kind)).to(device)
+        head = DetHead(channels, 10, small_det_config(kind)).detector.to(device)  # the detector under the task's head
         pyramid, images, targets = make_inputs(kind, image_size, batch, channels)
         images = images.to(device)
         low = run_head(head, kind, pyramid, images, targets, autocast_dtype=dtype)

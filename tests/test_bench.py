@@ -124,35 +124,40 @@ def test_bench_config_times_a_configs_steps_side_by_side(capsys):
     r = json.loads(capsys.readouterr().out)
     assert set(r["ms_per_step"]) == {"adapt", "finetune"} and r["threads"] == 1 and r["input_size"] == [320, 192]
     assert _finite_positive(r["adapt_over_finetune"]) and _finite_positive(r["adapt_over_finetune_cpu"])
-    assert main(["bench", "--config", demo, "--steps", "2", "--set", "model.det.roi_sampling_ratio=1",
-                 "--compare", "model.det.roi_sampling_ratio=2"]) == 0
+    assert main(["bench", "--config", demo, "--steps", "2", "--set", "model.heads.det.roi_sampling_ratio=1",
+                 "--compare", "model.heads.det.roi_sampling_ratio=2"]) == 0
     r = json.loads(capsys.readouterr().out)
-    assert r["changes"] == ["model.det.roi_sampling_ratio=2"] and set(r["ms_per_step"]) == {"base", "variant"}
+    assert r["changes"] == ["model.heads.det.roi_sampling_ratio=2"] and set(r["ms_per_step"]) == {"base", "variant"}
     assert _finite_positive(r["variant_over_base"]) and _finite_positive(r["variant_over_base_cpu"])
-    assert main(["bench", "--compare", "model.det.roi_sampling_ratio=2"]) == 1
+    assert main(["bench", "--compare", "model.heads.det.roi_sampling_ratio=2"]) == 1
     assert "they need --config CONFIG" in capsys.readouterr().err
 
 
 def test_dataloader_baseline_yields_the_ray_data_batches(ray_local, synth_root):
     """The DataLoader side runs the same load + collate: with the val transform, identical batches."""
-    from paf_ray.bench.data_case import RecordDataset, collate_rows
+    from paf_ray.bench.data_case import CollateRows, RecordDataset
     from paf_ray.config import from_dict
     from paf_ray.data.pipeline import build_dataset, iter_train_batches, load_records
+    from paf_ray.tasks import TASKS
 
-    data_cfg = from_dict({"data": {"input_size": [128, 96], "batch_size": 2}}, rules=False).data
-    records = load_records(data_cfg, synth_root, "train")[:4]
+    cfg = from_dict({"data": {"input_size": [128, 96], "batch_size": 2}}, rules=False)
+    tasks = TASKS.get_many(cfg.model.tasks)
+    records = load_records(cfg.data, synth_root, "train", tasks)[:4]
     from_ray = {}
-    for batch in iter_train_batches(build_dataset(records, data_cfg, train=False), 2):
+    for batch in iter_train_batches(build_dataset(records, cfg.data, tasks, train=False), tasks, 2):
         for i, name in enumerate(batch["name"]):
-            from_ray[name] = {k: batch[k][i] for k in ("image", "boxes", "labels", "sem", "drv", "has_det")}
-    loader = torch.utils.data.DataLoader(RecordDataset(records, data_cfg, train=False), batch_size=2,
-                                         collate_fn=collate_rows, num_workers=0)
+            from_ray[name] = (batch["image"][i], {t: batch["has"][t][i] for t in batch["has"]},
+                              batch["targets"]["det"]["boxes"][i], batch["targets"]["sem"][i])
+    loader = torch.utils.data.DataLoader(RecordDataset(records, cfg.data, tasks, train=False), batch_size=2,
+                                         collate_fn=CollateRows(tasks), num_workers=0)
     seen = 0
     for batch in loader:
         assert batch["image"].dtype == torch.uint8 and batch["image"].shape[1:] == (3, 96, 128)
         for i, name in enumerate(batch["name"]):
-            for key, expected in from_ray[name].items():
-                assert torch.equal(batch[key][i], expected), (name, key)
+            image, has, boxes, sem = from_ray[name]
+            assert torch.equal(batch["image"][i], image) and torch.equal(batch["targets"]["sem"][i], sem)
+            assert torch.equal(batch["targets"]["det"]["boxes"][i], boxes)
+            assert {t: batch["has"][t][i] for t in batch["has"]} == has
             seen += 1
     assert seen == len(records) == len(from_ray)
 
@@ -170,12 +175,12 @@ def test_mfu_peak_table_names_common_cards():
     assert bf16_peak_tflops(None) is None
 
 
-def test_rows_to_columns_stacks_equal_shapes_and_keeps_ragged_as_objects():
-    from paf_ray.bench.data_case import rows_to_columns
+def test_stack_rows_stacks_equal_shapes_and_keeps_ragged_as_objects():
+    from paf_ray.data.collate import stack_rows
 
     rows = [{"image": np.zeros((2, 3, 3), np.uint8), "boxes": np.zeros((k, 4), np.float32), "name": f"f{k}"}
             for k in (0, 2)]
-    cols = rows_to_columns(rows)
+    cols = stack_rows(rows)
     assert cols["image"].shape == (2, 2, 3, 3) and cols["image"].dtype == np.uint8
     assert cols["boxes"].dtype == object and [b.shape for b in cols["boxes"]] == [(0, 4), (2, 4)]
     assert list(cols["name"]) == ["f0", "f2"]

@@ -21,9 +21,14 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RPNHead
 
 from box_check import box_check, compare_runs, largest_px, make_inputs, run_head, small_det_config
-from paf_ray.models.detection import ROI_BOX_WEIGHTS, RPN_BOX_WEIGHTS, build_det_head
+from paf_ray.tasks.det.heads import ROI_BOX_WEIGHTS, RPN_BOX_WEIGHTS, DetHead
 
 BF16 = torch.bfloat16
+
+
+def build_det_head(channels: int, num_classes: int, cfg):
+    """The detector under the det task's head (what box_check.py hooks into)."""
+    return DetHead(channels, num_classes, cfg).detector
 
 
 def _torchvision_parts(head):
@@ -115,18 +120,25 @@ def _scene(width: int, height: int, count: int, g: torch.Generator, at_right_edg
 
 
 def _det_ap(model, images, gt_boxes, bf16: bool) -> float:
-    from paf_ray.eval.metrics import Evaluator, compute_metrics
+    from paf_ray.eval.evaluator import Evaluator, compute_metrics
+    from paf_ray.tasks import TASKS
 
     model.eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=BF16, enabled=bf16):
         dets = model(images)["det"]
     n = len(gt_boxes)
-    evaluator = Evaluator(tasks=["det"])
+    tasks = TASKS.get_many(["det"])
+    evaluator = Evaluator(tasks)
     evaluator.update({"det": dets}, {
-        "name": [f"frame{i}" for i in range(n)], "scale": torch.ones(n), "has_det": torch.ones(n, dtype=torch.bool),
-        "boxes": gt_boxes, "labels": [torch.full((len(b),), 2) for b in gt_boxes],
-        "ignore_boxes": [torch.zeros(0, 4)] * n, "ignore_labels": [torch.zeros(0, dtype=torch.long)] * n})
-    return compute_metrics(evaluator.state(), ["det"])["det/AP"]
+        "name": [f"frame{i}" for i in range(n)], "scale": torch.ones(n), "has": {"det": torch.ones(n, dtype=torch.bool)},
+        "targets": {"det": _det_targets(gt_boxes)}})
+    return compute_metrics(tasks, evaluator.state())["det/AP"]
+
+
+def _det_targets(gt_boxes) -> dict:
+    n = len(gt_boxes)
+    return {"boxes": gt_boxes, "labels": [torch.full((len(b),), 2) for b in gt_boxes],
+            "ignore_boxes": [torch.zeros(0, 4)] * n, "ignore_labels": [torch.zeros(0, dtype=torch.long)] * n}
 
 
 def test_trained_detector_keeps_its_ap_under_bf16_autocast():
@@ -134,14 +146,14 @@ def test_trained_detector_keeps_its_ap_under_bf16_autocast():
     objects beyond x = 1024: det/AP in bf16 autocast within 0.5 of float32 (measured: 74.74 in
     both; with torchvision's parts in bf16 it was 69.09)."""
     from paf_ray.config import StageConfig, from_dict
-    from paf_ray.models import build_model
+    from paf_ray.models.multitask import build_model
     from paf_ray.models.stages import apply_stage, param_groups
 
     cfg = from_dict({"model": {
-        "tasks": ["det"], "backbone": {"name": "tiny", "tiny_width": 8, "random_init": True}, "adapter": {"kind": "none"}, "fpn_channels": 32,
-        "det": {"rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100, "rpn_pre_nms_top_n_test": 1000,
+        "tasks": ["det"], "backbone": {"name": "tiny", "tiny": {"width": 8}, "random_init": True}, "adapter": {"kind": "none"},
+        "fpn_channels": 32, "heads": {"det": {"rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100, "rpn_pre_nms_top_n_test": 1000,
                 "rpn_post_nms_top_n_test": 300, "box_batch_size_per_image": 64, "representation_size": 64,
-                "anchor_sizes": [16, 32, 64, 128, 256]}}})
+                "anchor_sizes": [16, 32, 64, 128, 256]}}}})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same arithmetic, hence the same model, on every machine
     try:
@@ -153,8 +165,7 @@ def test_trained_detector_keeps_its_ap_under_bf16_autocast():
         model.train()
         for _ in range(120):
             crops = [_scene(256, 160, 3, g) for _ in range(2)]
-            batch = {"boxes": [b for _, b in crops], "labels": [torch.full((len(b),), 2) for _, b in crops],
-                     "ignore_boxes": [torch.zeros(0, 4)] * 2, "has_det": torch.ones(2, dtype=torch.bool)}
+            batch = {"has": {"det": torch.ones(2, dtype=torch.bool)}, "targets": {"det": _det_targets([b for _, b in crops])}}
             loss = model.total_loss(model(torch.stack([im for im, _ in crops]), batch))
             opt.zero_grad()
             loss.backward()
@@ -166,7 +177,7 @@ def test_trained_detector_keeps_its_ap_under_bf16_autocast():
         ap16 = _det_ap(model, images, gt, bf16=True)
         assert ap32 > 40.0  # a trained detector: the comparison means something
         assert abs(ap16 - ap32) <= 0.5, (ap32, ap16)
-        _torchvision_parts(model.det_head)
+        _torchvision_parts(model.heads["det"].detector)
         assert _det_ap(model, images, gt, bf16=True) < ap32 - 2.0  # what the float32 box arithmetic prevents
     finally:
         torch.set_num_threads(threads)

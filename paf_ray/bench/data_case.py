@@ -1,7 +1,7 @@
 """The input pipeline: Ray Data against a torch DataLoader on the same rows, collate, priority and CPUs.
 
 Both run `pipeline.load_row` (a 1280x720 JPEG and its masks to a train row) at `data.decode_priority`
-and collate with `pipeline.BatchCollate`: Ray Data's map capped at N CPUs against
+and collate with `collate.collate_rows`: Ray Data's map capped at N CPUs against
 `DataLoader(num_workers=N, persistent_workers=True)`, alternating, so a change of the machine's load
 hits both alike. Pipeline passes (one epoch, consumed as fast as it comes; a new Ray Data execution
 each) and consumer stages (3 epochs through one `streaming_split`, as a Train worker reads a stage,
@@ -20,26 +20,13 @@ CONSUMER_EPOCHS = 3
 STEADY_SKIP = 0.2  # the part of a pass before its steady state
 
 
-def rows_to_columns(rows: list[dict]) -> dict:
-    """Rows -> the numpy batch Ray Data hands a collate: equal-shape arrays stacked, the rest (ragged
-    boxes, strings) as object arrays."""
-    out = {}
-    for key in rows[0]:
-        values = [r[key] for r in rows]
-        if isinstance(values[0], np.ndarray) and values[0].dtype != object and all(
-                isinstance(v, np.ndarray) and v.shape == values[0].shape for v in values):
-            out[key] = np.stack(values)
-        else:
-            out[key] = np.empty(len(values), dtype=object)
-            out[key][:] = values
-    return out
-
-
 class RecordDataset:
     """torch Dataset over index records, each loaded with the Ray Data map's own row function."""
 
-    def __init__(self, records: list[dict], data_cfg, train: bool):
-        self.records, self.data_cfg, self.train = records, data_cfg, train
+    def __init__(self, records: list[dict], data_cfg, tasks, train: bool):
+        from paf_ray.data.pipeline import RowSettings
+
+        self.records, self.settings, self.tasks, self.train = records, RowSettings.of(data_cfg), tasks, train
 
     def __len__(self) -> int:
         return len(self.records)
@@ -47,14 +34,20 @@ class RecordDataset:
     def __getitem__(self, i: int) -> dict:
         from paf_ray.data.pipeline import load_row, run_at_idle_priority
 
-        row = (self.records[i], self.data_cfg, self.train)
-        return run_at_idle_priority(load_row, *row) if self.data_cfg.decode_priority == "idle" else load_row(*row)
+        row = (self.records[i], self.settings, self.tasks, self.train)
+        return run_at_idle_priority(load_row, *row) if self.settings.decode_priority == "idle" else load_row(*row)
 
 
-def collate_rows(rows: list[dict]) -> dict:
-    from paf_ray.data.pipeline import BatchCollate
+class CollateRows:
+    """The DataLoader's collate: rows -> Ray Data's numpy columns -> the pipeline's batch."""
 
-    return BatchCollate()(rows_to_columns(rows))
+    def __init__(self, tasks):
+        self.tasks = tasks
+
+    def __call__(self, rows: list[dict]) -> dict:
+        from paf_ray.data.collate import collate_rows, stack_rows
+
+        return collate_rows(stack_rows(rows), self.tasks)
 
 
 class FixedWork:
@@ -115,23 +108,23 @@ def timed_pass(batches, work: FixedWork | None = None) -> dict:
             "steady_rows_s": sum(batch_rows[skip:]) / steady_s if steady_s > 0 else float("nan")}
 
 
-def ray_data_batches(records: list[dict], data_cfg, split: bool, epochs: int = 1):
+def ray_data_batches(records: list[dict], data_cfg, tasks, split: bool, epochs: int = 1):
     """A pass (or a stage stream of `epochs`) of Ray Data batches, whole batches only, as
     `train.run.make_datasets` cuts them; through a SplitCoordinator when `split`, as Ray Train reads."""
     from paf_ray.data.pipeline import build_dataset, iter_train_batches
 
     rows = len(records) // data_cfg.batch_size * data_cfg.batch_size
-    ds = build_dataset(records, data_cfg, train=True, epochs=epochs, rows_per_epoch=rows)
-    return iter_train_batches(ds.streaming_split(1, equal=True)[0] if split else ds, data_cfg.batch_size)
+    ds = build_dataset(records, data_cfg, tasks, train=True, epochs=epochs, rows_per_epoch=rows)
+    return iter_train_batches(ds.streaming_split(1, equal=True)[0] if split else ds, tasks, data_cfg.batch_size)
 
 
-def make_dataloader(records: list[dict], data_cfg, workers: int, pin_memory: bool):
+def make_dataloader(records: list[dict], data_cfg, tasks, workers: int, pin_memory: bool):
     import torch
 
     return torch.utils.data.DataLoader(
-        RecordDataset(records, data_cfg, train=True), batch_size=data_cfg.batch_size, shuffle=True,
+        RecordDataset(records, data_cfg, tasks, train=True), batch_size=data_cfg.batch_size, shuffle=True,
         drop_last=True,  # whole batches only, as Ray Data's side
-        num_workers=workers, collate_fn=collate_rows, persistent_workers=workers > 0, pin_memory=pin_memory,
+        num_workers=workers, collate_fn=CollateRows(tasks), persistent_workers=workers > 0, pin_memory=pin_memory,
         multiprocessing_context="forkserver" if workers > 0 else None)  # not fork: this process runs Ray's threads
 
 
@@ -141,16 +134,16 @@ def _paired_ratio(passes: dict[str, list], key: str) -> float:
     return statistics.median(r[key] / d[key] for r, d in zip(passes["ray_data"], passes["dataloader"]))
 
 
-def measure_input_pipeline(records: list[dict], data_cfg, workers: int, repeats: int, step_s: float,
+def measure_input_pipeline(records: list[dict], data_cfg, tasks, workers: int, repeats: int, step_s: float,
                            pin_memory: bool = False) -> dict:
     """A warm-up pass of each side, then `repeats` rounds of: a pass of each side, a new DataLoader's
     first batch, a consumer stage of each side."""
     data_cfg = replace(data_cfg, cpus=float(workers))
-    loader = make_dataloader(records, data_cfg, workers, pin_memory)
+    loader = make_dataloader(records, data_cfg, tasks, workers, pin_memory)
     work = FixedWork.lasting(step_s)
     per_epoch = len(records) // data_cfg.batch_size
-    passes = {"ray_data": lambda: ray_data_batches(records, data_cfg, split=False), "dataloader": lambda: iter(loader)}
-    stages = {"ray_data": lambda: ray_data_batches(records, data_cfg, split=True, epochs=CONSUMER_EPOCHS),
+    passes = {"ray_data": lambda: ray_data_batches(records, data_cfg, tasks, split=False), "dataloader": lambda: iter(loader)}
+    stages = {"ray_data": lambda: ray_data_batches(records, data_cfg, tasks, split=True, epochs=CONSUMER_EPOCHS),
               "dataloader": lambda: (b for _ in range(CONSUMER_EPOCHS) for b in loader)}  # for epoch: for batch
     for make in passes.values():
         timed_pass(make())
@@ -160,7 +153,7 @@ def measure_input_pipeline(records: list[dict], data_cfg, workers: int, repeats:
     for _ in range(repeats):
         for name, make in passes.items():
             plain[name].append(timed_pass(make()))
-        fresh = iter(make_dataloader(records, data_cfg, workers, pin_memory))
+        fresh = iter(make_dataloader(records, data_cfg, tasks, workers, pin_memory))
         t0 = time.perf_counter()
         next(fresh)
         new_loader_first_s.append(time.perf_counter() - t0)

@@ -76,14 +76,14 @@ def case_spec(s: BenchSettings, workdir: str, stage: str, size: str, adapter: st
     from paf_ray.config import from_dict, to_dict
 
     model, input_size, batch = (getattr(s, f"{size}_{k}") for k in ("model", "input_size", "batch"))
-    path = os.path.join(workdir, f"batch-{input_size[0]}x{input_size[1]}-b{batch}.pt")
-    if not os.path.exists(path):
-        torch.save(synthetic_batch(input_size, batch), path)
     model = {**copy.deepcopy(model), "adapter": {"kind": adapter}, "lv_adapter": {"enabled": lv, "random_init": True}}
     model["backbone"]["random_init"] = True
     train = {"stages": [{"kind": "adapt", "lr": 1e-3}, {"kind": "finetune", "lr": 1e-4}],
              "amp": "bf16" if s.amp else "off", "channels_last": "on" if s.channels_last else "off"}
     cfg = from_dict({"data": {"input_size": list(input_size), "batch_size": batch}, "model": model, "train": train})
+    path = os.path.join(workdir, f"batch-{input_size[0]}x{input_size[1]}-b{batch}-{'-'.join(cfg.model.tasks)}.pt")
+    if not os.path.exists(path):
+        torch.save(synthetic_batch(input_size, batch, cfg.model.tasks), path)
     return {"cfg": to_dict(cfg), "stage": stage, "batch_path": path, "device": s.device, "amp": s.amp,
             "channels_last": s.channels_last, **extra}
 
@@ -173,7 +173,7 @@ def bench_compile(s: BenchSettings, workdir: str) -> dict:
     return {"eager_ms": r["eager"]["ms"], "compiled_ms": r["compiled"]["ms"],
             "speedup": r["eager"]["ms"] / r["compiled"]["ms"],
             "compile_s": (r["compiled"]["first_step_ms"] - r["eager"]["first_step_ms"]) / 1000,
-            "compiled_parts": ["backbone", "adapters", "neck", "sem_head", "drv_head"], "stage": "finetune",
+            "compiled_parts": r["compiled"]["compiled_parts"], "stage": "finetune",
             **_about(s, "small")}
 
 
@@ -286,15 +286,17 @@ def bench_data(s: BenchSettings, out: str) -> dict:
     from paf_ray.bench.data_case import measure_input_pipeline
     from paf_ray.config import from_dict
     from paf_ray.data.pipeline import load_records
-    from paf_ray.data.synth import write_synthetic
+    from paf_ray.data.bdd100k.synth import write_synthetic
+    from paf_ray.tasks import TASKS
 
     root = os.path.join(out, f"synth-{s.frames}-1280x720")
     write_synthetic(root, images=s.frames, seed=0, size=(1280, 720), val_fraction=0.02)
     data = {"input_size": list(s.data_input_size), "batch_size": s.data_batch}
-    data_cfg = from_dict({"data": data}, rules=False).data  # the data section alone
-    records = load_records(data_cfg, root, "train")
+    cfg = from_dict({"data": data}, rules=False)  # the data section and the default tasks
+    tasks = TASKS.get_many(cfg.model.tasks)
+    records = load_records(cfg.data, root, "train", tasks)
     _log(f"data: {len(records)} training frames in {root} ...")
-    return measure_input_pipeline(records, data_cfg, s.data_workers, s.data_repeats, s.consumer_step_s,
+    return measure_input_pipeline(records, cfg.data, tasks, s.data_workers, s.data_repeats, s.consumer_step_s,
                                   pin_memory=s.device == "cuda")
 
 
@@ -302,10 +304,12 @@ def bench_gpu(s: BenchSettings, workdir: str, data: dict, machine: dict) -> dict
     """Finetune and adapt at full resolution, each in its own process: images/s, peak memory, FLOPs
     per step, MFU; the input pipeline's headroom when the data case ran at the same size."""
     peak = machine["gpu_bf16_peak_tflops"] if s.device == "cuda" else None
-    r = {}
+    r, tasks = {}, []
     for stage in ("finetune", "adapt"):
         _log(f"gpu: {stage} throughput ...")
-        spec = process_spec(s, "gpu", {stage: case_spec(s, workdir, stage, "gpu")}, flops=True)
+        case = case_spec(s, workdir, stage, "gpu")
+        tasks = case["cfg"]["model"]["tasks"]
+        spec = process_spec(s, "gpu", {stage: case}, flops=True)
         r[stage] = _alone(run_case_process(spec, workdir, f"gpu_{stage}", s.case_timeout_s), stage)
         r[stage]["img_s"] = r[stage]["batch"] / (r[stage]["ms"] / 1000)
         r[stage]["tflops"] = r[stage]["flops_per_step"] / (r[stage]["ms"] / 1000) / 1e12
@@ -314,7 +318,7 @@ def bench_gpu(s: BenchSettings, workdir: str, data: dict, machine: dict) -> dict
     same_size = data.get("input_size") == list(s.gpu_input_size) and "ray_data_rows_s" in data
     return {
         "ran_on": s.device, "gpu_name": machine["gpu_name"] if s.device == "cuda" else None,
-        "amp": "bf16" if s.amp else "off", "channels_last": s.channels_last, "tasks": ["det", "sem", "drv"],
+        "amp": "bf16" if s.amp else "off", "channels_last": s.channels_last, "tasks": tasks,
         "step_ms": f["ms"], "train_img_s": f["img_s"], "peak_mb": f["peak_mb"], "flops_per_step": f["flops_per_step"],
         "achieved_tflops": f["tflops"], "bf16_peak_tflops": peak, "mfu": f["tflops"] / peak if peak else None,
         "adapt_step_ms": a["ms"], "adapt_img_s": a["img_s"], "adapt_peak_mb": a["peak_mb"],
@@ -360,7 +364,7 @@ def run_bench(out: str, quick: bool = False, device: str = "cpu", cases: list[st
     result: dict[str, Any] = {"machine": machine_info(device), "settings": settings, "complete": False,
                               "failed": [], "cases": sections}
     if {"data", "ray_overhead"} & set(sections):  # the cases that use a local Ray
-        from paf_ray.train.ray_setup import init_ray
+        from paf_ray.runtime.ray import init_ray
 
         init_ray(num_cpus=os.cpu_count(), object_store_mb=4096 if device == "cuda" and not quick else 512)
     runners = {

@@ -1,31 +1,21 @@
 """What each benchmark case runs (model, input size, batch, repeats) on CPU, on CUDA and with --quick.
 
-A model is given as overrides of the config's `model` section, so every case builds its network
-with the `build_model` training uses.
+The models are models.yaml's, overrides of the config's `model` section: every case builds its
+network with the `build_model` training uses.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
 
-R50_FPN: dict[str, Any] = {"backbone": {"name": "resnet50"}}  # the config defaults: the reference detector
 
-# A ResNet-18 with a narrow FPN and a light detector: a few hundred ms a step on 2 CPU cores.
-R18_SMALL: dict[str, Any] = {
-    "backbone": {"name": "resnet18"}, "fpn_channels": 64, "seg_channels": 32,
-    "det": {"rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 300, "box_batch_size_per_image": 128,
-            "representation_size": 256},
-}
+def bench_model(name: str) -> dict:
+    """A network of models.yaml (next to this file): overrides of a config's `model` section."""
+    import yaml
 
-# For --quick, where only completeness counts. Width 16, not 8: torch 2.14.1 on CPU corrupts the heap in
-# the backward of a 1x1 stride-2 conv with <= 8 input channels on channels_last input.
-TINY: dict[str, Any] = {
-    "backbone": {"name": "tiny", "tiny_width": 16}, "fpn_channels": 16, "seg_channels": 8,
-    "det": {"rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 50, "box_batch_size_per_image": 32,
-            "representation_size": 32},
-}
+    with open(os.path.join(os.path.dirname(__file__), "models.yaml"), encoding="utf-8") as f:
+        return yaml.safe_load(f)[name]
 
 
 @dataclass
@@ -73,26 +63,26 @@ def bench_settings(device: str, quick: bool) -> BenchSettings:
         raise ValueError(f"bench --device: expected cpu or cuda, got {device!r}")
     cpus = os.cpu_count() or 1
     if quick:
-        tiny = dict(model=TINY, input_size=(128, 96), batch=2, warmup=1, repeats=2)
+        tiny = dict(model=bench_model("tiny"), input_size=(128, 96), batch=2, warmup=1, repeats=2)
         return BenchSettings(
             device, True, frames=8, data_input_size=(256, 160), data_batch=2, data_workers=min(2, cpus),
             data_repeats=2, consumer_step_s=0.01,
             **{f"{p}_{k}": v for p in ("step", "small") for k, v in tiny.items()},
             overhead_steps=2, overhead_rounds=1, threads=min(2, cpus),
-            gpu_model=TINY, gpu_input_size=(256, 160), gpu_batch=2, case_timeout_s=240)
+            gpu_model=bench_model("tiny"), gpu_input_size=(256, 160), gpu_batch=2, case_timeout_s=240)
     if device == "cpu":
         return BenchSettings(
             "cpu", False, frames=512, data_input_size=(640, 384), data_batch=4, data_workers=min(2, cpus),
             data_repeats=5, consumer_step_s=0.08,  # a batch decodes in ~0.2 CPU-s: both sides stay CPU-bound
-            step_model=R50_FPN, step_input_size=(640, 384), step_batch=1, step_warmup=1, step_repeats=3,
-            small_model=R18_SMALL, small_input_size=(320, 192), small_batch=2, small_warmup=1, small_repeats=10,
+            step_model=bench_model("r50_fpn"), step_input_size=(640, 384), step_batch=1, step_warmup=1, step_repeats=3,
+            small_model=bench_model("r18_small"), small_input_size=(320, 192), small_batch=2, small_warmup=1, small_repeats=10,
             # single steps moved between 300 and 940 ms within a run: 10 steps in one TorchTrainer run
             # moved the ratio between 0.98 and 1.17 across three runs
-            overhead_steps=30, overhead_rounds=2, threads=min(2, cpus), gpu_model=R50_FPN)
+            overhead_steps=30, overhead_rounds=2, threads=min(2, cpus), gpu_model=bench_model("r50_fpn"))
     return BenchSettings(  # a GPU machine: feed the GPU from most of its cores, measure at full resolution
         "cuda", False, frames=256,
         data_input_size=(1280, 736),  # the gpu case's size: its pipeline headroom compares like with like
         data_batch=8, data_workers=max(1, min(8, cpus - 2)), data_repeats=3, consumer_step_s=0.05,
-        step_model=R50_FPN, step_input_size=(640, 384), step_batch=8, step_warmup=3, step_repeats=10,
-        small_model=R50_FPN, small_input_size=(640, 384), small_batch=8, small_warmup=3, small_repeats=20,
-        overhead_steps=20, overhead_rounds=2, threads=min(4, cpus), gpu_model=R50_FPN)
+        step_model=bench_model("r50_fpn"), step_input_size=(640, 384), step_batch=8, step_warmup=3, step_repeats=10,
+        small_model=bench_model("r50_fpn"), small_input_size=(640, 384), small_batch=8, small_warmup=3, small_repeats=20,
+        overhead_steps=20, overhead_rounds=2, threads=min(4, cpus), gpu_model=bench_model("r50_fpn"))

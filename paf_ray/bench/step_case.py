@@ -84,29 +84,22 @@ def _reset_peak() -> bool:
         return False
 
 
-def collate_samples(rows: list[dict]) -> dict:
-    """Transformed rows -> what a training step reads of the batch `pipeline.BatchCollate` builds (an
-    NCHW view of NHWC images), without importing the pipeline (Ray)."""
-    import numpy as np
-    import torch
+def synthetic_batch(input_size, batch: int, task_names) -> dict:
+    """A training batch of `task_names`: synthetic 1280x720 frames rendered in memory
+    (`synth.render_samples`, what `data synth` writes before JPEG), the pipeline's val geometry and
+    rows (`transforms.make_row`), its collate (`collate.collate_rows`). No Ray, no files."""
+    from paf_ray.data.bdd100k.synth import render_samples
+    from paf_ray.data.collate import collate_rows, stack_rows
+    from paf_ray.data.transforms import make_row, val_geometry
+    from paf_ray.tasks import TASKS
 
-    def each(key, dtype, shape=(-1,)):
-        return [torch.from_numpy(np.asarray(r[key], dtype)).reshape(shape) for r in rows]
-
-    return {"image": torch.from_numpy(np.stack([r["image"] for r in rows])).permute(0, 3, 1, 2),
-            **{k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in ("sem", "drv")},
-            "boxes": each("boxes", np.float32, (-1, 4)), "labels": each("labels", np.int64),
-            "ignore_boxes": each("ignore_boxes", np.float32, (-1, 4)), "ignore_labels": each("ignore_labels", np.int64),
-            **{f"has_{t}": torch.tensor([bool(r[f"has_{t}"]) for r in rows]) for t in ("det", "sem", "drv")}}
-
-
-def synthetic_batch(input_size, batch: int) -> dict:
-    """A training batch: synthetic 1280x720 frames rendered in memory (`synth.render_samples`, what
-    `data synth` writes before JPEG), the pipeline's val transform, its collate layout. No Ray, no files."""
-    from paf_ray.data.synth import render_samples
-    from paf_ray.data.transforms import val_transform
-
-    return collate_samples([val_transform(sample, input_size) for sample in render_samples(batch, (1280, 720))])
+    tasks = TASKS.get_many(task_names)
+    rows = []
+    for i, sample in enumerate(render_samples(batch, (1280, 720))):
+        h, w = sample["image"].shape[:2]
+        row = make_row(sample["image"], sample["targets"], tasks, val_geometry(w, h, input_size))
+        rows.append({**row, "name": f"synth-{i}.jpg", "error": ""})
+    return dict(collate_rows(stack_rows(rows), tasks))
 
 
 def build_case(spec: dict):
@@ -116,7 +109,8 @@ def build_case(spec: dict):
     import torch
 
     from paf_ray.config import StageConfig, from_dict
-    from paf_ray.models import build_model
+    from paf_ray.data.collate import batch_to_device
+    from paf_ray.models.multitask import build_model
     from paf_ray.models.stages import apply_stage
 
     cfg = from_dict(spec["cfg"], "<bench case>")
@@ -125,20 +119,15 @@ def build_case(spec: dict):
     batch = torch.load(spec["batch_path"], weights_only=True)
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.data.input_size, load_weights=spec.get("load_weights", True))
-    apply_stage(model, stage.kind, cfg)
+    apply_stage(model, stage.kind, cfg.model.lv_adapter.train_prompts_in_finetune)
     if spec.get("prompts_frozen"):  # class embeddings cached: the LV-Adapter without its text tower
         model.lv_adapter.set_prompts_trainable(False)
     model.to(device)
     if spec.get("channels_last"):
         model.to(memory_format=torch.channels_last)
     model.train()
-    if spec.get("compile"):
-        model.compile_dense()
-    if device.type != "cpu":
-        batch = {k: v.to(device) if torch.is_tensor(v) else
-                 [x.to(device) for x in v] if isinstance(v, list) and v and torch.is_tensor(v[0]) else v
-                 for k, v in batch.items()}
-    return model, stage, batch, device
+    model.compiled_parts = model.compile_dense() if spec.get("compile") else []
+    return model, stage, batch_to_device(batch, device), device
 
 
 def make_step(model, stage, batch, device, amp: bool, total_updates: int):
@@ -175,7 +164,7 @@ def measure(spec: dict) -> dict:
 
     import torch
 
-    from paf_ray.models import build_model  # noqa: F401  (imported before the memory baseline)
+    from paf_ray.models.multitask import build_model  # noqa: F401  (imported before the memory baseline)
     from paf_ray.train.step import OPENMP_WAIT_VARS
 
     torch.set_num_threads(int(spec["threads"]))
@@ -188,7 +177,8 @@ def measure(spec: dict) -> dict:
         model, stage, batch, device = build_case(case)
         trainees[name], steps[name] = make_step(model, stage, batch, device, bool(case["amp"]),
                                                 int(spec["warmup"]) + 2 * repeats + 1)  # the lr schedule's length
-        out[name] = {"batch": int(batch["image"].shape[0]), "params": sum(p.numel() for p in model.parameters()),
+        out[name] = {"batch": int(batch["image"].shape[0]), "compiled_parts": model.compiled_parts,
+                     "params": sum(p.numel() for p in model.parameters()),
                      "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()

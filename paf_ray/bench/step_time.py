@@ -31,7 +31,8 @@ def step_time_command(args) -> int:
         sides, (a, b) = {"adapt": (cfg, "adapt"), "finetune": (cfg, "finetune")}, ("adapt", "finetune")
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "batch.pt")
-        torch.save(synthetic_batch(cfg.data.input_size, cfg.data.batch_size), path)
+        tasks = list(dict.fromkeys(t for c, _ in sides.values() for t in c.model.tasks))  # every side's
+        torch.save(synthetic_batch(cfg.data.input_size, cfg.data.batch_size, tasks), path)
         cases = {name: {"cfg": to_dict(c), "stage": kind, "batch_path": path, "device": "cpu", "amp": False,
                         "load_weights": False} for name, (c, kind) in sides.items()}
         r = measure({"cases": cases, "device": "cpu", "threads": args.threads or torch.get_num_threads(),

@@ -23,6 +23,7 @@ import ray
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from paf_ray.data.bdd100k import synth
+from paf_ray.data.collate import batch_to_device, collate_rows
 from paf_ray.data.contracts import Batch, DatasetError, Record, has_column
 from paf_ray.data.decode import load_sample
 from paf_ray.data.index import load_index
@@ -343,69 +344,14 @@ def build_dataset(records: list[Record], data_cfg, tasks, train: bool, epochs: i
 
 
 class BatchCollate(NumpyBatchCollateFn):
-    """Numpy rows -> the training batch (docs/architecture.md §3); bad rows are dropped and counted."""
+    """Ray Data's collate: numpy columns -> the training batch (``collate.collate_rows``)."""
 
     def __init__(self, tasks):
         super().__init__()
         self.tasks = list(tasks)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Batch:
-        import torch
-
-        errors = batch["error"]
-        good = [i for i, e in enumerate(errors) if not e]
-        for i, e in enumerate(errors):
-            if e:
-                log.warning("skipped bad sample %s: %s", batch["name"][i], e)
-        skipped = len(errors) - len(good)
-        if not good:  # every row of this batch was bad
-            return empty_batch(skipped, self.tasks)
-        images = batch["image"]
-        if skipped or images.dtype == object:
-            images = np.stack([np.asarray(images[i]) for i in good])
-
-        def flags(key):
-            return torch.from_numpy(np.asarray([bool(batch[key][i]) for i in good]))
-
-        return Batch(
-            image=torch.from_numpy(images if images.flags.writeable else images.copy()).permute(0, 3, 1, 2),
-            name=[str(batch["name"][i]) for i in good],
-            scale=torch.from_numpy(np.asarray([batch["scale"][i] for i in good], np.float32)),
-            orig_size=torch.from_numpy(np.stack([np.asarray(batch["orig_size"][i], np.int64) for i in good])),
-            has={t.name: flags(has_column(t.name)) for t in self.tasks},
-            targets={t.name: t.collate(batch, good) for t in self.tasks},
-            skipped=skipped,
-        )
-
-
-def empty_batch(skipped: int, tasks) -> Batch:
-    """The batch of a collate whose every row was bad: zero frames."""
-    import torch
-
-    none = torch.zeros(0, dtype=torch.bool)
-    return Batch(image=torch.zeros((0, 3, 1, 1), dtype=torch.uint8), name=[], scale=torch.zeros(0),
-                 orig_size=torch.zeros((0, 2), dtype=torch.int64), has={t.name: none.clone() for t in tasks},
-                 targets={t.name: None for t in tasks}, skipped=skipped)
-
-
-def to_device(obj, device):
-    """Every tensor in `obj` (a tensor, or dicts and lists of them) on `device`; other values as they are."""
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [to_device(v, device) for v in obj]
-    return obj
-
-
-def batch_to_device(batch: dict, device) -> dict:
-    """Move every tensor of a batch (also those in its targets) to `device`."""
-    import torch
-
-    return batch if torch.device(device).type == "cpu" else to_device(batch, torch.device(device))
+        return collate_rows(batch, self.tasks)
 
 
 def iter_train_batches(shard_or_dataset, tasks, batch_size: int, device="cpu", drop_last: bool = False,

@@ -107,14 +107,15 @@ class MultiTaskModel(nn.Module):
             self.backbone.eval()  # frozen BatchNorm keeps its pretrained statistics
         return self
 
-    def compile_dense(self, **options) -> None:
+    def compile_dense(self, **options) -> list[str]:
         """torch.compile the dense part in place: backbone, adapters, FPN and the heads that say they
-        compile (state-dict keys unchanged). Detection heads stay eager: proposals and NMS have
-        data-dependent shapes."""
-        parts = [self.backbone, *self.adapters.values(), self.neck]
-        parts += [h for h in self.heads.values() if getattr(h, "compilable", False)]
-        for part in parts:
+        compile (state-dict keys unchanged); returns their names. Detection heads stay eager:
+        proposals and NMS have data-dependent shapes."""
+        parts = {"backbone": self.backbone, **{f"adapters.{k}": a for k, a in self.adapters.items()}, "neck": self.neck}
+        parts.update({f"heads.{k}": h for k, h in self.heads.items() if getattr(h, "compilable", False)})
+        for part in parts.values():
             part.compile(**options)
+        return list(parts)
 
     # ------------------------------------------------------------------ forward
 

@@ -137,7 +137,8 @@ class Task(abc.ABC):
     def build_head(self, section: Any, channels: int, num_levels: int, extra_channels: int) -> "nn.Module":
         """The head on the shared pyramid: ``head.losses(HeadInput, target)`` -> {name: loss, name_*: parts}
         in training, ``head(HeadInput)`` -> the task's outputs in eval. `extra_channels`: the LV-Adapter's
-        score-map channels the head takes as extra input (0 without)."""
+        score-map channels the head takes as extra input (0 without). A head whose class says
+        ``compilable = True`` (static shapes) is torch.compiled with the dense part."""
 
     def pyramid_extra(self, section: Any, channels: int) -> "nn.Module | None":
         """An extra block for the FPN (coarser levels this task's head reads), or None."""

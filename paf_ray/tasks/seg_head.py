@@ -73,6 +73,8 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor, class_balance: float = 
 class MaskHead(nn.Module):
     """A mask task's head: logits at the network input's size; its loss is the task's."""
 
+    compilable = True  # static shapes: MultiTaskModel.compile_dense compiles it
+
     def __init__(self, task, in_channels: int, channels: int, out_channels: int, num_levels: int,
                  extra_channels: int, loss_options: dict):
         super().__init__()

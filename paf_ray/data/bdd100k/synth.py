@@ -924,9 +924,10 @@ def is_complete(root: str) -> bool:
 
 
 def render_samples(count: int, size=(1280, 720), seed: int = 0) -> list[dict]:
-    """`count` frames rendered in memory, in the form `decode.load_sample` returns (numpy arrays at
-    `size`, labels as class indices): for code that wants realistic frames without files (the
-    benchmark's step cases). Frame i equals frame i of `write_synthetic` with the same seed, before JPEG."""
+    """`count` frames rendered in memory as decoded Samples (contracts.Sample: the image and each
+    task's target at the frame's resolution, as the tasks' ``decode`` returns them), for code that
+    wants realistic frames without files or an index (the benchmark's step cases). Frame i equals
+    frame i of `write_synthetic` with the same seed, before JPEG; every frame carries every task."""
     width, height = int(size[0]), int(size[1])
     noise = _NoiseBank(seed, width, height)
     samples = []
@@ -939,14 +940,10 @@ def render_samples(count: int, size=(1280, 720), seed: int = 0) -> list[dict]:
             b = label["box2d"]
             (ignore if ignored else boxes).append([b["x1"], b["y1"], b["x2"], b["y2"]])
             (ignore_labels if ignored else labels).append(cls)
-        samples.append({
-            "image": np.asarray(frame.image, np.uint8),
-            "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
-            "labels": np.asarray(labels, np.int64),
-            "ignore_boxes": np.asarray(ignore, np.float32).reshape(-1, 4),
-            "ignore_labels": np.asarray(ignore_labels, np.int64),
-            "has_det": True,
-            "sem": frame.sem,
-            "drv": frame.drv,
-        })
+        det = {"boxes": np.asarray(boxes, np.float32).reshape(-1, 4), "labels": np.asarray(labels, np.int64),
+               "ignore_boxes": np.asarray(ignore, np.float32).reshape(-1, 4),
+               "ignore_labels": np.asarray(ignore_labels, np.int64)}
+        masks = {"sem": frame.sem, "drv": frame.drv, "lane": frame.lane}
+        samples.append({"image": np.asarray(frame.image, np.uint8),
+                        "targets": {"det": det, **{k: np.asarray(m, np.uint8) for k, m in masks.items()}}})
     return samples
