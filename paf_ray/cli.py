@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="also write the records as JSON lines to this file")
     p.add_argument("--split", action="append", choices=["train", "val"], help="splits (default both)")
     p.add_argument("--keep-overlap", action="store_true", help="keep 10k/100k frames that cross splits")
+    p.add_argument("--tasks", default=None, metavar="T1,T2",
+                   help="the tasks whose labels to index, as the runs' model.tasks (default: a config's default)")
     p.set_defaults(handler=data_commands.index_command)
 
     p = dsub.add_parser("check", help="check a dataset root; exits non-zero on errors")

@@ -16,14 +16,20 @@ from PIL import Image
 from paf_ray import cli
 from paf_ray.config import DataConfig
 from paf_ray.data import bdd100k as B
+from paf_ray.data.bdd100k.synth import COMPLETE_MARKER, GENERATOR_VERSION, write_synthetic
 from paf_ray.data.check import check_dataset
+from paf_ray.data.collate import collate_rows, stack_rows
+from paf_ray.data.contracts import DatasetError
 from paf_ray.data.decode import load_sample
-from paf_ray.data.index import DatasetError, build_index, read_index, write_index
-from paf_ray.data.pipeline import (BatchCollate, StreamPlan, block_rows, build_dataset, iter_train_batches,
+from paf_ray.data.index import build_index, read_index, write_index
+from paf_ray.data.pipeline import (RowSettings, StreamPlan, block_rows, build_dataset, iter_train_batches,
                                    load_records, resolve_root, run_at_idle_priority, smallest_object_store,
                                    synth_cache_name)
-from paf_ray.data.synth import COMPLETE_MARKER, write_synthetic
-from paf_ray.data.transforms import jitter_colors, train_transform, val_transform
+from paf_ray.data.transforms import jitter_colors, make_row, train_geometry, val_geometry
+from paf_ray.tasks import DEFAULT_TASKS, TASKS
+
+TASKS3 = TASKS.get_many(DEFAULT_TASKS)  # det, sem, drv: what a config trains when it names none
+ALL = list(TASKS)  # with lane markings
 
 # --------------------------------------------------------------------------- official facts
 
@@ -132,22 +138,26 @@ def test_synthetic_is_deterministic_and_refuses_a_foreign_folder(tmp_path):
 
 def test_index_merges_frames_in_both_sets_and_drops_overlap(synth_root, tmp_path):
     stats: dict = {}
-    idx = build_index(synth_root, stats=stats)
+    idx = build_index(synth_root, ALL, stats=stats)
     train, val = idx["train"], idx["val"]
     assert stats["train"]["dropped_overlap"] == 1  # 32 frames -> one 10k-train frame reuses a 100k-val stem
     assert stats["train"]["merged"] > 0
-    all_three = [r for r in train if r["has_det"] and r["sem"] and r["drv"]]
-    assert all_three and all(r["image_set"] == "100k" for r in all_three)
-    assert any(r["sem"] and not r["has_det"] for r in train) and any(r["has_det"] and not r["sem"] for r in train)
+    every = [r for r in train if set(r["labels"]) == {"det", "sem", "drv", "lane"}]
+    assert every and all(r["image_set"] == "100k" for r in every)
+    assert any(set(r["labels"]) == {"sem"} for r in train) and any("sem" not in r["labels"] for r in train)
     val_stems = {r["name"] for r in val}
     assert not val_stems & {r["name"] for r in train}
-    kept = build_index(synth_root, drop_overlap=False)["train"]
+    kept = build_index(synth_root, ALL, drop_overlap=False)["train"]
     assert len(kept) == len(train) + 1 and {r["name"] for r in kept} & val_stems
-    rec = next(r for r in train if r["boxes"])
-    assert set(rec) == {"name", "image", "image_set", "split", "has_det", "boxes", "labels", "ignore_boxes", "ignore_labels", "sem",
-                        "drv", "attributes"}
-    assert all(0 <= c < 10 for c in rec["labels"]) and len(rec["labels"]) == len(rec["boxes"])
+    rec = next(r for r in train if "det" in r["labels"] and r["labels"]["det"]["boxes"])
+    assert set(rec) == {"name", "image", "image_set", "split", "labels", "attributes"}
+    det = rec["labels"]["det"]
+    assert all(0 <= c < 10 for c in det["labels"]) and len(det["labels"]) == len(det["boxes"])
+    assert rec["labels"]["lane"].endswith(".png") and "/labels/lane/masks/train/" in rec["labels"]["lane"]
     assert set(rec["attributes"]) == {"weather", "scene", "timeofday"}
+    # only the tasks asked for: a det-only index has no frame of the 10k set alone
+    det_only = build_index(synth_root, TASKS.get_many(["det"]))["train"]
+    assert det_only and all(set(r["labels"]) == {"det"} for r in det_only)
     path = str(tmp_path / "index.jsonl")
     write_index(train + val, path)
     assert read_index(path) == train + val
@@ -158,7 +168,7 @@ def test_cli_synth_index_check_round_trip(tmp_path, capsys):
     assert cli.main(["data", "synth", "--out", root, "--images", "12", "--size", "160x90", "--seed", "1"]) == 0
     assert cli.main(["data", "check", root]) == 0
     out = capsys.readouterr().out
-    assert "images 100k" in out and "labelled sem (masks)" in out and "pedestrian" in out and "0 error(s)" in out
+    assert "images 100k" in out and "lane labelled" in out and "boxes/pedestrian" in out and "0 error(s)" in out
     assert cli.main(["data", "index", f"file://{root}", "--out", str(tmp_path / "i.jsonl")]) == 0
     records = read_index(str(tmp_path / "i.jsonl"))
     assert records and all(r["image"].startswith("file://") for r in records)
@@ -209,31 +219,32 @@ def _edit_first_label(root, change):
 def test_bad_det_label_is_an_error_naming_file_and_frame_or_a_counted_skip(bad_root, change, expected):
     name = _edit_first_label(bad_root, change)
     with pytest.raises(DatasetError) as e:
-        build_index(bad_root)
+        build_index(bad_root, TASKS3)
     assert "det_train.json" in str(e.value) and name in str(e.value) and expected in str(e.value)
     stats: dict = {}
-    records = build_index(bad_root, on_bad_sample="skip", stats=stats)["train"]
+    records = build_index(bad_root, TASKS3, on_bad_sample="skip", stats=stats)["train"]
     assert stats["train"]["skipped"] == 1 and name not in {r["name"] for r in records}
-    report = check_dataset(bad_root)
+    report = check_dataset(bad_root, ALL)
     assert not report.ok and any(expected in p.problem and name in p.problem for p in report.errors)
 
 
 def test_box_outside_the_image_is_an_error(bad_root):
     name = _edit_first_label(bad_root, lambda l: l["box2d"].update(x2=5000.0))
-    record = next(r for r in build_index(bad_root)["train"] if r["name"] == name)
+    record = next(r for r in build_index(bad_root, TASKS3)["train"] if r["name"] == name)
     with pytest.raises(DatasetError, match="outside the 320x180 image") as e:
-        load_sample(record)
+        load_sample(record, TASKS3)
     assert name in str(e.value)
     assert any("outside the 320x180 image" in p.problem and p.file.endswith("det_train.json")
-               for p in check_dataset(bad_root).errors)
+               for p in check_dataset(bad_root, ALL).errors)
 
 
 def test_malformed_json_is_an_error_naming_the_file(bad_root):
     with open(_det_file(bad_root, "val"), "w") as f:
         f.write('[{"name": "a.jpg", "labels": [')
     with pytest.raises(DatasetError, match=r"det_val\.json: malformed JSON"):
-        build_index(bad_root)
-    assert any(p.file.endswith("det_val.json") and "malformed JSON" in p.problem for p in check_dataset(bad_root).errors)
+        build_index(bad_root, TASKS3)
+    assert any(p.file.endswith("det_val.json") and "malformed JSON" in p.problem
+               for p in check_dataset(bad_root, ALL).errors)
 
 
 def _first(root, folder):
@@ -242,7 +253,7 @@ def _first(root, folder):
 
 
 def test_bad_images_and_masks_are_errors_naming_the_file(bad_root):
-    records = {r["name"][:-4]: r for r in build_index(bad_root)["train"]}
+    records = {r["name"][:-4]: r for r in build_index(bad_root, ALL)["train"]}
     jpg = _first(bad_root, "images/100k/train")
     data = open(jpg, "rb").read()
     with open(jpg, "wb") as f:  # corrupt JPEG: cut in the middle of the entropy-coded data
@@ -255,6 +266,10 @@ def test_bad_images_and_masks_are_errors_naming_the_file(bad_root):
         return os.path.join(bad_root, folder, name)
 
     drv = pick("labels/drivable/masks/train")
+    lane = pick("labels/lane/masks/train")
+    m = np.asarray(Image.open(lane)).copy()
+    m[0, 0] = 77  # bit 6 set: a byte the official masks never hold
+    Image.fromarray(m).save(lane)
     png = open(drv, "rb").read()
     with open(drv, "wb") as f:  # truncated PNG
         f.write(png[:60])
@@ -266,46 +281,59 @@ def test_bad_images_and_masks_are_errors_naming_the_file(bad_root):
     Image.fromarray(m).save(out_of_range)
 
     for path, expected in ((jpg, "corrupt image"), (drv, "corrupt drv mask"), (wrong_size, "is 100x50, its image is 320x180"),
-                           (out_of_range, "values outside 0-18 and 255: [77]")):
+                           (out_of_range, "values outside 0-18, 255: [77]"), (lane, "lane mask has values outside 0-63, 255: [77]")):
         stem = os.path.basename(path)[:-4]
         with pytest.raises(DatasetError, match="^" + path) as e:
-            load_sample(records[stem])
+            load_sample(records[stem], ALL)
         assert expected in str(e.value)
-    report = check_dataset(bad_root)
+    report = check_dataset(bad_root, ALL)
     files = {p.file for p in report.errors}
-    assert {jpg, drv, wrong_size, out_of_range} <= files
+    assert {jpg, drv, wrong_size, out_of_range, lane} <= files
 
 
 def test_missing_image_file_is_an_error(bad_root):
-    record = build_index(bad_root)["train"][0]
+    record = build_index(bad_root, TASKS3)["train"][0]
     jpg = record["image"]
     os.remove(jpg)
     with pytest.raises(DatasetError, match="missing file"):
-        load_sample(record)
-    errors = check_dataset(bad_root).errors
+        load_sample(record, TASKS3)
+    errors = check_dataset(bad_root, ALL).errors
     assert any("missing image" in p.problem for p in errors)  # its det label and/or mask now point at nothing
     with pytest.raises(DatasetError, match="not a folder"):
-        build_index(str(bad_root) + "-nope")
+        build_index(str(bad_root) + "-nope", TASKS3)
 
 
 # --------------------------------------------------------------------------- transforms
 
 
 def _sample(w=200, h=100, box=(40, 20, 80, 60)):
+    """A decoded Sample with det and sem targets (no drv): a car box over its sem pixels."""
     image = np.zeros((h, w, 3), np.uint8)
     sem = np.full((h, w), 0, np.uint8)
     sem[:10] = 255  # a void band that must stay 255
     x1, y1, x2, y2 = (int(v) for v in box)
     sem[y1:y2, x1:x2] = 13
     image[y1:y2, x1:x2] = 200
-    return {"image": image, "boxes": np.array([box], np.float32), "labels": np.array([2]),
-            "ignore_boxes": np.zeros((0, 4), np.float32), "has_det": True, "sem": sem, "drv": None}
+    det = {"boxes": np.array([box], np.float32), "labels": np.array([2]), "ignore_boxes": np.zeros((0, 4), np.float32),
+           "ignore_labels": np.zeros(0, np.int64)}
+    return {"image": image, "targets": {"det": det, "sem": sem}}
+
+
+def _train_row(sample, size, scale_range, hflip, color_jitter, rng):
+    h, w = sample["image"].shape[:2]
+    geometry = train_geometry(w, h, size, scale_range, hflip, rng)
+    return make_row(sample["image"], sample["targets"], TASKS3, geometry, color_jitter, rng)
+
+
+def _val_row(sample, size):
+    h, w = sample["image"].shape[:2]
+    return make_row(sample["image"], sample["targets"], TASKS3, val_geometry(w, h, size))
 
 
 def test_flipped_box_still_covers_the_same_mask_pixels():
     rng = np.random.default_rng(0)
-    row = train_transform(_sample(), (200, 100), scale_range=(1.0, 1.0), hflip=1.0, color_jitter=0.0, rng=rng)
-    (x1, y1, x2, y2), = row["boxes"].astype(int)
+    row = _train_row(_sample(), (200, 100), scale_range=(1.0, 1.0), hflip=1.0, color_jitter=0.0, rng=rng)
+    (x1, y1, x2, y2), = row["det_boxes"].astype(int)
     assert (x1, x2) == (200 - 80, 200 - 40)
     assert (row["sem"][y1:y2, x1:x2] == 13).all()
     assert (row["sem"] == 13).sum() == (x2 - x1) * (y2 - y1)
@@ -330,13 +358,13 @@ def test_color_jitter_is_brightness_then_contrast_then_saturation():
 
 def test_train_transform_keeps_images_masks_and_boxes_aligned_under_random_scale_and_crop():
     for seed in range(20):
-        row = train_transform(_sample(), (120, 80), scale_range=(0.5, 2.0), hflip=0.5, color_jitter=0.3,
-                              rng=np.random.default_rng(seed))
+        row = _train_row(_sample(), (120, 80), scale_range=(0.5, 2.0), hflip=0.5, color_jitter=0.3,
+                         rng=np.random.default_rng(seed))
         assert row["image"].shape == (80, 120, 3) and row["sem"].shape == (80, 120)
-        assert row["boxes"].dtype == np.float32 and row["labels"].dtype == np.int64
+        assert row["det_boxes"].dtype == np.float32 and row["det_labels"].dtype == np.int64
         car = row["sem"] == 13
-        if len(row["boxes"]):
-            x1, y1, x2, y2 = row["boxes"][0]
+        if len(row["det_boxes"]):
+            x1, y1, x2, y2 = row["det_boxes"][0]
             ys, xs = np.nonzero(car)
             # the box is the car region (up to one pixel of nearest-neighbour rounding)
             assert abs(xs.min() - x1) <= 1 and abs(xs.max() + 1 - x2) <= 1
@@ -347,11 +375,11 @@ def test_train_transform_keeps_images_masks_and_boxes_aligned_under_random_scale
 
 def test_val_transform_letterboxes_and_boxes_map_back_exactly():
     sample = _sample(w=1280, h=720, box=(100.5, 200.25, 640.75, 500.0))
-    row = val_transform(sample, (640, 384))
+    row = _val_row(sample, (640, 384))
     assert row["scale"] == np.float32(0.5)
     assert row["image"].shape == (384, 640, 3) and (row["image"][360:] == 0).all()
     assert (row["sem"][360:] == 255).all()
-    np.testing.assert_array_equal(row["boxes"] / row["scale"], sample["boxes"])
+    np.testing.assert_array_equal(row["det_boxes"] / row["scale"], sample["targets"]["det"]["boxes"])
     assert row["orig_size"].tolist() == [720, 1280] and row["orig_size"].dtype == np.int64
 
 
@@ -365,42 +393,42 @@ def _cfg(**kw):
 def test_pipeline_batches_have_the_contract_shapes_and_presence_flags(ray_local, synth_root):
     cfg = _cfg()
     root = "file://" + synth_root
-    records = load_records(cfg, root, "train")
-    by_name = {}
-    for r in records:
-        by_name.setdefault(r["name"], r)
+    records = load_records(cfg, root, "train", ALL)
+    by_name = {r["name"]: r for r in records}
     seen = 0
-    for batch in iter_train_batches(build_dataset(records, cfg, train=True), batch_size=4):
+    for batch in iter_train_batches(build_dataset(records, cfg, ALL, train=True), ALL, batch_size=4):
         b = len(batch["name"])
-        assert batch["image"].shape == (b, 3, 96, 160) and batch["image"].dtype.is_floating_point is False
-        assert batch["sem"].shape == (b, 96, 160) and batch["sem"].dtype == torch.uint8
-        assert len(batch["boxes"]) == len(batch["labels"]) == len(batch["ignore_boxes"]) == b
+        assert batch["image"].shape == (b, 3, 96, 160) and batch["image"].dtype == torch.uint8
+        targets = batch["targets"]
+        for task in ("sem", "drv", "lane"):
+            assert targets[task].shape == (b, 96, 160) and targets[task].dtype == torch.uint8
+        det = targets["det"]
+        assert len(det["boxes"]) == len(det["labels"]) == len(det["ignore_boxes"]) == b
         assert batch["skipped"] == 0 and batch["scale"].shape == (b,) and batch["orig_size"].shape == (b, 2)
         for i, name in enumerate(batch["name"]):
             rec = by_name[name]
-            assert bool(batch["has_det"][i]) == rec["has_det"]
-            assert bool(batch["has_sem"][i]) == (rec["sem"] is not None)
-            assert bool(batch["has_drv"][i]) == (rec["drv"] is not None)
-            if rec["sem"] is None:
-                assert (batch["sem"][i] == 255).all()
+            assert {t for t in batch["has"] if batch["has"][t][i]} == set(rec["labels"])
+            if "sem" not in rec["labels"]:
+                assert (targets["sem"][i] == 255).all()
             else:
-                assert (batch["sem"][i] < 19).any()
-            assert batch["boxes"][i].shape[1:] == (4,) and batch["labels"][i].dtype.__str__() == "torch.int64"
+                assert (targets["sem"][i] < 19).any()
+            assert det["boxes"][i].shape[1:] == (4,) and det["labels"][i].dtype == torch.int64
             assert batch["orig_size"][i].tolist() == [180, 320]
         seen += b
     assert seen == len(records)
 
     # val: deterministic letterbox; boxes / scale are the index boxes (those that survive clipping)
-    val = load_records(cfg, root, "val")
-    batches = list(iter_train_batches(build_dataset(val, cfg, train=False), batch_size=8))
+    val = load_records(cfg, root, "val", TASKS3)
+    batches = list(iter_train_batches(build_dataset(val, cfg, TASKS3, train=False), TASKS3, batch_size=8))
     names = [n for b in batches for n in b["name"]]
     assert sorted(names) == sorted(r["name"] for r in val)
-    rec = next(r for r in val if r["boxes"])
+    rec = next(r for r in val if "det" in r["labels"] and r["labels"]["det"]["boxes"])
     batch = next(b for b in batches if rec["name"] in b["name"])
     i = batch["name"].index(rec["name"])
     assert float(batch["scale"][i]) == pytest.approx(0.5)
-    kept = [b for b in rec["boxes"] if min(b[2] - b[0], b[3] - b[1]) * 0.5 >= 2]  # smaller ones are dropped
-    np.testing.assert_allclose(batch["boxes"][i].numpy() / 0.5, np.array(kept).reshape(-1, 4), atol=1e-4)
+    kept = [b for b in rec["labels"]["det"]["boxes"] if min(b[2] - b[0], b[3] - b[1]) * 0.5 >= 2]  # smaller: dropped
+    np.testing.assert_allclose(batch["targets"]["det"]["boxes"][i].numpy() / 0.5, np.array(kept).reshape(-1, 4),
+                               atol=1e-4)
 
 
 def test_stream_plan_serves_each_epoch_its_own_permutation_cut_or_filled_to_its_rows():
@@ -419,10 +447,10 @@ def test_stream_plan_serves_each_epoch_its_own_permutation_cut_or_filled_to_its_
 
 def test_a_stage_stream_holds_every_epoch_in_one_pass(ray_local, synth_root):
     cfg = _cfg()
-    records = load_records(cfg, synth_root, "train")
+    records = load_records(cfg, synth_root, "train", TASKS3)
     assert len(records) >= 16
-    ds = build_dataset(records, cfg, train=True, epochs=3, rows_per_epoch=8, seed=1)
-    names = [n for b in iter_train_batches(ds, batch_size=4) for n in b["name"]]
+    ds = build_dataset(records, cfg, TASKS3, train=True, epochs=3, rows_per_epoch=8, seed=1)
+    names = [n for b in iter_train_batches(ds, TASKS3, batch_size=4) for n in b["name"]]
     assert len(names) == 24  # three epochs of 8 rows, from one execution
     plan = StreamPlan(n_records=len(records), rows_per_epoch=8, epochs=3, shuffle=True, seed=1)
     expected = [records[i]["name"] for i in plan.record_indices(np.arange(24))]
@@ -437,20 +465,20 @@ def test_decode_tasks_hand_on_whole_batches_of_about_twenty_mb(ray_local, synth_
     # whole batches per block, about 20 MB, at most four: four of 5 MB at 640x384 and of the demo's
     # 1.2 MB, two of 9.4 MB at 1280x736, one of 38 MB (batch 8 at 1280x736)
     sizes_and_batches = (((640, 384), 4), ((320, 192), 4), ((1280, 736), 2), ((64, 32), 4), ((1280, 736), 8))
-    assert [block_rows(cfg(s, b)) for s, b in sizes_and_batches] == [16, 16, 4, 16, 8]
+    assert [block_rows(cfg(s, b), TASKS3) for s, b in sizes_and_batches] == [16, 16, 4, 16, 8]
     # a small object store takes smaller blocks: at 640x384 one batch in 80 MB, two in 240 MB
-    assert [block_rows(cfg((640, 384), 4), mb << 20) for mb in (80, 240, 512)] == [4, 8, 16]
+    assert [block_rows(cfg((640, 384), 4), TASKS3, mb << 20) for mb in (80, 240, 512)] == [4, 8, 16]
     assert smallest_object_store() == pytest.approx(512 << 20, rel=0.01)  # the store build_dataset sizes by
     demo = cfg((320, 192), 4)
-    records = load_records(demo, synth_root, "train")
-    ds = build_dataset(records, demo, train=True, epochs=1, rows_per_epoch=64)  # 2 read blocks of 32 rows
+    records = load_records(demo, synth_root, "train", TASKS3)
+    ds = build_dataset(records, demo, TASKS3, train=True, epochs=1, rows_per_epoch=64)  # 2 read blocks of 32 rows
     sizes = [len(b["name"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy")]
     assert sizes == [16] * 4
 
 
 def _without_executor_fixes(ds):
     """`ds` with Ray Data's executor as Ray ships it: the reproductions of what the fixes fix."""
-    from paf_ray.train.ray_setup import EXECUTOR_FIXES
+    from paf_ray.runtime.ray import EXECUTOR_FIXES
 
     ds.context.custom_execution_callback_classes = [
         c for c in ds.context.custom_execution_callback_classes if c not in EXECUTOR_FIXES]
@@ -464,13 +492,13 @@ def _coordinator_cpu_while_the_consumer_rests(records, rest_s: float, fixed: boo
     import ray
 
     cfg = _cfg()
-    ds = build_dataset(records, cfg, train=True, epochs=4)
+    ds = build_dataset(records, cfg, TASKS3, train=True, epochs=4)
     if not fixed:
         _without_executor_fixes(ds)
     ds.context.execution_options.resource_limits = ds.context.execution_options.resource_limits.copy(
         object_store_memory=2 * 2**20)  # a few batches: the executor is held back at once
     shard = ds.streaming_split(1, equal=True)[0]
-    batches = iter_train_batches(shard, batch_size=4)
+    batches = iter_train_batches(shard, TASKS3, batch_size=4)
     next(batches)
     pid = ray.get(shard._coord_actor.__ray_call__.remote(lambda self: os.getpid()))
     time.sleep(2.0)  # decoding fills the budget
@@ -486,7 +514,7 @@ def _coordinator_cpu_while_the_consumer_rests(records, rest_s: float, fixed: boo
 def test_the_executor_rests_while_its_consumer_is_busy(ray_local, synth_root):
     """Ray 2.60's streaming executor spins while held back; ray_setup.SleepWhileHeldBack ends that.
     Without it the coordinator takes most of a core; with it, a few percent."""
-    records = load_records(_cfg(), synth_root, "train")
+    records = load_records(_cfg(), synth_root, "train", TASKS3)
     fixed = _coordinator_cpu_while_the_consumer_rests(records, rest_s=3.0)
     unfixed = _coordinator_cpu_while_the_consumer_rests(records, rest_s=3.0, fixed=False)
     assert unfixed > 1.0, unfixed  # the reproduction: Ray as shipped spins
@@ -497,7 +525,7 @@ def _second_task_start_delay(fixed: bool = True) -> float:
     """Seconds between the first rows of two decode tasks that 2 CPUs could run at once."""
     import ray
 
-    from paf_ray.train.ray_setup import configure_data_context
+    from paf_ray.runtime.ray import configure_data_context
 
     def slow_row(item: dict) -> dict:  # nested: Ray's workers cannot import this test module
         time.sleep(0.1)  # rows of 0.6 MB: a task hands on its first block after two rows, as decoding does
@@ -523,8 +551,9 @@ def test_a_new_execution_runs_its_tasks_side_by_side_from_the_start(ray_local):
 
 def test_decode_priority_changes_the_thread_not_the_rows(ray_local, synth_root):
     # with decode_priority=normal the rows are the same: only the thread that makes them differs
-    val = load_records(_cfg(), synth_root, "val")[:4]
-    rows = {prio: next(iter_train_batches(build_dataset(val, _cfg(decode_priority=prio), train=False), batch_size=4))
+    val = load_records(_cfg(), synth_root, "val", TASKS3)[:4]
+    rows = {prio: next(iter_train_batches(build_dataset(val, _cfg(decode_priority=prio), TASKS3, train=False), TASKS3,
+                                          batch_size=4))
             for prio in ("idle", "normal")}
     assert rows["idle"]["name"] == rows["normal"]["name"]
     assert torch.equal(rows["idle"]["image"], rows["normal"]["image"])
@@ -553,7 +582,7 @@ def test_the_decode_map_loads_in_a_process_without_torch():
     from paf_ray.data.pipeline import LoadRows
 
     plan = StreamPlan(n_records=4, rows_per_epoch=4, epochs=1, shuffle=True)
-    blob = pickle.dumps(LoadRows(None, plan, _cfg(), True))
+    blob = pickle.dumps(LoadRows(None, plan, RowSettings.of(_cfg()), ALL, True))
     code = ("import pickle, sys; m = pickle.loads(sys.stdin.buffer.read()); "
             "assert m.plan.n_records == 4; print(sorted(k for k in sys.modules if k.split('.')[0] == 'torch'))")
     done = subprocess.run([sys.executable, "-c", code], input=blob, capture_output=True, timeout=120)
@@ -562,37 +591,31 @@ def test_the_decode_map_loads_in_a_process_without_torch():
 
 
 def test_pipeline_skips_and_counts_bad_samples_or_fails_naming_the_file(ray_local, bad_root):
-    records = build_index(bad_root)["val"]
+    records = build_index(bad_root, TASKS3)["val"]
     victim = records[0]
     with open(victim["image"], "wb") as f:
         f.write(b"not a jpeg")
     cfg = _cfg(on_bad_sample="skip")
-    batches = list(iter_train_batches(build_dataset(records, cfg, train=False), batch_size=4))
+    batches = list(iter_train_batches(build_dataset(records, cfg, TASKS3, train=False), TASKS3, batch_size=4))
     assert sum(b["skipped"] for b in batches) == 1
     assert sum(len(b["name"]) for b in batches) == len(records) - 1
     assert victim["name"] not in [n for b in batches for n in b["name"]]
 
     with pytest.raises(Exception) as e:
-        list(iter_train_batches(build_dataset(records, _cfg(on_bad_sample="error"), train=False), batch_size=4))
+        list(iter_train_batches(build_dataset(records, _cfg(on_bad_sample="error"), TASKS3, train=False), TASKS3,
+                                batch_size=4))
     assert victim["image"] in str(e.value) and "corrupt image" in str(e.value)
 
 
 def test_collate_drops_bad_rows_and_counts_them():
-    good = val_transform(_sample(), (64, 32))
-    good.update(name="a.jpg", error="")
-    rows = [good, dict(good, name="b.jpg"), {**{k: v for k, v in good.items()}, "name": "bad.jpg", "error": "x: broken",
-                                             "image": np.zeros((1, 1, 3), np.uint8)}]
-    batch = {k: np.array([r[k] for r in rows] if k not in ("image", "sem", "drv", "boxes", "labels", "ignore_boxes",
-                                                             "orig_size") else _objects([r[k] for r in rows]))
-             for k in rows[0]}
-    out = BatchCollate()(batch)
+    good = {**_val_row(_sample(), (64, 32)), "name": "a.jpg", "error": ""}
+    bad = {**good, "name": "bad.jpg", "error": "x: broken", "image": np.zeros((1, 1, 3), np.uint8)}
+    out = collate_rows(stack_rows([good, dict(good, name="b.jpg"), bad]), TASKS3)
     assert out["skipped"] == 1 and out["name"] == ["a.jpg", "b.jpg"] and out["image"].shape == (2, 3, 32, 64)
-
-
-def _objects(arrays):
-    out = np.empty(len(arrays), object)
-    out[:] = arrays
-    return out
+    assert out["has"]["sem"].tolist() == [True, True] and out["has"]["drv"].tolist() == [False, False]
+    assert len(out["targets"]["det"]["boxes"]) == 2 and out["targets"]["sem"].shape == (2, 32, 64)
+    empty = collate_rows(stack_rows([bad]), TASKS3)
+    assert empty["skipped"] == 1 and empty["image"].shape[0] == 0 and empty["name"] == []
 
 
 def test_real_bdd100k_frames_load_through_the_same_path(ray_local, testdata_dir, tmp_path):
@@ -609,18 +632,18 @@ def test_real_bdd100k_frames_load_through_the_same_path(ray_local, testdata_dir,
                "labels": [{"id": "0", "category": "car", "attributes": {},
                            "box2d": {"x1": 600.0, "y1": 350.0, "x2": 700.0, "y2": 420.0}}]} for n in names]
     (root / "labels/det_20/det_val.json").write_text(json.dumps(frames))
-    assert check_dataset(str(root), splits=("val",)).ok
+    assert check_dataset(str(root), ALL, splits=("val",)).ok
     cfg = DataConfig(input_size=(640, 384))
-    records = load_records(cfg, str(root), "val")
-    batches = list(iter_train_batches(build_dataset(records, cfg, train=False), batch_size=6))
+    records = load_records(cfg, str(root), "val", TASKS3)
+    batches = list(iter_train_batches(build_dataset(records, cfg, TASKS3, train=False), TASKS3, batch_size=6))
     assert len(batches) == 1
     batch = batches[0]
     assert sorted(batch["name"]) == names
     assert batch["image"].shape == (6, 3, 384, 640)
     assert batch["orig_size"].tolist() == [[720, 1280]] * 6
     assert batch["image"][:, :, :360].float().mean() > 20  # real content, not padding
-    assert not batch["has_sem"].any() and batch["has_det"].all()
-    np.testing.assert_allclose(batch["boxes"][0].numpy(), [[300, 175, 350, 210]])
+    assert not batch["has"]["sem"].any() and batch["has"]["det"].all()
+    np.testing.assert_allclose(batch["targets"]["det"]["boxes"][0].numpy(), [[300, 175, 350, 210]])
 
 
 # --------------------------------------------------------------------------- root resolution
@@ -630,7 +653,7 @@ def test_resolve_root_generates_the_synthetic_default_once(tmp_path):
     cfg = DataConfig()
     cfg.synth.images, cfg.synth.size = 6, (160, 90)
     root = resolve_root(cfg, str(tmp_path))
-    assert os.path.basename(root) == synth_cache_name(cfg) == "synth-6-160x90-s0"
+    assert os.path.basename(root) == synth_cache_name(cfg) == f"synth-6-160x90-s0-g{GENERATOR_VERSION}"
     assert os.path.exists(os.path.join(root, COMPLETE_MARKER))
     marker_time = os.path.getmtime(os.path.join(root, COMPLETE_MARKER))
     assert resolve_root(cfg, str(tmp_path)) == root
@@ -647,9 +670,9 @@ def test_resolve_root_generates_the_synthetic_default_once(tmp_path):
 
 def test_max_samples_are_honoured_deterministically(synth_root):
     cfg = DataConfig(max_train_samples=5, max_val_samples=2)
-    a = load_records(cfg, synth_root, "train")
-    assert [r["name"] for r in a] == [r["name"] for r in load_records(cfg, synth_root, "train")]
-    assert len(a) == 5 and len(load_records(cfg, synth_root, "val")) == 2
+    a = load_records(cfg, synth_root, "train", TASKS3)
+    assert [r["name"] for r in a] == [r["name"] for r in load_records(cfg, synth_root, "train", TASKS3)]
+    assert len(a) == 5 and len(load_records(cfg, synth_root, "val", TASKS3)) == 2
 
 
 def _copy_tree(src: str, dst: str) -> str:
@@ -672,8 +695,13 @@ def test_index_is_built_once_and_rebuilt_when_files_change(synth_root, tmp_path,
     kept = os.listdir(os.path.join(root, INDEX_DIR))
     assert len(kept) == 1 and kept[0].startswith("index-")
     stats: dict = {}
-    first = load_index(root, stats=stats)
-    assert stats["train"]["index"] == "reused" and first == build_index(root)
+    first = load_index(root, TASKS3, stats=stats)  # the tasks `data index` indexes by default
+    assert stats["train"]["index"] == "reused" and first == build_index(root, TASKS3)
+    assert cli.main(["data", "index", root, "--tasks", "det,lane"]) == 0  # other tasks: an index of their own
+    assert "index built" in capsys.readouterr().out and len(os.listdir(os.path.join(root, INDEX_DIR))) == 2
+    assert cli.main(["data", "index", root, "--tasks", "det,curbs"]) == 2
+    assert "unknown task 'curbs'" in capsys.readouterr().err
+    os.remove(os.path.join(root, INDEX_DIR, next(n for n in os.listdir(os.path.join(root, INDEX_DIR)) if n != kept[0])))
     assert os.listdir(os.path.join(root, INDEX_DIR)) == kept
 
     # a new labelled frame (image + drivable mask): rebuilt, and it is in the records
@@ -683,18 +711,18 @@ def test_index_is_built_once_and_rebuilt_when_files_change(synth_root, tmp_path,
     masks = os.path.join(root, "labels/drivable/masks/train")
     shutil.copy(os.path.join(masks, src[:-4] + ".png"), os.path.join(masks, "zz-new.png"))
     stats = {}
-    second = load_index(root, stats=stats)
+    second = load_index(root, TASKS3, stats=stats)
     assert stats["train"]["index"] == "built"
     assert {r["name"] for r in second["train"]} - {r["name"] for r in first["train"]} == {"zz-new.jpg"}
     # a rewritten mask (same name, new bytes): rebuilt again; removed: back to the first listing's records
     with open(os.path.join(masks, "zz-new.png"), "ab") as f:
         f.write(b"\0")
     stats = {}
-    load_index(root, stats=stats)
+    load_index(root, TASKS3, stats=stats)
     assert stats["train"]["index"] == "built"
     os.remove(os.path.join(folder, "zz-new.jpg"))
     os.remove(os.path.join(masks, "zz-new.png"))
-    assert load_index(root) == first
+    assert load_index(root, TASKS3) == first
     assert len(os.listdir(os.path.join(root, INDEX_DIR))) == 3
 
 
@@ -703,15 +731,15 @@ def test_index_of_a_root_in_s3_is_kept_in_the_bucket_and_reused(s3_endpoint, syn
 
     import pyarrow.fs as pafs
 
-    from paf_ray.data import storage
     from paf_ray.data.index import load_index
+    from paf_ray.runtime import storage
 
     root = f"s3://{s3_endpoint[1]}/{uuid.uuid4().hex[:12]}/bdd100k"
     fs, inner = storage.resolve(root)
     pafs.copy_files(_copy_tree(synth_root, str(tmp_path / "D")), inner, destination_filesystem=fs)
     stats: dict = {}
-    built = load_index(root, stats=stats)
+    built = load_index(root, TASKS3, stats=stats)
     assert stats["val"]["index"] == "built" and built["train"][0]["image"].startswith(root + "/images/")
     assert [n for n in storage.list_files(root + "/.paf_ray_index") if n.startswith("index-")]
     stats = {}
-    assert load_index(root, stats=stats) == built and stats["val"]["index"] == "reused"
+    assert load_index(root, TASKS3, stats=stats) == built and stats["val"]["index"] == "reused"

@@ -30,13 +30,18 @@ def synth_command(args) -> int:
 def index_command(args) -> int:
     from paf_ray.data.contracts import DatasetError
     from paf_ray.data.index import index_location, load_index, write_index
-    from paf_ray.tasks import TASKS
+    from paf_ray.tasks import DEFAULT_TASKS, TASKS
 
     splits = tuple(args.split or ("train", "val"))
     stats: dict = {}
     t0 = time.perf_counter()
     try:
-        records = load_index(args.root, list(TASKS), drop_overlap=not args.keep_overlap, index_dir=args.index_dir,
+        tasks = TASKS.get_many(args.tasks.split(",") if args.tasks else DEFAULT_TASKS)
+    except KeyError as e:
+        print(f"paf-ray data index: --tasks: {e.args[0]}", file=sys.stderr)
+        return 2
+    try:
+        records = load_index(args.root, tasks, drop_overlap=not args.keep_overlap, index_dir=args.index_dir,
                              stats=stats)
     except DatasetError as e:
         print(f"paf-ray data index: {e}", file=sys.stderr)
@@ -48,7 +53,7 @@ def index_command(args) -> int:
         write_index([r for s in splits for r in records[s]], args.out)
     for split in splits:
         st = stats[split]
-        per_task = ", ".join(f"{t.name} {sum(1 for r in records[split] if t.name in r['labels'])}" for t in TASKS)
+        per_task = ", ".join(f"{t.name} {sum(1 for r in records[split] if t.name in r['labels'])}" for t in tasks)
         dropped = {k: v for k, v in st.items()
                    if v and k not in ("problems", "records", "merged", "skipped", "index") and not k.startswith("images_")}
         print(f"{split}: {st['records']} records ({per_task}; {st['merged']} frames in both sets merged)"
