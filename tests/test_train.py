@@ -25,17 +25,20 @@ def tiny_config(root: str, **sections) -> dict:
         "name": "t",
         "data": {"root": root, "input_size": [256, 160], "batch_size": 2, "cpus": 0.5},
         "model": {
-            "backbone": {"name": "tiny", "tiny_width": 8, "random_init": True},
-            "adapter": {"kind": "lora", "rank": 2},
+            "backbone": {"name": "tiny", "tiny": {"width": 8}, "random_init": True},
+            "adapter": {"kind": "lora", "lora": {"rank": 2}},
             "fpn_channels": 32,
-            "seg_channels": 16,
-            "det": {
-                "rpn_pre_nms_top_n_train": 200,
-                "rpn_post_nms_top_n_train": 100,
-                "rpn_pre_nms_top_n_test": 100,
-                "rpn_post_nms_top_n_test": 50,
-                "box_batch_size_per_image": 32,
-                "representation_size": 64,
+            "heads": {
+                "sem": {"channels": 16},
+                "drv": {"channels": 16},
+                "det": {
+                    "rpn_pre_nms_top_n_train": 200,
+                    "rpn_post_nms_top_n_train": 100,
+                    "rpn_pre_nms_top_n_test": 100,
+                    "rpn_post_nms_top_n_test": 50,
+                    "box_batch_size_per_image": 32,
+                    "representation_size": 64,
+                },
             },
         },
         "train": {
@@ -80,11 +83,12 @@ def test_training_processes_get_a_short_openmp_spin_unless_the_user_set_one():
 
 def _backbone_weights_file(directory) -> str:
     """A tiny backbone saved as a torchvision-layout checkpoint: the 'pretrained' weights of a test run."""
-    from paf_ray.models.backbones import build_backbone
+    from paf_ray.models.backbones import BACKBONES
+    from paf_ray.models.backbones.resnet import TinyConfig
 
     torch.manual_seed(123)
     path = os.path.join(str(directory), "tiny_backbone.pth")
-    torch.save(build_backbone("tiny", tiny_width=8).state_dict(), path)
+    torch.save(BACKBONES["tiny"].build(TinyConfig(width=8)).state_dict(), path)
     return path
 
 
