@@ -35,7 +35,7 @@ import math
 import os
 import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import matplotlib
@@ -67,6 +67,8 @@ def table_keys(tasks) -> list[str]:
 
 def key_task(key: str) -> str:
     return key.split("/", 1)[0]
+
+
 PARADIGM_LABEL = {
     "single_task": "single-task",
     "pretrain_finetune": "pretrain→finetune",
@@ -229,8 +231,10 @@ def make_checkpoints(cfg: Config, out_dir: str, weights: dict[str, Weights]) -> 
         if ck.pretrain is None:
             continue
         path = weights[name].path
+        options = cfg.model.backbone.options.get(weights[name].backbone)  # its section (tiny: width), if any
         settings = {"pretrain": to_dict(ck.pretrain), "backbone": weights[name].backbone,
-                    "tiny_width": cfg.model.backbone.tiny_width, "data": to_dict(cfg.data.synth), "root": cfg.data.root}
+                    "backbone_options": None if options is None else asdict(options),
+                    "data": to_dict(cfg.data.synth), "root": cfg.data.root}
         sidecar = path.removesuffix(".pth") + ".json"
         previous = read_json(sidecar)
         if previous is not None and previous.get("settings") == settings and storage.exists(path):

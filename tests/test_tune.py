@@ -143,8 +143,8 @@ def test_asha_first_rung_comes_after_the_longest_adapt_phase():
 def test_results_table_is_sorted_and_best_yaml_is_a_run_config(tmp_path):
     cfg = load_config(SMOKE)
     dims = space.parse_space(cfg.tune, SMOKE)
-    base_row = {"adapt_fraction": 0.5, "model.adapter.kind": "bypass", "model.adapter.reduction": 4,
-                "model.adapter.rank": 2, "train.stages.0.lr": 1e-3, "train.stages.1.lr": 1e-4, "backbone": "tiny-w8"}
+    base_row = {"adapt_fraction": 0.5, "model.adapter.kind": "bypass", "model.adapter.bypass.reduction": 4,
+                "model.adapter.lora.rank": 2, "train.stages.0.lr": 1e-3, "train.stages.1.lr": 1e-4, "backbone": "tiny-w8"}
     rows = [
         {"trial": "t1", "status": "stopped", **base_row, "score": 30.0, "epochs": 1, "error": ""},
         {"trial": "t2", "status": "completed", **base_row, "adapt_fraction": 0.0, "backbone": "tiny-w12",
@@ -170,7 +170,7 @@ def test_results_table_is_sorted_and_best_yaml_is_a_run_config(tmp_path):
     assert best_cfg.command == "run" and best_cfg.name == "tune_smoke-best"
     assert [s.kind for s in best_cfg.train.stages] == ["finetune"]  # t2 sampled adapt_fraction 0
     assert best_cfg.train.stages[0].epochs == 2
-    assert best_cfg.model.backbone.tiny_width == 12
+    assert best_cfg.model.backbone.options["tiny"].width == 12
 
 
 # --------------------------------------------------------------------------- the smoke sweep
@@ -210,7 +210,7 @@ def test_smoke_sweep_writes_table_best_config_tensorboard_and_study(ray_local, t
     text = open(os.path.join(out, "best.yaml")).read()
     assert f"trial {best_row['trial']} (completed)" in text
     best_cfg = load_config(os.path.join(out, "best.yaml"))
-    assert best_cfg.model.backbone.tiny_width == {"tiny-w8": 8, "tiny-w12": 12}[best_row["backbone"]]
+    assert best_cfg.model.backbone.options["tiny"].width == {"tiny-w8": 8, "tiny-w12": 12}[best_row["backbone"]]
     result = run_pipeline(best_cfg, out=str(tmp_path / "best_run"))
     assert len(result["stages"]) == len(best_cfg.train.stages)
     assert isinstance(result["metrics"]["score"], float)

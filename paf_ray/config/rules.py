@@ -132,11 +132,11 @@ def rule_lv_adapter(lv) -> Problems:
     return problems
 
 
-def rule_adapt_needs_weights(backbone, train, tune, study) -> Problems:
+def rule_adapt_needs_weights(backbone, train, tune, study, command: str) -> Problems:
     """An adapt stage freezes the backbone: it needs pretrained weights (or says random on purpose).
     A sweep's trials and a study's cells take their backbone from tune.backbones / study.checkpoints;
     each trial's or cell's own config is checked when it is made."""
-    if tune.backbones or study.checkpoints:
+    if tune.backbones or study.checkpoints or command == "study":
         return []
     if backbone.weights is None and not backbone.random_init and any(s.kind == "adapt" for s in train.stages):
         return [("model.backbone.weights", "an adapt stage freezes the backbone, and no pretrained weights are "
@@ -167,11 +167,14 @@ def rule_name(name: str) -> Problems:
     return []
 
 
-def rule_study(study, train) -> Problems:
+def rule_study(study, train, command: str) -> Problems:
     """The study's grid: checkpoint names, budget split, adapter kinds (checked when the config has a grid)."""
     if not study.checkpoints:
-        return []
+        return [("study.checkpoints", "name at least one checkpoint")] if command == "study" else []
     problems = _names("adapter kind", "study.adapter_kinds", study.adapter_kinds, ADAPTERS)
+    problems += [(f"study.adapter_kinds[{i}]", f"{kind!r} adds no adapters: the adapt-finetune arms need a kind "
+                                               "that does (the grid's pretrain_finetune cells are the no-adapter arm)")
+                 for i, kind in enumerate(study.adapter_kinds) if kind in ADAPTERS and not ADAPTERS[kind].adds_parameters]
     for name, ck in study.checkpoints.items():
         key = f"study.checkpoints.{name}"
         if not re.fullmatch(r"[A-Za-z0-9_.]+", name):
@@ -214,10 +217,10 @@ def check_rules(cfg, source: str = "<config>") -> None:
         lambda: rule_adapter(m),
         lambda: rule_input_size(cfg.data),
         lambda: rule_lv_adapter(m.lv_adapter),
-        lambda: rule_adapt_needs_weights(m.backbone, cfg.train, cfg.tune, cfg.study),
+        lambda: rule_adapt_needs_weights(m.backbone, cfg.train, cfg.tune, cfg.study, cfg.command),
         lambda: rule_frozen_norm_needs_statistics(m, cfg.train, cfg.tune, cfg.study),
         lambda: rule_worker_start_timeout(cfg.ray),
-        lambda: rule_study(cfg.study, cfg.train),
+        lambda: rule_study(cfg.study, cfg.train, cfg.command),
     ]
     for check in checks:
         for key, reason in check():

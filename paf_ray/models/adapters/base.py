@@ -17,6 +17,7 @@ class AdapterKind(abc.ABC):
     # in adapt, the gradient of its parameters passes back through frozen backbone stages (so the
     # frozen backbone's forward must record autograd)
     graph_through_backbone: ClassVar[bool] = False
+    adds_parameters: ClassVar[bool] = True  # False: the kind that leaves the backbone as it is (none)
 
     def check(self, section: Any) -> list[tuple[str, str]]:
         """(key, reason) problems of its section; checked once, at load."""

@@ -11,6 +11,7 @@ from paf_ray.models.adapters.registry import ADAPTERS
 class NoAdapters(AdapterKind):
     name = "none"
     placement = "no adapters"
+    adds_parameters = False
 
     def attach(self, backbone, entry, stages, section) -> nn.Module:
         return nn.ModuleDict()
