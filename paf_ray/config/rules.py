@@ -132,11 +132,11 @@ def rule_lv_adapter(lv) -> Problems:
     return problems
 
 
-def rule_adapt_needs_weights(backbone, train, tune, study, command: str) -> Problems:
+def rule_adapt_needs_weights(backbone, train, tune, study) -> Problems:
     """An adapt stage freezes the backbone: it needs pretrained weights (or says random on purpose).
     A sweep's trials and a study's cells take their backbone from tune.backbones / study.checkpoints;
     each trial's or cell's own config is checked when it is made."""
-    if tune.backbones or study.checkpoints or command == "study":
+    if tune.backbones or study.checkpoints:
         return []
     if backbone.weights is None and not backbone.random_init and any(s.kind == "adapt" for s in train.stages):
         return [("model.backbone.weights", "an adapt stage freezes the backbone, and no pretrained weights are "
@@ -167,10 +167,17 @@ def rule_name(name: str) -> Problems:
     return []
 
 
-def rule_study(study, train, command: str) -> Problems:
+def rule_job_command(command: str, study) -> Problems:
+    """The file's `command` key against the section it runs: a study job names its checkpoints."""
+    if command == "study" and not study.checkpoints:
+        return [("study.checkpoints", "name at least one checkpoint")]
+    return []
+
+
+def rule_study(study, train) -> Problems:
     """The study's grid: checkpoint names, budget split, adapter kinds (checked when the config has a grid)."""
     if not study.checkpoints:
-        return [("study.checkpoints", "name at least one checkpoint")] if command == "study" else []
+        return []
     problems = _names("adapter kind", "study.adapter_kinds", study.adapter_kinds, ADAPTERS)
     problems += [(f"study.adapter_kinds[{i}]", f"{kind!r} adds no adapters: the adapt-finetune arms need a kind "
                                                "that does (the grid's pretrain_finetune cells are the no-adapter arm)")
@@ -210,6 +217,7 @@ def check_rules(cfg, source: str = "<config>") -> None:
     m = cfg.model
     checks = [
         lambda: rule_name(cfg.name),
+        lambda: rule_job_command(cfg.command, cfg.study),
         lambda: rule_stages(cfg.train),
         lambda: rule_tasks(m),
         lambda: rule_stage_head_lr(cfg.train),
@@ -217,10 +225,10 @@ def check_rules(cfg, source: str = "<config>") -> None:
         lambda: rule_adapter(m),
         lambda: rule_input_size(cfg.data),
         lambda: rule_lv_adapter(m.lv_adapter),
-        lambda: rule_adapt_needs_weights(m.backbone, cfg.train, cfg.tune, cfg.study, cfg.command),
+        lambda: rule_adapt_needs_weights(m.backbone, cfg.train, cfg.tune, cfg.study),
         lambda: rule_frozen_norm_needs_statistics(m, cfg.train, cfg.tune, cfg.study),
         lambda: rule_worker_start_timeout(cfg.ray),
-        lambda: rule_study(cfg.study, cfg.train, cfg.command),
+        lambda: rule_study(cfg.study, cfg.train),
     ]
     for check in checks:
         for key, reason in check():
