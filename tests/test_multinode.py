@@ -93,8 +93,9 @@ def cluster(tmp_path_factory):
     """Head + nodes a, b + S3, with the synthetic data set and tiny backbone weights in the bucket."""
     import torch
 
-    from paf_ray.data.synth import write_synthetic
-    from paf_ray.models.backbones import tiny_resnet
+    from paf_ray.data.bdd100k.synth import write_synthetic
+    from paf_ray.models.backbones import BACKBONES
+    from paf_ray.models.backbones.resnet import TinyConfig
 
     if os.geteuid() != 0:
         pytest.skip("the local cluster needs root: unshare (network and mount namespaces), nsenter, mount")
@@ -107,7 +108,7 @@ def cluster(tmp_path_factory):
     try:
         local = c.driver_dir / "upload"
         write_synthetic(str(local / "synth"), images=24, seed=0, size=(320, 180), val_fraction=0.25)
-        torch.save(tiny_resnet(16).state_dict(), local / "tiny16.pth")
+        torch.save(BACKBONES["tiny"].build(TinyConfig(width=16)).state_dict(), local / "tiny16.pth")
         c.s3_upload(local / "synth", key_of(DATA))
         c.s3_upload(local / "tiny16.pth", key_of(WEIGHTS))
         print(f"cluster + data up in {time.monotonic() - t0:.0f} s")
