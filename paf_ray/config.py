@@ -229,6 +229,13 @@ class RayConfig:
     # how long a stage (in `run` and in every Tune trial) waits for its training workers' resources,
     # e.g. while an autoscaler boots GPU nodes; after that it fails naming this key
     worker_start_timeout_s: float = 1800.0
+    # heterogeneous clusters (docs/cluster.md, "Autoscaling"): the accelerator every worker needs, by Ray's
+    # name (H100, A100, A10G, L4, ...); a Tune trial and Ray Data's decode tasks then run on such nodes too
+    accelerator_type: Optional[str] = None
+    # more per worker, merged with cpus_per_worker/gpus_per_worker: custom resources and `memory` in bytes
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    # where the workers go: PACK fills a node before the next, SPREAD puts them on different nodes
+    placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
 
 
 # --------------------------------------------------------------------------- tune
@@ -620,6 +627,18 @@ def _rule_worker_start_timeout_positive(cfg: "Config") -> list[tuple[str, str]]:
     return [] if t > 0 else [("ray.worker_start_timeout_s", f"must be > 0 seconds, got {t:g}")]
 
 
+def _rule_resources_per_worker(cfg: "Config") -> list[tuple[str, str]]:
+    for name, amount in cfg.ray.resources_per_worker.items():
+        key = f"ray.resources_per_worker.{name}"
+        if name in ("CPU", "GPU"):
+            return [(key, f"set ray.{name.lower()}s_per_worker instead (the two would be merged)")]
+        if name.startswith("accelerator_type:"):
+            return [(key, f"set ray.accelerator_type: {name.split(':', 1)[1]} instead")]
+        if amount < 0:
+            return [(key, f"must be >= 0, got {amount:g}")]
+    return []
+
+
 def _rule_frozen_norm_needs_statistics(cfg: "Config") -> list[tuple[str, str]]:
     if cfg.tune.backbones or cfg.command == "study" or cfg.study.checkpoints:
         return []
@@ -668,6 +687,7 @@ def _rule_study_grid(cfg: "Config") -> list[tuple[str, str]]:
 
 
 RULES = [_rule_stages, _rule_model_shapes, _rule_adapt_needs_weights, _rule_worker_start_timeout_positive,
+         _rule_resources_per_worker,
          _rule_lv_adapter_has_clip_weights, _rule_lv_adapter_activation, _rule_clip_backbone_has_weights,
          _rule_frozen_norm_needs_statistics, _rule_study_grid]
 

@@ -220,8 +220,34 @@ async def _follow_logs(client, submission_id: str, out, written: list[int]) -> N
         written[0] += len(chunk)
 
 
+def preflight(args) -> bool:
+    """`paf-ray submit`'s check before it submits: does the job fit the cluster (paf_ray/cluster.py)?
+    Against `--cluster FILE` when given, else against the live cluster at the address."""
+    from paf_ray import cluster as clusters
+
+    cfg = load_job(args.config, args.overrides)
+    if args.cluster:
+        target = clusters.load_cluster_file(args.cluster)
+    else:
+        address = args.address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+        try:
+            target = clusters.live_cluster(address if "://" in address else f"http://{address}", auth_headers())
+        except Exception as e:
+            why = AUTH_HELP if _is_auth_error(e) else str(e)
+            print(f"paf-ray submit: --check: cannot read the cluster at {address}: {why} (--no-check skips the check)",
+                  file=sys.stderr)
+            return False
+    return clusters.print_findings(clusters.check_job(cfg, target, args.config), target, args.config, out=sys.stderr)
+
+
 def submit_command(args) -> int:
     spec = build_job_spec(args.config, args.overrides)
+    if args.check or not args.no_check:
+        fits = preflight(args)
+        if args.check or not fits:
+            if not fits:
+                print("paf-ray submit: nothing submitted (--no-check submits anyway)", file=sys.stderr)
+            return 0 if fits else 1
     try:
         client = make_client(args.address)
         submission_id = client.submit_job(

@@ -295,11 +295,11 @@ def build_tuner(cfg: Config, out_dir: str, cells: list[Cell], cell_cfgs: dict[st
     from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from paf_ray.tune.search import restore_or_refuse
+    from paf_ray.tune.search import restore_or_refuse, trial_resources
 
     runs_dir = storage.join(out_dir, CELLS_DIR)
     trainable = ray.tune.with_parameters(run_cell, cells=cell_cfgs, runs_dir=runs_dir)
-    trainable = ray.tune.with_resources(trainable, {"cpu": cfg.tune.trial_cpus})
+    trainable = ray.tune.with_resources(trainable, trial_resources(cfg))
     report = functools.partial(report_folder, cfg, out_dir)
     callbacks = [StudyProgress(len(cells), runs_dir, done_before, report)]
     experiment = storage.join(out_dir, cfg.name)
@@ -612,6 +612,9 @@ def study_command(args) -> int:
         print(summary["markdown"])
         print(f"[study] results of the cells finished so far written to {out_dir}")
         return 0
+    from paf_ray.cluster import check_workers_can_start
+
+    check_workers_can_start(cfg)  # on a cluster it joins: fail now if no node type can hold a cell's worker
     summary = run_study(cfg, out=args.out, resume=args.resume, source=args.config)
     print(summary["markdown"])
     print(f"[study] folder: {summary['out_dir']} (study.md, study.csv, study.json, study.png), {summary['wall_s']} s")

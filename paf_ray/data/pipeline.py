@@ -279,13 +279,15 @@ def read_blocks(plan: StreamPlan, data_cfg: DataConfig) -> int:
 
 
 def build_dataset(records: list[Record], data_cfg: DataConfig, train: bool, epochs: int = 1,
-                  rows_per_epoch: int | None = None, seed: int = 0) -> ray.data.Dataset:
+                  rows_per_epoch: int | None = None, seed: int = 0,
+                  task_resources: dict[str, float] | None = None) -> ray.data.Dataset:
     """Records -> Dataset of transformed rows; Ray Data's CPU use is capped at ``data.cpus``.
 
     One dataset serves a whole stage: ``epochs`` epochs of ``rows_per_epoch`` rows each (default:
     every record once), in a fresh order per epoch when ``train``. The loop counts an epoch's
     steps itself, so the next epoch's rows are decoded while the previous one ends, and the
-    pipeline is planned and started once per stage.
+    pipeline is planned and started once per stage. ``task_resources``: custom resources every
+    decode task also asks for (where it may run; ``cluster.pinned_resources``).
     """
     from paf_ray.train.ray_setup import configure_data_context
 
@@ -300,7 +302,8 @@ def build_dataset(records: list[Record], data_cfg: DataConfig, train: bool, epoc
     # (or wait for a CPU training holds) while the map starves.
     positions = np.array_split(np.arange(plan.total_rows, dtype=np.int64), read_blocks(plan, data_cfg))
     ds = ray.data.from_numpy(positions)
-    return ds.map(LoadRows(ray.put(RecordTable(records)), plan, data_cfg, train), num_cpus=map_cpus(data_cfg))
+    return ds.map(LoadRows(ray.put(RecordTable(records)), plan, data_cfg, train), num_cpus=map_cpus(data_cfg),
+                  **({"resources": task_resources} if task_resources else {}))
 
 
 # ----------------------------------------------------------------------------- batches

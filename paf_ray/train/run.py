@@ -121,15 +121,17 @@ def make_datasets(cfg: Config, train: list[dict], val: list[dict], stage_index: 
     share per worker}. The train stream holds every epoch of the stage (each epoch
     ``stage_steps_per_epoch`` full batches per worker), so epochs follow each other without a
     new pipeline start."""
+    from paf_ray.cluster import pinned_resources
     from paf_ray.data.pipeline import build_dataset
 
     world = training_world_size(cfg)
     stage = cfg.train.stages[stage_index]
     rows_per_epoch = stage_steps_per_epoch(len(train), cfg, stage_index) * cfg.data.batch_size * world
+    pinned = pinned_resources(cfg.ray)  # decoding on the ray.accelerator_type nodes, beside the workers
     datasets = {"train": build_dataset(train, cfg.data, train=True, epochs=stage.epochs, rows_per_epoch=rows_per_epoch,
-                                       seed=cfg.train.seed + 1000 * stage_index)}
+                                       seed=cfg.train.seed + 1000 * stage_index, task_resources=pinned)}
     for rank in range(world):
-        datasets[f"val_{rank}"] = build_dataset(val[rank::world], cfg.data, train=False)
+        datasets[f"val_{rank}"] = build_dataset(val[rank::world], cfg.data, train=False, task_resources=pinned)
     return datasets
 
 
@@ -163,6 +165,7 @@ def run_stage(
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from paf_ray.cluster import worker_resources
     from paf_ray.train.loop import train_loop
     from paf_ray.train.ray_setup import RAY_LOG_LEVEL, configure_data_context
     from paf_ray.train.step import train_process_env
@@ -171,9 +174,7 @@ def run_stage(
     configure_data_context(cfg.data.cpus)  # copied into the trainer when it is built
     # Train reads the start timeout from this process's environment when fit() starts its controller.
     os.environ[WORKER_START_TIMEOUT_ENV] = str(cfg.ray.worker_start_timeout_s / WORKER_START_ATTEMPTS)
-    resources = {"CPU": cfg.ray.cpus_per_worker}
-    if cfg.ray.use_gpu:
-        resources["GPU"] = cfg.ray.gpus_per_worker
+    resources = worker_resources(cfg.ray)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
@@ -186,7 +187,8 @@ def run_stage(
             "log_dir": run_dir,
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources
+            num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources,
+            accelerator_type=cfg.ray.accelerator_type, placement_strategy=cfg.ray.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=stage_run_name(index, stage.kind),
@@ -416,7 +418,10 @@ def run_name_for(cfg: Config, storage_root: str, resume: str | None) -> str:
 
 
 def run_command(args) -> int:
+    from paf_ray.cluster import check_workers_can_start
+
     cfg = load_config(args.config, args.overrides)
+    check_workers_can_start(cfg)  # on a cluster it joins: fail now if no node type can hold a worker
     storage_root = resolve_storage(cfg, args.out)
     try:
         cfg = replace(cfg, name=run_name_for(cfg, storage_root, args.resume))

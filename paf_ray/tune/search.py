@@ -134,7 +134,14 @@ def make_trainable(cfg: Config, runs_dir: str, source: str):
     import ray.tune
 
     trainable = ray.tune.with_parameters(run_trial, base=to_dict(cfg), runs_dir=runs_dir, source=source)
-    return ray.tune.with_resources(trainable, {"cpu": cfg.tune.trial_cpus})
+    return ray.tune.with_resources(trainable, trial_resources(cfg))
+
+
+def trial_resources(cfg: Config) -> dict[str, float]:
+    """A trial's own resources: a sliver of a CPU, on a node of ray.accelerator_type when one is set."""
+    from paf_ray.cluster import pinned_resources
+
+    return {"cpu": cfg.tune.trial_cpus, **pinned_resources(cfg.ray)}
 
 
 def make_searcher(cfg: Config, dims: list[space.Dimension], storage_url: str):
@@ -398,9 +405,11 @@ def run_sweep(cfg: Config, out: str | None = None, resume: bool = False, source:
 def tune_command(args) -> int:
     from dataclasses import replace
 
+    from paf_ray.cluster import check_workers_can_start
     from paf_ray.train.run import RunExistsError, resolve_storage, run_name_for
 
     cfg = load_config(args.config, args.overrides)
+    check_workers_can_start(cfg)  # on a cluster it joins: fail now if no node type can hold a trial's worker
     if args.out is None:  # a new sweep folder <name>-<time>-<id> under the storage, or the newest to resume
         try:
             cfg = replace(cfg, name=run_name_for(cfg, resolve_storage(cfg, None), "" if args.resume else None))
