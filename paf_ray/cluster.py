@@ -196,7 +196,8 @@ def unfit_reason(ray_cfg: RayConfig, bundle: dict[str, float], cluster: Cluster)
             f"{format_resources(best.resources)})")
     keys = " + ".join(_key_value(ray_cfg, r) for r in sorted(bundle))
     best = largest(types)
-    return resource_key(sorted(bundle)[0]), (
+    narrowest = min(bundle, key=lambda r: (not r.startswith(ACCELERATOR_PREFIX), r in ("CPU", "GPU"), r == "CPU"))
+    return resource_key(narrowest), (
         f"{keys}: no node type of {cluster.source} has all of {format_resources(bundle)} on one node "
         f"(largest: {best.name} {format_resources(best.resources)})")
 
@@ -205,17 +206,27 @@ def fitting_types(cluster: Cluster, bundle: dict[str, float]) -> list[NodeType]:
     return [t for t in cluster.node_types if t.max_workers > 0 and fits(t.resources, bundle)]
 
 
-def worker_capacity(cluster: Cluster, bundle: dict[str, float]) -> int:
-    """The most training workers the cluster can hold at once, nodes capped by `max_workers`."""
-    per_type = sorted(((workers_per_node(t.resources, bundle), t.max_workers) for t in fitting_types(cluster, bundle)),
-                      reverse=True)
+def placement(cluster: Cluster, bundle: dict[str, float], workers: int) -> list[tuple[NodeType, int, int]]:
+    """Where `workers` bundles go, as (node type, nodes, workers on them): node types holding the
+    most per node first, nodes capped by their max_workers and the cluster's. Fewer workers than
+    asked when they do not all fit."""
     nodes_left = cluster.max_workers if cluster.max_workers is not None else sys.maxsize
-    total = 0
-    for per_node, count in per_type:
-        take = min(count, nodes_left)
-        total += per_node * take
-        nodes_left -= take
-    return total
+    plan = []
+    for t in sorted(fitting_types(cluster, bundle), key=lambda t: -workers_per_node(t.resources, bundle)):
+        per_node = workers_per_node(t.resources, bundle)
+        if workers <= 0 or nodes_left <= 0 or per_node <= 0:
+            break
+        nodes = min(t.max_workers, nodes_left, math.ceil(workers / per_node))
+        placed = min(workers, nodes * per_node)
+        plan.append((t, nodes, placed))
+        workers -= placed
+        nodes_left -= nodes
+    return plan
+
+
+def worker_capacity(cluster: Cluster, bundle: dict[str, float]) -> int:
+    """The most training workers the cluster can hold at once."""
+    return sum(placed for _, _, placed in placement(cluster, bundle, sys.maxsize))
 
 
 def check_job(cfg: Config, cluster: Cluster, source: str = "<job>") -> list[Finding]:
@@ -241,12 +252,14 @@ def check_job(cfg: Config, cluster: Cluster, source: str = "<job>") -> list[Find
                                      f"max_workers allow {capacity} ({caps}"
                                      + (f"; at most {cluster.max_workers} worker nodes in all" if cluster.max_workers is not None else "")
                                      + ")"))
-            elif capacity < ray_cfg.num_workers * concurrent:
-                found.append(Finding("warning", "tune.max_concurrent_trials",
-                                     f"{concurrent} trials x {ray_cfg.num_workers} workers, but only "
-                                     f"{capacity // ray_cfg.num_workers} trials' workers fit at once ({caps}); the others "
-                                     f"wait for them, each up to ray.worker_start_timeout_s={ray_cfg.worker_start_timeout_s:g} s"))
-            found += _data_cpu_findings(cfg, cluster, bundle, hosts, concurrent)
+            else:
+                fit_trials = min(concurrent, capacity // ray_cfg.num_workers)
+                if fit_trials < concurrent:
+                    found.append(Finding("warning", "tune.max_concurrent_trials",
+                                         f"{concurrent} trials x {ray_cfg.num_workers} workers, but only {fit_trials} "
+                                         f"trials' workers fit at once ({caps}); the others wait for them, each up to "
+                                         f"ray.worker_start_timeout_s={ray_cfg.worker_start_timeout_s:g} s"))
+                found += _data_cpu_findings(cfg, cluster, bundle, fit_trials)
 
     if cluster.multi_node:
         store = ray_cfg.storage_path
@@ -264,37 +277,30 @@ def check_job(cfg: Config, cluster: Cluster, source: str = "<job>") -> list[Find
     return found
 
 
-def _data_cpu_findings(cfg: Config, cluster: Cluster, bundle: dict[str, float], hosts: list[NodeType],
-                       concurrent: int) -> list[Finding]:
-    """CPUs for Ray Data beside the workers, on the nodes that hold them (and, unless the data
-    tasks are pinned to an accelerator type, on nodes of any type)."""
+def _data_cpu_findings(cfg: Config, cluster: Cluster, bundle: dict[str, float], trials: int) -> list[Finding]:
+    """CPUs for Ray Data beside the workers of `trials` runs: on the nodes that hold them, and,
+    unless the decode tasks are pinned to an accelerator type, on nodes of the other types."""
     from paf_ray.data.pipeline import map_cpus
 
-    workers = cfg.ray.num_workers * concurrent
-    best_spare = 0.0
-    for t in hosts:
-        per_node = workers_per_node(t.resources, bundle)
-        nodes = math.ceil(workers / per_node)
-        if nodes > t.max_workers:
-            continue
-        spare = nodes * t.resources.get("CPU", 0.0) - workers * bundle.get("CPU", 0.0)
-        best_spare = max(best_spare, spare)
+    workers = cfg.ray.num_workers * trials
+    plan = placement(cluster, bundle, workers)
+    used = {t.name for t, _, _ in plan}
+    spare = sum(nodes * t.resources.get("CPU", 0.0) for t, nodes, _ in plan) - workers * bundle.get("CPU", 0.0)
     pinned = bool(cfg.ray.accelerator_type)
     elsewhere = 0.0 if pinned else sum(t.resources.get("CPU", 0.0) * t.max_workers for t in cluster.worker_types
-                                       if t not in hosts)
-    need = cfg.data.cpus * concurrent
-    if best_spare + elsewhere + EPS < map_cpus(cfg.data):
+                                       if t.name not in used)
+    need = cfg.data.cpus * trials
+    hosts = ", ".join(f"{nodes} x {t.name}" for t, nodes, _ in plan)
+    if spare + elsewhere + EPS < map_cpus(cfg.data):
         return [Finding("error", "data.cpus",
                         f"no CPU is left for Ray Data beside {workers} training worker(s) of {format_resources(bundle)} "
-                        f"on {', '.join(t.name for t in hosts)}"
-                        + (" (decoding runs on the ray.accelerator_type nodes only)" if pinned else "")
+                        f"on {hosts}" + (" (decoding runs on the ray.accelerator_type nodes only)" if pinned else "")
                         + ": lower ray.cpus_per_worker")]
-    if best_spare + EPS < need:
+    if spare + EPS < need:
         return [Finding("warning", "data.cpus",
-                        f"data.cpus={cfg.data.cpus:g}{f' x {concurrent} trials' if concurrent > 1 else ''}, but "
-                        f"{best_spare:g} CPU(s) are left beside the training workers on the nodes that hold them"
-                        + (f"; the rest runs on other nodes, which the autoscaler may add for it" if elsewhere else "")
-                        )]
+                        f"data.cpus={cfg.data.cpus:g}{f' x {trials} trials' if trials > 1 else ''}, but {spare:g} "
+                        f"CPU(s) are left beside the training workers on {hosts}"
+                        + ("; the rest runs on other nodes, which the autoscaler may add for it" if elsewhere else ""))]
     return []
 
 
@@ -440,19 +446,30 @@ def live_cluster(dashboard: str, headers: dict[str, str] | None = None) -> Clust
         cluster = Cluster(f"the cluster at {dashboard}", [])
         cluster.notes.append(f"no autoscaler node types found on the head of {dashboard} (no `ray up` autoscaler log): "
                              "checked against the alive nodes only; pass --cluster FILE to check the node types")
+    # Alive nodes that are not of a known node type (a cluster without an autoscaler, nodes joined by
+    # hand) count as node types of their own: one per node group label, else per resource shape.
     known = {t.name for t in cluster.node_types}
     alive: dict[str, NodeType] = {}
     for n in nodes:
-        group = (n.get("labels") or {}).get(NODE_GROUP_LABEL) or ("head" if n.get("is_head_node") else f"node {n['node_ip']}")
-        if group in known or (n.get("is_head_node") and any(t.head for t in cluster.node_types)):
-            continue
         resources = {k: float(v) for k, v in (n.get("resources_total") or {}).items() if not k.startswith("node:")}
+        head = bool(n.get("is_head_node"))
+        if (head and any(t.head for t in cluster.node_types)) or any(_is_of_type(t, resources) for t in cluster.node_types):
+            continue
+        group = (n.get("labels") or {}).get(NODE_GROUP_LABEL) or ("head" if head else format_resources(resources))
+        if group in known:
+            continue
         if group in alive:
             alive[group].max_workers += 1
         else:
-            alive[group] = NodeType(group, resources, 1, head=bool(n.get("is_head_node")))
+            alive[group] = NodeType(group, resources, 1, head=head)
     cluster.node_types += list(alive.values())
     return cluster
+
+
+def _is_of_type(node_type: NodeType, resources: dict[str, float]) -> bool:
+    """A node offers what its type declares (memory aside: Ray measures it on the node)."""
+    declared = {k: v for k, v in node_type.resources.items() if k not in ("memory", "object_store_memory")}
+    return not node_type.head and bool(declared) and all(abs(resources.get(k, 0.0) - v) < EPS for k, v in declared.items())
 
 
 # --------------------------------------------------------------------------- in a stage

@@ -20,7 +20,6 @@ process started is in one session, stopped by its id. Needs root (unshare, nsent
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import secrets
@@ -111,9 +110,8 @@ headers = {"Authorization": "Bearer " + os.environ["RAY_AUTH_TOKEN"]}
 while True:
     with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as reply:
         nodes = json.loads(reply.read())["data"]["result"]["result"]
-    print(json.dumps([{"id": n["node_id"], "state": n["state"], "head": n["is_head_node"],
-                       "type": (n.get("labels") or {}).get("ray.io/node-group", ""), "resources": n["resources_total"]}
-                      for n in nodes]), flush=True)
+    print(json.dumps({"time": time.time(), "nodes": [{"id": n["node_id"], "state": n["state"], "head": n["is_head_node"],
+                                                      "resources": n["resources_total"]} for n in nodes]}), flush=True)
     if len(sys.argv) < 3:
         break
     time.sleep(float(sys.argv[2]))
@@ -156,16 +154,21 @@ class AutoscalingCluster:
         return done.stdout
 
     def nodes(self) -> list[dict]:
-        """Every node the GCS knows (alive and dead): id, state, head, type (node group), resources."""
-        return json.loads(self.python(_NODES).strip().splitlines()[-1])
+        """Every node the GCS knows (alive and dead): id, state, head, resources."""
+        return json.loads(self.python(_NODES).strip().splitlines()[-1])["nodes"]
 
     def watch_nodes(self, log: Path, every_s: float = 1.0) -> subprocess.Popen:
-        """A poller writing `nodes()` to `log` every `every_s` seconds (one JSON line each) until killed."""
+        """A poller writing {time, nodes} to `log` every `every_s` seconds (one JSON line each) until killed."""
         return self.popen([sys.executable, "-c", _NODES, "--watch", str(every_s)], log)
 
-    def worker_types(self) -> list[str]:
-        """The node types of the alive worker nodes, sorted."""
-        return sorted(n["type"] for n in self.nodes() if n["state"] == "ALIVE" and not n["head"])
+    def type_of(self, node: dict) -> str:
+        """The node type a worker node was started as: the one whose resources it has (the fake
+        provider's nodes carry no node-group label)."""
+        for name, spec in self.config["available_node_types"].items():
+            declared = {k: v for k, v in spec["resources"].items() if k != "object_store_memory"}
+            if name != HEAD_TYPE and all(node["resources"].get(k) == v for k, v in declared.items()):
+                return name
+        return "?"
 
     def status(self) -> str:
         """`ray status` (the autoscaler's view), for failure messages."""
@@ -295,16 +298,20 @@ while True:
 """
 
 
-def stop_autoscaling_cluster(cluster: AutoscalingCluster) -> None:
-    """Every process of the cluster, by session: the head (with the monitor and the fake worker
-    nodes it started, which are its children in its session), moto, then the network namespace."""
-    for name in ("head", "s3", "net"):
-        if name in cluster.sessions:
-            kill_session(cluster.sessions.pop(name))
-    for name, sid in list(cluster.sessions.items()):
-        kill_session(sid)
-        cluster.sessions.pop(name)
-
-
-def copy_config(config: dict) -> dict:
-    return copy.deepcopy(config)
+def stop_autoscaling_cluster(cluster: AutoscalingCluster, grace_s: float = 5) -> None:
+    """Every process of the cluster, by session: the head (with the autoscaler and the fake worker
+    nodes it started, which run in the head's session), moto_server and the network namespace:
+    SIGTERM to all, SIGKILL to what is left after `grace_s`."""
+    sessions = list(cluster.sessions.values())
+    for sid in sessions:
+        for pid in session_pids(sid):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace_s
+    while any(session_pids(sid) for sid in sessions) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for sid in sessions:
+        kill_session(sid, signal.SIGKILL, wait_s=10)
+    cluster.sessions.clear()
