@@ -181,12 +181,16 @@ class AutoscalingCluster:
 
 
 def session_pids(sid: int) -> list[int]:
+    """The live processes of session `sid` (zombies, dead but not yet reaped, left out)."""
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                if os.getsid(int(entry)) == sid:
-                    pids.append(int(entry))
+                if os.getsid(int(entry)) != sid:
+                    continue
+                with open(f"/proc/{entry}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                        pids.append(int(entry))
             except OSError:
                 continue
     return pids

@@ -36,6 +36,7 @@ IDLE_TIMEOUT_MIN = 0.25  # the autoscaler removes a worker node idle this long
 # plus the node's own idle time before the job's end counted in, plus the autoscaler's update
 # (1 s) and the node's stop; on this 2-core machine 3-25 s went beyond the idle timeout.
 SCALE_DOWN_MARGIN_S = 45
+SCALE_DOWN_LIMIT_S = IDLE_TIMEOUT_MIN * 60 + SCALE_DOWN_MARGIN_S
 JOB_TIMEOUT = 600
 GPU_JOB = ["--set", "ray.accelerator_type=A10G", "--set", f"ray.resources_per_worker.{FAKE_GPU}=1"]
 
@@ -107,7 +108,8 @@ def workers_alive(cluster) -> list[dict]:
 
 
 def wait_for_no_workers(cluster, since: float, limit_s: float) -> float:
-    """Seconds from `since` until no worker node is alive; fails naming what the cluster still holds."""
+    """Seconds from `since` (time.monotonic) until no worker node is alive; fails naming what the
+    cluster still holds."""
     while True:
         alive = workers_alive(cluster)
         if not alive:
@@ -147,6 +149,11 @@ class NodeWatch:
             elif self.zero_at is None and self.most:
                 self.zero_at = sample["time"]
 
+    def down_after(self, ended_at: float, waited: float) -> float:
+        """Seconds from a job's end (time.time) to no worker node: negative when the nodes went
+        before the job ended, else what the wait after it measured."""
+        return self.zero_at - ended_at if self.zero_at is not None and self.zero_at < ended_at else waited
+
 
 # The placement groups (strategy, bundles) of the cluster and the resources the job's decode tasks asked for.
 _JOB_PLACEMENT = """
@@ -166,30 +173,31 @@ print(json.dumps({"placement_groups": [{"strategy": p["strategy"], "bundles": li
 @pytest.mark.autoscaler
 @pytest.mark.timeout(1800)
 def test_smoke_job_scales_up_from_zero_and_back(cluster, tmp_path):
-    """`ray job submit` of jobs/smoke.yaml on the stand-in GPU with the new ScalingConfig keys: the
-    first job on a fresh cluster (the oneMKL failure's case) adds a gpu_1x node and succeeds, its
-    workers and decode tasks ask for what the keys say, and the node goes when idle."""
+    """`ray job submit` of jobs/smoke.yaml on a stand-in GPU of an A100 node with the new keys: the
+    first job on a fresh cluster (the oneMKL failure's case) adds a gpu_8x node, and only that (no
+    gpu_1x for the decode tasks or anything else of the job), succeeds, its workers and decode
+    tasks ask for what the keys say, and the node goes when idle."""
     assert workers_alive(cluster) == [], "the cluster starts with no worker node"
     t0 = time.monotonic()
     with NodeWatch(cluster, tmp_path / "nodes.log") as watch:
         done = cluster.run(["ray", "job", "submit", "--working-dir", ".", "--submission-id", "smoke", "--",
-                            "jobs/smoke.yaml", *GPU_JOB, "--set", "ray.placement_strategy=SPREAD"], timeout=JOB_TIMEOUT)
+                            "jobs/smoke.yaml", *sets(["ray.accelerator_type=A100", f"ray.resources_per_worker.{FAKE_GPU}=1",
+                                                      "ray.placement_strategy=SPREAD"])], timeout=JOB_TIMEOUT)
         ended, ended_at = time.monotonic(), time.time()
-        if done.returncode == 0:
-            wait_for_no_workers(cluster, ended, IDLE_TIMEOUT_MIN * 60 + SCALE_DOWN_MARGIN_S)
+        waited = wait_for_no_workers(cluster, ended, SCALE_DOWN_LIMIT_S) if done.returncode == 0 else 0
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-6000:]
     assert "oneMKL" not in out and "[paf-ray] summary:" in out
-    print(f"smoke job: {ended - t0:.0f} s; no worker node {watch.zero_at - ended_at:+.0f} s after its end")
-    assert watch.types == {"gpu_1x"}, watch.types  # the only node type with an A10G
+    print(f"smoke job: {ended - t0:.0f} s; no worker node {watch.down_after(ended_at, waited):+.0f} s after its end")
+    assert watch.types == {"gpu_8x"}, watch.types  # the only node type with an A100
 
     placed = json.loads(cluster.python(_JOB_PLACEMENT, "smoke", cluster.gcs).strip().splitlines()[-1])
     worker_groups = [pg for pg in placed["placement_groups"] if FAKE_GPU in pg["bundles"][0]]
     assert len(worker_groups) == 2, placed  # one per stage: ScalingConfig had the keys
     for pg in worker_groups:
         assert pg["strategy"] == "SPREAD", pg
-        assert pg["bundles"] == [{"CPU": 1.0, FAKE_GPU: 1.0, "accelerator_type:A10G": 0.001}], pg
-    assert placed["decode_tasks"] and all(t.get("accelerator_type:A10G") == 0.001 for t in placed["decode_tasks"]), placed
+        assert pg["bundles"] == [{"CPU": 1.0, FAKE_GPU: 1.0, "accelerator_type:A100": 0.001}], pg
+    assert placed["decode_tasks"] and all(t.get("accelerator_type:A100") == 0.001 for t in placed["decode_tasks"]), placed
 
     # Every fake node unpacked the job's working_dir in a temp dir of its own (tests/fake_provider.py).
     package = "session_*/runtime_resources/working_dir_files/_ray_pkg_*/"
@@ -210,13 +218,12 @@ def test_two_concurrent_trials_bring_up_two_nodes_and_back(cluster, tmp_path):
              *sets(["tune.num_samples=2", "tune.max_concurrent_trials=2", f"ray.storage_path=s3://{BUCKET}/sweeps"])],
             timeout=JOB_TIMEOUT)
         ended, ended_at = time.monotonic(), time.time()
-        if done.returncode == 0:
-            wait_for_no_workers(cluster, ended, IDLE_TIMEOUT_MIN * 60 + SCALE_DOWN_MARGIN_S)
+        waited = wait_for_no_workers(cluster, ended, SCALE_DOWN_LIMIT_S) if done.returncode == 0 else 0
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-6000:]
     assert f"fits the cluster at {cluster.dashboard}" in out  # the pre-flight check ran and passed
     print(f"sweep: {ended - t0:.0f} s, at most {watch.most} worker nodes at once; no worker node "
-          f"{watch.zero_at - ended_at:+.0f} s after its end")
+          f"{watch.down_after(ended_at, waited):+.0f} s after its end")
     assert watch.most == 2 and watch.types == {"gpu_1x"}, (watch.most, watch.types)
 
 

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import ray
 from ray.data.collate_fn import NumpyBatchCollateFn
 
@@ -297,11 +298,13 @@ def build_dataset(records: list[Record], data_cfg: DataConfig, train: bool, epoc
                            block_bytes=block_rows(data_cfg, smallest_object_store()) * row_bytes(data_cfg))
     plan = StreamPlan(n_records=len(records), rows_per_epoch=rows_per_epoch or len(records), epochs=epochs,
                       shuffle=train, seed=seed)
-    # Positions as numpy blocks made here, not ray.data.range: a read task asks for a whole CPU
-    # and, where the map asks for less, runs as its own operator that can hold the data budget
-    # (or wait for a CPU training holds) while the map starves.
+    # Positions as blocks made here, not ray.data.range: a read task asks for a whole CPU and, where
+    # the map asks for less, runs as its own operator that can hold the data budget (or wait for a
+    # CPU training holds) while the map starves. Put from here, not ray.data.from_numpy, whose
+    # conversion tasks ask for a CPU each: where the head has no CPU, the autoscaler starts a
+    # worker node for them, of any type (a GPU node of a type the job does not use).
     positions = np.array_split(np.arange(plan.total_rows, dtype=np.int64), read_blocks(plan, data_cfg))
-    ds = ray.data.from_numpy(positions)
+    ds = ray.data.from_blocks([pa.table({"data": p}) for p in positions])
     return ds.map(LoadRows(ray.put(RecordTable(records)), plan, data_cfg, train), num_cpus=map_cpus(data_cfg),
                   **({"resources": task_resources} if task_resources else {}))
 
