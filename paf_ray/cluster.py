@@ -229,11 +229,13 @@ def worker_capacity(cluster: Cluster, bundle: dict[str, float]) -> int:
     return sum(placed for _, _, placed in placement(cluster, bundle, sys.maxsize))
 
 
-def check_job(cfg: Config, cluster: Cluster, source: str = "<job>") -> list[Finding]:
+def check_job(cfg: Config, cluster: Cluster) -> list[Finding]:
     """Everything that keeps `cfg` from running on `cluster` (errors), or from running as expected (warnings)."""
     from paf_ray.data import storage
 
-    found: list[Finding] = [Finding("warning", "-", note) for note in cluster.notes]
+    found: list[Finding] = [Finding("warning", "cluster", note) for note in cluster.notes]
+    # Node types unknown (only the alive nodes seen): an autoscaler may still add what is missing.
+    unsure = "warning" if cluster.notes else "error"
     ray_cfg = cfg.ray
     sweep = cfg.command in ("tune", "study")
     concurrent = max(1, cfg.tune.max_concurrent_trials) if sweep else 1
@@ -242,16 +244,17 @@ def check_job(cfg: Config, cluster: Cluster, source: str = "<job>") -> list[Find
         bundle = worker_bundle(ray_cfg)
         hosts = fitting_types(cluster, bundle)
         if not hosts:
-            found.append(Finding("error", *unfit_reason(ray_cfg, bundle, cluster)))
+            found.append(Finding(unsure, *unfit_reason(ray_cfg, bundle, cluster)))
         else:
             capacity = worker_capacity(cluster, bundle)
-            caps = ", ".join(f"{t.name}: {workers_per_node(t.resources, bundle)} per node x {t.max_workers}" for t in hosts)
+            caps = ", ".join(f"{t.name}: {workers_per_node(t.resources, bundle)} per node x {t.max_workers}"
+                             for t in hosts)
+            if cluster.max_workers is not None:
+                caps += f"; at most {cluster.max_workers} worker nodes in all"
             if capacity < ray_cfg.num_workers:
-                found.append(Finding("error", "ray.num_workers",
+                found.append(Finding(unsure, "ray.num_workers",
                                      f"{ray_cfg.num_workers} workers of {format_resources(bundle)}, but the node types' "
-                                     f"max_workers allow {capacity} ({caps}"
-                                     + (f"; at most {cluster.max_workers} worker nodes in all" if cluster.max_workers is not None else "")
-                                     + ")"))
+                                     f"max_workers allow {capacity} ({caps})"))
             else:
                 fit_trials = min(concurrent, capacity // ray_cfg.num_workers)
                 if fit_trials < concurrent:
@@ -259,7 +262,8 @@ def check_job(cfg: Config, cluster: Cluster, source: str = "<job>") -> list[Find
                                          f"{concurrent} trials x {ray_cfg.num_workers} workers, but only {fit_trials} "
                                          f"trials' workers fit at once ({caps}); the others wait for them, each up to "
                                          f"ray.worker_start_timeout_s={ray_cfg.worker_start_timeout_s:g} s"))
-                found += _data_cpu_findings(cfg, cluster, bundle, fit_trials)
+                found += [Finding(unsure if f.level == "error" else f.level, f.key, f.message)
+                          for f in _data_cpu_findings(cfg, cluster, bundle, fit_trials)]
 
     if cluster.multi_node:
         store = ray_cfg.storage_path
@@ -522,4 +526,4 @@ def cluster_check_command(args) -> int:
     """`paf-ray cluster check CLUSTER.yaml JOB.yaml [--set k=v ...]`: exit 0 if the job fits, 1 if not."""
     cfg = load_config(args.job, args.overrides)
     cluster = load_cluster_file(args.cluster)
-    return 0 if print_findings(check_job(cfg, cluster, args.job), cluster, args.job) else 1
+    return 0 if print_findings(check_job(cfg, cluster), cluster, args.job) else 1

@@ -237,7 +237,7 @@ def preflight(args) -> bool:
             print(f"paf-ray submit: --check: cannot read the cluster at {address}: {why} (--no-check skips the check)",
                   file=sys.stderr)
             return False
-    return clusters.print_findings(clusters.check_job(cfg, target, args.config), target, args.config, out=sys.stderr)
+    return clusters.print_findings(clusters.check_job(cfg, target), target, args.config, out=sys.stderr)
 
 
 def submit_command(args) -> int:

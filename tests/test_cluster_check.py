@@ -38,7 +38,7 @@ def test_every_job_file_on_every_cluster_file(job_rel, cluster_rel):
     """The cluster jobs (storage and data in object storage) fit every cluster file with nothing to
     warn about; the single-machine jobs are refused only for their local run storage."""
     cfg = job(job_rel)
-    found = clusters.check_job(cfg, cluster_file(cluster_rel), job_rel)
+    found = clusters.check_job(cfg, cluster_file(cluster_rel))
     if clusters_ready(cfg):
         assert found == [], [str(f) for f in found]
     else:
@@ -190,3 +190,12 @@ def test_rayjob_lifecycle_and_the_job_files_runtime_env():
     assert cluster_spec["enableInTreeAutoscaling"] is True
     assert cluster_spec["autoscalerOptions"]["idleTimeoutSeconds"] > 0
     assert cluster_spec["authOptions"]["mode"] == "token"
+
+
+def test_unknown_node_types_make_a_misfit_a_warning():
+    """Only the alive nodes seen (an autoscaler whose node types are not readable, e.g. KubeRay's):
+    the head alone holds no worker, but the autoscaler may add one, so nothing is refused."""
+    head_only = clusters.Cluster("live", [clusters.NodeType("head", {"CPU": 0.0}, 1, head=True)],
+                                 notes=["no autoscaler node types found"])
+    found = clusters.check_job(job("jobs/paf.yaml"), head_only)
+    assert [f.level for f in found] == ["warning", "warning"], found
