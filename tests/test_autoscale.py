@@ -180,43 +180,11 @@ print(json.dumps({"placement_groups": [{"strategy": p["strategy"], "bundles": li
 
 @pytest.mark.autoscaler
 @pytest.mark.timeout(1800)
-def test_smoke_job_scales_up_from_zero_and_back(cluster, tmp_path):
-    """`ray job submit` of jobs/smoke.yaml on a stand-in GPU of an A100 node with the new keys: the
-    first job on a fresh cluster (the oneMKL failure's case) adds a gpu_8x node, and only that (no
-    gpu_1x for the decode tasks or anything else of the job), succeeds, its workers and decode
-    tasks ask for what the keys say, and the node goes when idle."""
-    assert workers_alive(cluster) == [], "the cluster starts with no worker node"
-    t0 = time.monotonic()
-    with NodeWatch(cluster, tmp_path / "nodes.log") as watch:
-        done = cluster.run(["ray", "job", "submit", "--working-dir", ".", "--submission-id", "smoke", "--",
-                            "jobs/smoke.yaml", *sets(["ray.accelerator_type=A100", f"ray.resources_per_worker.{FAKE_GPU}=1",
-                                                      "ray.placement_strategy=SPREAD"])], timeout=JOB_TIMEOUT)
-        ended, ended_at = time.monotonic(), time.time()
-        waited = wait_for_no_workers(cluster, ended, SCALE_DOWN_LIMIT_S) if done.returncode == 0 else 0
-    out = done.stdout + done.stderr
-    assert done.returncode == 0, out[-6000:]
-    assert "oneMKL" not in out and "[paf-ray] summary:" in out
-    print(f"smoke job: {ended - t0:.0f} s; no worker node {watch.down_after(ended_at, waited):+.0f} s after its end")
-    assert watch.types == {"gpu_8x"}, watch.types  # the only node type with an A100
-
-    placed = json.loads(cluster.python(_JOB_PLACEMENT, "smoke", cluster.gcs).strip().splitlines()[-1])
-    worker_groups = [pg for pg in placed["placement_groups"] if FAKE_GPU in pg["bundles"][0]]
-    assert len(worker_groups) == 2, placed  # one per stage: ScalingConfig had the keys
-    for pg in worker_groups:
-        assert pg["strategy"] == "SPREAD", pg
-        assert pg["bundles"] == [{"CPU": 1.0, FAKE_GPU: 1.0, "accelerator_type:A100": 0.001}], pg
-    assert placed["decode_tasks"] and all(t.get("accelerator_type:A100") == 0.001 for t in placed["decode_tasks"]), placed
-
-    # Every fake node unpacked the job's working_dir in a temp dir of its own (tests/fake_provider.py).
-    package = "session_*/runtime_resources/working_dir_files/_ray_pkg_*/"
-    assert list((cluster.dir / "ray").glob(package)) and list((cluster.dir / "nodes").glob("*/" + package))
-
-
-@pytest.mark.autoscaler
-@pytest.mark.timeout(1800)
 def test_two_concurrent_trials_bring_up_two_nodes_and_back(cluster, tmp_path):
     """A 2-trial sweep (`max_concurrent_trials: 2`), each trial's worker on a stand-in GPU: two gpu_1x
-    nodes come up, each holding one trial's worker; after the sweep both go."""
+    nodes come up, each holding one trial's worker; after the sweep both go. The first job of the
+    cluster: Ray Data's cluster-wide actors, which would hold the node of the first trial that runs
+    a dataset for good, are on the head (ray_setup.pin_data_actors_here)."""
     assert workers_alive(cluster) == []
     t0 = time.monotonic()
     with NodeWatch(cluster, tmp_path / "nodes.log") as watch:
@@ -236,6 +204,49 @@ def test_two_concurrent_trials_bring_up_two_nodes_and_back(cluster, tmp_path):
     # Two trials at once need two gpu_1x nodes (one FAKE_GPU each); the autoscaler may start one
     # more when a node went idle between a trial's stages and is replaced (seen under heavy load).
     assert watch.most >= 2 and watch.types == {"gpu_1x"}, (watch.most, watch.types)
+    # Each trial, and every decode task, asked for the A10G: nothing ran on (or started) another type.
+    placed = json.loads(cluster.python(_JOB_PLACEMENT, "sweep", cluster.gcs).strip().splitlines()[-1])
+    trials = [pg for pg in placed["placement_groups"] if pg["bundles"] == [{"CPU": 0.01, "accelerator_type:A10G": 0.001}]]
+    assert len(trials) == 2, placed
+    assert placed["decode_tasks"] and all(t.get("accelerator_type:A10G") == 0.001 for t in placed["decode_tasks"]), placed
+    held = json.loads(cluster.python(_HOLDERS).strip().splitlines()[-1])
+    head = next(n["id"] for n in cluster.nodes() if n["head"])
+    data_actors = [(name, node) for name, node in held["actors"] if name in ("_StatsActor", "_AutoscalingCoordinatorActor")]
+    assert len(data_actors) == 2 and all(node == head[-5:] for _, node in data_actors), (data_actors, head)
+
+
+@pytest.mark.autoscaler
+@pytest.mark.timeout(1800)
+def test_smoke_job_scales_up_from_zero_and_back(cluster, tmp_path):
+    """`ray job submit` of jobs/smoke.yaml on a stand-in GPU of an A100 node with the new keys: the
+    job's first stage starts on a freshly added node (the oneMKL failure's case), a gpu_8x and only
+    that (no gpu_1x for the decode tasks or anything else of the job); it succeeds, its workers and
+    decode tasks ask for what the keys say, and the node goes when idle."""
+    assert workers_alive(cluster) == [], "the cluster starts with no worker node"
+    t0 = time.monotonic()
+    with NodeWatch(cluster, tmp_path / "nodes.log") as watch:
+        done = cluster.run(["ray", "job", "submit", "--working-dir", ".", "--submission-id", "smoke", "--",
+                            "jobs/smoke.yaml", *sets(["ray.accelerator_type=A100", f"ray.resources_per_worker.{FAKE_GPU}=1",
+                                                      "ray.placement_strategy=SPREAD"])], timeout=JOB_TIMEOUT)
+        ended, ended_at = time.monotonic(), time.time()
+        waited = wait_for_no_workers(cluster, ended, SCALE_DOWN_LIMIT_S) if done.returncode == 0 else 0
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-6000:]
+    assert "oneMKL" not in out and "[paf-ray] summary:" in out
+    print(f"smoke job: {ended - t0:.0f} s; no worker node {watch.down_after(ended_at, waited):+.0f} s after its end")
+    assert watch.types == {"gpu_8x"}, watch.types  # the only node type with an A100
+
+    placed = json.loads(cluster.python(_JOB_PLACEMENT, "smoke", cluster.gcs).strip().splitlines()[-1])
+    worker_groups = [pg for pg in placed["placement_groups"] if "accelerator_type:A100" in pg["bundles"][0]]
+    assert len(worker_groups) == 2, placed  # one per stage: ScalingConfig had the keys
+    for pg in worker_groups:
+        assert pg["strategy"] == "SPREAD", pg
+        assert pg["bundles"] == [{"CPU": 1.0, FAKE_GPU: 1.0, "accelerator_type:A100": 0.001}], pg
+    assert placed["decode_tasks"] and all(t.get("accelerator_type:A100") == 0.001 for t in placed["decode_tasks"]), placed
+
+    # Every fake node unpacked the job's working_dir in a temp dir of its own (tests/fake_provider.py).
+    package = "session_*/runtime_resources/working_dir_files/_ray_pkg_*/"
+    assert list((cluster.dir / "ray").glob(package)) and list((cluster.dir / "nodes").glob("*/" + package))
 
 
 @pytest.mark.autoscaler

@@ -174,6 +174,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, object_sto
     address = address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
         ray.init(address=address, log_to_driver=True)
+        pin_data_actors_here()
         return
     ray.init(
         address="local",
@@ -189,3 +190,20 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, object_sto
         # Python processes (importing torch) while the trainer runs.
         _system_config={"num_workers_soft_limit": 16},
     )
+
+
+def pin_data_actors_here() -> None:
+    """Create Ray Data's two cluster-wide actors now, on this (the driver's) node: on a cluster, the head.
+
+    Ray Data creates them (a stats actor and an autoscaling coordinator: detached, 0 CPUs) on the node
+    of the first process that runs a dataset, and they live as long as the cluster. When that process
+    is a Tune trial or a training worker on a worker node, that node is never idle again and the
+    autoscaler never removes it (Ray 2.60; tests/test_autoscale.py).
+    """
+    try:
+        from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
+        from ray.data._internal.stats import get_or_create_stats_actor
+    except ImportError:  # another Ray: its own placement stands
+        return
+    get_or_create_stats_actor()
+    get_or_create_autoscaling_coordinator()
