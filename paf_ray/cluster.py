@@ -5,8 +5,7 @@ such nodes the autoscaler may start. They come from a cluster file (the Ray clus
 YAML, or a KubeRay RayCluster/RayJob manifest) or from a live cluster: its alive nodes, read
 through the dashboard, plus the node types its autoscaler works with, which the autoscaler writes
 to its log on the head when it (re)loads its config (`StandardAutoscaler: {...}` in
-`monitor.log`; Ray 2.60's autoscaler for `ray up` clusters, which reports infeasible requests
-but not infeasible placement groups such as Ray Train's worker group).
+`monitor.log`; Ray 2.60's autoscaler for `ray up` clusters).
 
 `check_job` tells, before anything is submitted, whether:
 - the training workers' bundle (`ray.cpus_per_worker`, `ray.gpus_per_worker`,
@@ -16,9 +15,10 @@ but not infeasible placement groups such as Ray Train's worker group).
 - the run storage is a URI every node reaches, when the cluster has more than one node;
 - CPUs are left for Ray Data beside the training workers (`data.cpus`).
 
-`check_workers_can_start` is what a stage runs right before it asks Ray Train for its workers,
-so that a bundle no node type can hold fails at once, naming the key and the largest node type,
-instead of waiting `ray.worker_start_timeout_s`.
+`check_workers_can_start` is what a driver runs before it asks Ray Train for workers: a bundle no
+node type can hold fails at once, naming the key and the largest node type. The autoscaler itself
+reports such a bundle ("No available node types can fulfill resource request", from Ray Train's
+request_resources), but Ray Train waits `ray.worker_start_timeout_s` regardless.
 """
 
 from __future__ import annotations

@@ -233,9 +233,11 @@ def preflight(args) -> bool:
         try:
             target = clusters.live_cluster(address if "://" in address else f"http://{address}", auth_headers())
         except Exception as e:
-            why = AUTH_HELP if _is_auth_error(e) else str(e)
-            print(f"paf-ray submit: --check: cannot read the cluster at {address}: {why} (--no-check skips the check)",
-                  file=sys.stderr)
+            if _is_auth_error(e) or getattr(e, "code", None) in (401, 403):  # urllib's HTTPError has the status
+                print(f"paf-ray submit: authentication failed: {AUTH_HELP}\n  ({e})", file=sys.stderr)
+            else:
+                print(f"paf-ray submit: cannot read the cluster at {address} to check the job: {e} "
+                      "(--no-check submits without checking)", file=sys.stderr)
             return False
     return clusters.print_findings(clusters.check_job(cfg, target), target, args.config, out=sys.stderr)
 
@@ -244,9 +246,9 @@ def submit_command(args) -> int:
     spec = build_job_spec(args.config, args.overrides)
     if args.check or not args.no_check:
         fits = preflight(args)
+        if not fits and not args.check:
+            print("paf-ray submit: nothing submitted (--no-check submits without checking)", file=sys.stderr)
         if args.check or not fits:
-            if not fits:
-                print("paf-ray submit: nothing submitted (--no-check submits anyway)", file=sys.stderr)
             return 0 if fits else 1
     try:
         client = make_client(args.address)
