@@ -154,8 +154,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="dashboard address, e.g. http://127.0.0.1:8265")
     p.add_argument("--wait", action="store_true", help="stream the logs; exit non-zero if the job fails")
     p.add_argument("--submission-id", default=None)
+    check = p.add_mutually_exclusive_group()
+    check.add_argument("--check", action="store_true",
+                       help="only check that the job fits the cluster (its nodes and its autoscaler's node types, "
+                            "or --cluster FILE); submit nothing")
+    check.add_argument("--no-check", action="store_true", help="submit without checking that the job fits")
+    p.add_argument("--cluster", default=None, metavar="FILE",
+                   help="check against this cluster file (ray up YAML or KubeRay manifest) instead of the live cluster")
     _add_set(p)
     p.set_defaults(handler=commands.submit_command)
+
+    cluster = sub.add_parser("cluster", help="cluster files: does a job fit a cluster?")
+    csub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="COMMAND")
+    p = csub.add_parser("check", help="say whether a job file fits a cluster file; exit 1 if not")
+    p.add_argument("cluster", help="a Ray cluster launcher YAML (cluster/aws.yaml) or a KubeRay RayCluster/RayJob")
+    p.add_argument("job", help="a job file (jobs/*.yaml)")
+    _add_set(p)
+    p.set_defaults(handler=commands.cluster_check_command)
 
     # --- inference --------------------------------------------------------------
     p = sub.add_parser("predict", help="predict on images: overlays and each task's outputs in its official format")
@@ -227,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.verbose:  # read by paf_ray.runtime.ray when a handler first imports it
         os.environ["PAF_RAY_VERBOSE"] = "1"
-    command = " ".join(filter(None, [args.command, getattr(args, "data_command", None)]))
+    command = " ".join(filter(None, [args.command, getattr(args, "data_command", None),
+                                     getattr(args, "cluster_command", None)]))
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:

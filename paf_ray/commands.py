@@ -1,4 +1,4 @@
-"""Handlers of the commands whose area is one module: predict, export, study, submit, bench.
+"""Handlers of the commands whose area is one module: predict, export, study, submit, cluster, bench.
 
 Like every area's ``commands.py``, they import what they run when they run, so that
 `paf-ray --help` loads none of torch or Ray (arguments in paf_ray/cli.py).
@@ -52,6 +52,7 @@ def export_command(args) -> int:
 
 
 def study_command(args) -> int:
+    from paf_ray.cluster import check_workers_can_start
     from paf_ray.study import load_study, report_folder, run_study
     from paf_ray.tune.search import sweep_dir
 
@@ -62,6 +63,7 @@ def study_command(args) -> int:
         print(summary["markdown"])
         print(f"[study] results of the cells finished so far written to {out_dir}")
         return 0
+    check_workers_can_start(cfg)  # on a cluster it joins: fail now if no node type can hold a cell's worker
     summary = run_study(cfg, out=args.out, resume=args.resume, source=args.config)
     print(summary["markdown"])
     print(f"[study] folder: {summary['out_dir']} (study.md, study.csv, study.json, study.png), {summary['wall_s']} s")
@@ -72,6 +74,12 @@ def submit_command(args) -> int:
     from paf_ray.jobs import submit
 
     return submit(args)
+
+
+def cluster_check_command(args) -> int:
+    from paf_ray.cluster import cluster_check_command as check
+
+    return check(args)
 
 
 def bench_command(args) -> int:

@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from paf_ray import cluster as clusters
 from paf_ray.config import Config, ConfigError, load_config
+from paf_ray.runtime.auth import auth_headers, find_auth_token  # noqa: F401  (find_auth_token: the tests')
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Never uploaded with the working dir: environments, outputs, datasets, VCS metadata.
@@ -141,31 +143,6 @@ def build_job_spec(path: str | os.PathLike, overrides: list[str] | tuple[str, ..
     )
 
 
-def find_auth_token() -> Optional[str]:
-    """The token from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (first found)."""
-    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
-    if token:
-        return token
-    candidates = []
-    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
-        candidates.append(Path(os.environ["RAY_AUTH_TOKEN_PATH"]).expanduser())
-    candidates.append(Path.home() / ".ray" / "auth_token")
-    for candidate in candidates:
-        if candidate.is_file():
-            token = candidate.read_text(encoding="utf-8").strip()
-            if token:
-                return token
-    return None
-
-
-def auth_headers() -> dict[str, str]:
-    """A bearer header when a token is available and auth is not explicitly disabled."""
-    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
-        return {}
-    token = find_auth_token()
-    return {"Authorization": f"Bearer {token}"} if token else {}
-
-
 def make_client(address: Optional[str]):
     from ray.job_submission import JobSubmissionClient
 
@@ -220,9 +197,35 @@ async def _follow_logs(client, submission_id: str, out, written: list[int]) -> N
         written[0] += len(chunk)
 
 
+def preflight(args) -> bool:
+    """`paf-ray submit`'s check before it submits: does the job fit the cluster (paf_ray/cluster.py)?
+    Against `--cluster FILE` when given, else against the live cluster at the address."""
+    cfg = load_job(args.config, args.overrides)
+    if args.cluster:
+        target = clusters.load_cluster_file(args.cluster)
+    else:
+        address = args.address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+        try:
+            target = clusters.live_cluster(address if "://" in address else f"http://{address}", auth_headers())
+        except Exception as e:
+            if _is_auth_error(e) or getattr(e, "code", None) in (401, 403):  # urllib's HTTPError has the status
+                print(f"paf-ray submit: authentication failed: {AUTH_HELP}\n  ({e})", file=sys.stderr)
+            else:
+                print(f"paf-ray submit: cannot read the cluster at {address} to check the job: {e} "
+                      "(--no-check submits without checking)", file=sys.stderr)
+            return False
+    return clusters.print_findings(clusters.check_job(cfg, target), target, args.config, out=sys.stderr)
+
+
 def submit(args) -> int:
     """`paf-ray submit`: send the job file; with --wait, stream its logs and return its outcome."""
     spec = build_job_spec(args.config, args.overrides)
+    if args.check or not args.no_check:
+        fits = preflight(args)
+        if not fits and not args.check:
+            print("paf-ray submit: nothing submitted (--no-check submits without checking)", file=sys.stderr)
+        if args.check or not fits:
+            return 0 if fits else 1
     try:
         client = make_client(args.address)
         submission_id = client.submit_job(

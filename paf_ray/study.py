@@ -51,7 +51,7 @@ from paf_ray.runtime.runs import SUMMARY_FILE
 from paf_ray.tasks import TASKS, ordered
 from paf_ray.train.pretrain import METHOD_FORMAT, pretrain_checkpoint
 from paf_ray.train.run import prepare_data, steps_per_epoch
-from paf_ray.tune.search import restore_or_refuse, run_in_trial, sweep_dir, warm_data_cache
+from paf_ray.tune.search import restore_or_refuse, run_in_trial, sweep_dir, trial_resources, warm_data_cache
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
@@ -306,7 +306,7 @@ class StudyProgress(ray.tune.Callback):
 def build_tuner(cfg: Config, out_dir: str, cells: list[Cell], cell_cfgs: dict[str, dict], resume: bool, done_before: int):
     runs_dir = storage.join(out_dir, CELLS_DIR)
     trainable = ray.tune.with_parameters(run_cell, cells=cell_cfgs, runs_dir=runs_dir)
-    trainable = ray.tune.with_resources(trainable, {"cpu": cfg.tune.trial_cpus})
+    trainable = ray.tune.with_resources(trainable, trial_resources(cfg))
     report = functools.partial(report_folder, cfg, out_dir)
     callbacks = [StudyProgress(len(cells), runs_dir, done_before, table_keys(cfg.model.tasks), report)]
     experiment = storage.join(out_dir, cfg.name)

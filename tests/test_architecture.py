@@ -127,7 +127,7 @@ FLOORS = [
     {"data"},  # the dataset: BDD100K facts, index, decode, transforms, Ray Data pipeline
     {"tasks"},  # one module per task: labels to metrics
     {"models", "eval"},  # backbones, adapters, the assembled model; the evaluator over the tasks
-    {"config"},  # the schema knows the plug-ins' sections
+    {"config", "cluster"},  # the schema knows the plug-ins' sections; does a job fit a cluster
     {"train"},  # the loop, the stage runner, checkpoints
     {"tune", "predict", "jobs", "bench"},
     {"export", "study"},
@@ -169,6 +169,8 @@ def test_the_floor_checker_sees_an_upward_import():
 LAZY_ALLOWED = {
     ("paf_ray", "paf_ray.predict"),
     ("paf_ray.predict", "paf_ray.runtime.ray"),  # Ray, only for --distributed
+    ("paf_ray.cluster", "paf_ray.runtime.ray"),  # Ray, only when a driver joins a cluster
+    ("paf_ray.cluster", "paf_ray.data.pipeline"),  # Ray Data, only for a job's CPU plan
     ("paf_ray.tasks.det", "paf_ray.tasks.det.heads"),
     ("paf_ray.tasks.masks", "paf_ray.tasks.seg_head"),
     ("paf_ray.tasks.lane", "paf_ray.tasks.seg_head"),

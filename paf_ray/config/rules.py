@@ -167,6 +167,19 @@ def rule_name(name: str) -> Problems:
     return []
 
 
+def rule_resources_per_worker(ray_cfg) -> Problems:
+    """Custom resources beside the CPUs and GPUs, which have keys of their own."""
+    for name, amount in ray_cfg.resources_per_worker.items():
+        key = f"ray.resources_per_worker.{name}"
+        if name in ("CPU", "GPU"):
+            return [(key, f"set ray.{name.lower()}s_per_worker instead (the two would be merged)")]
+        if name.startswith("accelerator_type:"):
+            return [(key, f"set ray.accelerator_type: {name.split(':', 1)[1]} instead")]
+        if amount < 0:
+            return [(key, f"must be >= 0, got {amount:g}")]
+    return []
+
+
 def rule_job_command(command: str, study) -> Problems:
     """The file's `command` key against the section it runs: a study job names its checkpoints."""
     if command == "study" and not study.checkpoints:
@@ -228,6 +241,7 @@ def check_rules(cfg, source: str = "<config>") -> None:
         lambda: rule_adapt_needs_weights(m.backbone, cfg.train, cfg.tune, cfg.study),
         lambda: rule_frozen_norm_needs_statistics(m, cfg.train, cfg.tune, cfg.study),
         lambda: rule_worker_start_timeout(cfg.ray),
+        lambda: rule_resources_per_worker(cfg.ray),
         lambda: rule_study(cfg.study, cfg.train),
     ]
     for check in checks:

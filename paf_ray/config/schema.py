@@ -193,6 +193,13 @@ class RayConfig:
     # how long a stage (in `run` and in every Tune trial) waits for its training workers' resources,
     # e.g. while an autoscaler boots GPU nodes; after that it fails naming this key
     worker_start_timeout_s: float = 1800.0
+    # heterogeneous clusters (docs/cluster.md, "Autoscaling"): the accelerator every worker needs, by Ray's
+    # name (H100, A100, A10G, L4, ...); a Tune trial and Ray Data's decode tasks then run on such nodes too
+    accelerator_type: Optional[str] = None
+    # more per worker, merged with cpus_per_worker/gpus_per_worker: custom resources and `memory` in bytes
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    # where the workers go: PACK fills a node before the next, SPREAD puts them on different nodes
+    placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
 
 
 # --------------------------------------------------------------------------- tune

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import ray
 from ray.data.collate_fn import NumpyBatchCollateFn
 
@@ -317,13 +318,15 @@ def read_blocks(plan: StreamPlan, data_cfg) -> int:
 
 
 def build_dataset(records: list[Record], data_cfg, tasks, train: bool, epochs: int = 1,
-                  rows_per_epoch: int | None = None, seed: int = 0) -> ray.data.Dataset:
+                  rows_per_epoch: int | None = None, seed: int = 0,
+                  task_resources: dict[str, float] | None = None) -> ray.data.Dataset:
     """Records -> Dataset of transformed rows; Ray Data's CPU use is capped at ``data.cpus``.
 
     One dataset serves a whole stage: ``epochs`` epochs of ``rows_per_epoch`` rows each (default:
     every record once), in a fresh order per epoch when ``train``. The loop counts an epoch's
     steps itself, so the next epoch's rows are decoded while the previous one ends, and the
-    pipeline is planned and started once per stage.
+    pipeline is planned and started once per stage. ``task_resources``: custom resources every
+    decode task also asks for (where it may run; ``cluster.pinned_resources``).
     """
     if not records:
         raise DatasetError("build_dataset: no records")
@@ -331,13 +334,16 @@ def build_dataset(records: list[Record], data_cfg, tasks, train: bool, epochs: i
                            block_bytes=block_rows(data_cfg, tasks, smallest_object_store()) * row_bytes(data_cfg, tasks))
     plan = StreamPlan(n_records=len(records), rows_per_epoch=rows_per_epoch or len(records), epochs=epochs,
                       shuffle=train, seed=seed)
-    # Positions as numpy blocks made here, not ray.data.range: a read task asks for a whole CPU
-    # and, where the map asks for less, runs as its own operator that can hold the data budget
-    # (or wait for a CPU training holds) while the map starves.
+    # Positions as blocks made here, not ray.data.range: a read task asks for a whole CPU and, where
+    # the map asks for less, runs as its own operator that can hold the data budget (or wait for a
+    # CPU training holds) while the map starves. Put from here, not ray.data.from_numpy, whose
+    # conversion tasks ask for a CPU each: where the head has no CPU, the autoscaler starts a
+    # worker node for them, of any type (a GPU node of a type the job does not use).
     positions = np.array_split(np.arange(plan.total_rows, dtype=np.int64), read_blocks(plan, data_cfg))
-    ds = ray.data.from_numpy(positions)
+    ds = ray.data.from_blocks([pa.table({"data": p}) for p in positions])
     table = ray.put(RecordTable(records))
-    return ds.map(LoadRows(table, plan, RowSettings.of(data_cfg), tasks, train), num_cpus=map_cpus(data_cfg))
+    return ds.map(LoadRows(table, plan, RowSettings.of(data_cfg), tasks, train), num_cpus=map_cpus(data_cfg),
+                  **({"resources": task_resources} if task_resources else {}))
 
 
 # ----------------------------------------------------------------------------- batches

@@ -198,6 +198,7 @@ def _start_or_join(address: str | None, num_cpus: int | None, object_store_mb: i
     address = address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
         ray.init(address=address, log_to_driver=True)
+        pin_data_actors_here()
         return
     if not VERBOSE:
         # Ray Train's PreemptionWatcher polls for cloud node drains, which a Ray started here on one
@@ -218,3 +219,20 @@ def _start_or_join(address: str | None, num_cpus: int | None, object_store_mb: i
         # Python processes (importing torch) while the trainer runs.
         _system_config={"num_workers_soft_limit": 16},
     )
+
+
+def pin_data_actors_here() -> None:
+    """Create Ray Data's two cluster-wide actors now, on this (the driver's) node: on a cluster, the head.
+
+    Ray Data creates them (a stats actor and an autoscaling coordinator: detached, 0 CPUs) on the node
+    of the first process that runs a dataset, and they live as long as the cluster. When that process
+    is a Tune trial or a training worker on a worker node, that node is never idle again and the
+    autoscaler never removes it (Ray 2.60; tests/test_autoscale.py).
+    """
+    try:
+        from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
+        from ray.data._internal.stats import get_or_create_stats_actor
+    except ImportError:  # another Ray: its own placement stands
+        return
+    get_or_create_stats_actor()
+    get_or_create_autoscaling_coordinator()

@@ -22,6 +22,7 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
+from paf_ray.cluster import check_workers_can_start, pinned_resources, worker_resources
 from paf_ray.config import Config, dump_config, to_dict
 from paf_ray.data.pipeline import build_dataset, iter_train_batches, load_records, resolve_root
 from paf_ray.eval.evaluator import headline_metrics
@@ -85,10 +86,12 @@ def make_datasets(cfg: Config, train: list[dict], val: list[dict], stage_index: 
     tasks = ordered(cfg.model.tasks)
     stage = cfg.train.stages[stage_index]
     rows_per_epoch = stage_steps_per_epoch(len(train), cfg, stage_index) * cfg.data.batch_size * world
+    pinned = pinned_resources(cfg.ray)  # decoding on the ray.accelerator_type nodes, beside the workers
     datasets = {"train": build_dataset(train, cfg.data, tasks, train=True, epochs=stage.epochs,
-                                       rows_per_epoch=rows_per_epoch, seed=cfg.train.seed + 1000 * stage_index)}
+                                       rows_per_epoch=rows_per_epoch, seed=cfg.train.seed + 1000 * stage_index,
+                                       task_resources=pinned)}
     for rank in range(world):
-        datasets[f"val_{rank}"] = build_dataset(val[rank::world], cfg.data, tasks, train=False)
+        datasets[f"val_{rank}"] = build_dataset(val[rank::world], cfg.data, tasks, train=False, task_resources=pinned)
     return datasets
 
 
@@ -122,9 +125,7 @@ def run_stage(
     stage = cfg.train.stages[index]
     # Train reads the start timeout from this process's environment when fit() starts its controller.
     os.environ[WORKER_START_TIMEOUT_ENV] = str(cfg.ray.worker_start_timeout_s / WORKER_START_ATTEMPTS)
-    resources = {"CPU": cfg.ray.cpus_per_worker}
-    if cfg.ray.use_gpu:
-        resources["GPU"] = cfg.ray.gpus_per_worker
+    resources = worker_resources(cfg.ray)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
@@ -137,7 +138,8 @@ def run_stage(
             "log_dir": run_dir,
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources
+            num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources,
+            accelerator_type=cfg.ray.accelerator_type, placement_strategy=cfg.ray.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=stage_run_name(index, stage.kind),
@@ -325,6 +327,7 @@ def metrics_table(columns: dict[str, dict], tasks) -> str:
 
 def run_config(cfg: Config, out: str | None, resume: str | None) -> dict:
     """`paf-ray run`: the config's stages in a new run folder (or the one `resume` names)."""
+    check_workers_can_start(cfg)  # on a cluster it joins: fail now if no node type can hold a worker
     storage_root = resolve_storage(cfg.ray.storage_path, out)
     cfg = replace(cfg, name=run_name_for(cfg.name, storage_root, resume))
     print(f"[paf-ray] run {cfg.name} in {storage_root}" + (" (resumed)" if resume is not None else ""), flush=True)

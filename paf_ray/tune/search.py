@@ -28,6 +28,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from paf_ray.cluster import pinned_resources
 from paf_ray.config import Config, ConfigError, dump_config, from_dict, to_dict
 from paf_ray.eval.evaluator import headline_metrics
 from paf_ray.runtime import storage
@@ -135,7 +136,12 @@ def run_in_trial(cfg: Config, runs_dir: str) -> dict:
 
 def make_trainable(cfg: Config, runs_dir: str, source: str):
     trainable = ray.tune.with_parameters(run_trial, base=to_dict(cfg), runs_dir=runs_dir, source=source)
-    return ray.tune.with_resources(trainable, {"cpu": cfg.tune.trial_cpus})
+    return ray.tune.with_resources(trainable, trial_resources(cfg))
+
+
+def trial_resources(cfg: Config) -> dict[str, float]:
+    """A trial's own resources: a sliver of a CPU, on a node of ray.accelerator_type when one is set."""
+    return {"cpu": cfg.tune.trial_cpus, **pinned_resources(cfg.ray)}
 
 
 def make_searcher(cfg: Config, dims: list[space.Dimension], storage_url: str):
