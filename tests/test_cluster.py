@@ -232,7 +232,8 @@ def test_rayjob_runs_the_paf_job_file_with_object_storage():
 
 
 JOB_FILES = sorted(f"jobs/{n}" for n in os.listdir(os.path.join(REPO, "jobs")) if n.endswith(".yaml"))
-CLUSTER_JOBS = [f for f in JOB_FILES if os.path.basename(f) in ("paf.yaml", "adapt.yaml", "finetune.yaml", "tune.yaml")]
+CLUSTER_JOBS = [f for f in JOB_FILES
+                if os.path.basename(f) in ("paf.yaml", "paf_lane.yaml", "adapt.yaml", "finetune.yaml", "tune.yaml")]
 
 
 @pytest.mark.parametrize("rel", JOB_FILES)
