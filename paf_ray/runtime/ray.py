@@ -137,7 +137,11 @@ def quiet_ray_warnings() -> None:
 # Ray Train's worker logs every report at INFO ("Reporting training result N: TrainingReport(...)",
 # a whole metrics dict a line), on a logger named after its file (Ray 2.60), so outside "ray.train"
 # and past Train's own level setting.
-QUIET_LOGGERS = {"ray.data._internal.progress": logging.ERROR}
+QUIET_LOGGERS = {
+    "ray.data._internal.progress": logging.ERROR,
+    # "Token authentication is enabled for this Ray cluster ...", at every start of a local Ray
+    "ray._private.authentication.authentication_token_setup": logging.ERROR,
+}
 QUIET_MODULE_LOGGERS = {"ray.train.v2._internal.execution.context": logging.WARNING}
 
 
@@ -188,6 +192,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, object_sto
     """Join `address` (or RAY_ADDRESS), else start a local Ray; idempotent. With `data_cpus`, also the
     Ray Data settings of this process (``configure_data_context``)."""
     if not ray.is_initialized():
+        quiet_ray_logs()  # before the start: Ray logs some of its bookkeeping while it starts
         _start_or_join(address, num_cpus, object_store_mb)
         quiet_ray_logs()
     if data_cpus is not None:

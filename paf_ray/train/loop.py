@@ -278,7 +278,7 @@ def log_step(run: StageRun, progress: Progress, epoch: int, done: int, outcome, 
     per_step = (now - clock["t_epoch"]) / max(1, done - clock["first_step"])
     eta = per_step * (run.steps_per_epoch - done) + (run.spec.epochs - epoch - 1) * per_step * run.steps_per_epoch
     lr = run.trainee.scheduler.get_last_lr()[0]
-    parts = " ".join(f"{k} {v:.4f}" for k, v in outcome.losses.items())
+    parts = " ".join(f"{k} {v + 0.0:.4f}" for k, v in outcome.losses.items())  # + 0.0: no "-0.0000"
     print(f"[{run.name}] epoch {epoch + 1}/{run.spec.epochs} step {done}/{run.steps_per_epoch} "
           f"loss {outcome.total:.4f} ({parts}) lr {lr:.2e} {img_s:.1f} img/s "
           f"data wait {waits.take() / max(1e-9, now - clock['t_log']):.0%} ETA {eta:.0f}s", flush=True)
