@@ -63,7 +63,7 @@ def samples(synth_root):
 def batch(samples, tasks) -> dict:
     """The collated batch (data/contracts.Batch) of `samples` at the input size: each task's transform
     and collate, the path Ray Data takes."""
-    from paf_ray.data.pipeline import BatchCollate
+    from paf_ray.data.collate import collate_rows, stack_rows
     from paf_ray.data.transforms import make_row, val_geometry
 
     rows = []
@@ -71,15 +71,7 @@ def batch(samples, tasks) -> dict:
         h, w = sample["image"].shape[:2]
         row = make_row(sample["image"], sample["targets"], tasks, val_geometry(w, h, (W, H)))
         rows.append({**row, "name": f"f{i}.jpg", "error": ""})
-    columns = {}
-    for k in rows[0]:  # what Ray Data hands the collate: stacked where the shapes agree, else object arrays
-        values = [r[k] for r in rows]
-        try:
-            columns[k] = np.stack(values)
-        except ValueError:
-            columns[k] = np.empty(len(values), dtype=object)
-            columns[k][:] = values
-    return BatchCollate(tasks)(columns)
+    return collate_rows(stack_rows(rows), tasks)
 
 
 BACKBONE_NAMES = [b.name for b in BACKBONES]
@@ -208,3 +200,58 @@ def test_inspect_shows_a_convnext_and_a_sweep_can_search_it():
         assert trial.model.backbone.name in ("resnet18", "convnext_tiny")
     trial = space.trial_config(sweep, dims, {"backbone": "cnx", "model.adapter.kind": "lora"}, name="t")
     assert trial.model.backbone.name == "convnext_tiny" and trial.model.adapter.kind == "lora"
+
+
+def test_convnext_adapts_then_finetunes_on_ray_from_a_checkpoint_file(ray_local, synth_root, tmp_path):
+    """The ConvNeXt-T smoke run: a checkpoint in torchvision's layout read by the zoo, adapt (the
+    backbone frozen: its weights leave the stage as they came) then finetune (they train), through
+    Ray Train and Ray Data, with the lane task beside two others."""
+    from paf_ray.models.backbones.convnext import ConvNeXtConfig
+    from paf_ray.train.checkpoint import resolve_checkpoint_dir
+    from paf_ray.train.run import run_pipeline
+
+    torch.manual_seed(0)
+    weights = tmp_path / "convnext_tiny.pth"
+    torch.save(BACKBONES["convnext_tiny"].build(ConvNeXtConfig()).state_dict(), weights)
+    data = to_dict(config("convnext_tiny", "bypass", ["sem", "drv", "lane"]))
+    data["model"]["backbone"] = {"name": "convnext_tiny", "weights": str(weights), "format": "torchvision"}
+    data["data"].update(root=synth_root, input_size=[128, 96], batch_size=2, cpus=0.5, max_val_samples=2)
+    data["train"] = {"stages": [{"kind": "adapt", "lr": 1e-3, "max_steps_per_epoch": 1},
+                                {"kind": "finetune", "lr": 1e-3, "max_steps_per_epoch": 1}]}
+    data["ray"] = {"num_workers": 1, "cpus_per_worker": 1.0}
+    data["name"] = "cnx"
+    summary = run_pipeline(from_dict(data), out=str(tmp_path / "runs"))
+    assert [s["stage"] for s in summary["stages"]] == ["stage0-adapt", "stage1-finetune"]
+    assert {"drv/mIoU", "lane/F1_pix2"} <= set(summary["metrics"])  # (the 2 val frames are 100k frames: no sem)
+
+    start = torch.load(weights, weights_only=True)
+    key = "features.7.2.block.0.weight"  # the last block's depthwise conv, in torchvision's names
+    assert key in start
+
+    def backbone_weight(stage: dict) -> torch.Tensor:
+        model, _, _ = load_model(resolve_checkpoint_dir(stage["checkpoint"]))
+        return model.backbone.state_dict()[key]
+
+    adapted, finetuned = (backbone_weight(s) for s in summary["stages"])
+    assert torch.equal(adapted, start[key])  # frozen in adapt
+    assert not torch.equal(finetuned, start[key])  # trained in finetune
+
+
+@pytest.mark.parametrize("task", TASKS.names())
+def test_every_task_is_a_study_cell_and_a_sweep_metric(task):
+    """The study plans a single-task cell per task of its model, and scores cells by the headlines;
+    a sweep may rank its trials by any task's headline."""
+    from paf_ray import study
+
+    tasks = [task] + [t for t in TASKS.names() if t != task][:1]
+    cfg = from_dict({
+        "command": "study", "model": {"tasks": tasks},
+        "train": {"stages": [{"kind": "adapt", "lr": 0.01}, {"kind": "finetune", "lr": 0.001}]},
+        "study": {"checkpoints": {"sup": {"weights": "/w/sup.pth", "format": "torchvision"}},
+                  "total_steps": 40, "steps_per_epoch": 20, "adapt_fraction": 0.5, "seeds": [0]}})
+    cells = study.plan_cells(cfg)
+    assert {c.task for c in cells if c.paradigm == "single_task"} == set(tasks)
+    assert TASKS[task].headline in study.table_keys(tasks)
+    sweep = from_dict({"model": {"tasks": tasks, "backbone": {"random_init": True}},
+                       "tune": {"metric": TASKS[task].headline, "search_space": {"train.stages.0.lr": 1e-3}}})
+    assert sweep.tune.metric == TASKS[task].headline
