@@ -224,8 +224,12 @@ class RayConfig:
     # reach (s3://, gs://). None = ~/paf_ray_runs of the user running the driver, never the working dir
     storage_path: Optional[str] = None
     keep_checkpoints: int = 2
-    max_failures: int = 0
+    # restarts of a stage's workers after a failure (they resume from the last checkpoint); "auto": 3 when
+    # the run folder is on object storage (rides out its outages, docs/reliability.md), else 0
+    max_failures: Union[int, Literal["auto"]] = "auto"
     object_store_mb: int = 512
+    # joining ray.address: how long to wait for the cluster to accept a connection before failing
+    connect_timeout_s: float = 30.0
     # how long a stage (in `run` and in every Tune trial) waits for its training workers' resources,
     # e.g. while an autoscaler boots GPU nodes; after that it fails naming this key
     worker_start_timeout_s: float = 1800.0
@@ -620,6 +624,15 @@ def _rule_worker_start_timeout_positive(cfg: "Config") -> list[tuple[str, str]]:
     return [] if t > 0 else [("ray.worker_start_timeout_s", f"must be > 0 seconds, got {t:g}")]
 
 
+def _rule_ray_failure_bounds(cfg: "Config") -> list[tuple[str, str]]:
+    problems = []
+    if not cfg.ray.connect_timeout_s > 0:
+        problems.append(("ray.connect_timeout_s", f"must be > 0 seconds, got {cfg.ray.connect_timeout_s:g}"))
+    if cfg.ray.max_failures != "auto" and cfg.ray.max_failures < -1:
+        problems.append(("ray.max_failures", f"must be >= -1 (-1: no limit) or auto, got {cfg.ray.max_failures}"))
+    return problems
+
+
 def _rule_frozen_norm_needs_statistics(cfg: "Config") -> list[tuple[str, str]]:
     if cfg.tune.backbones or cfg.command == "study" or cfg.study.checkpoints:
         return []
@@ -668,6 +681,7 @@ def _rule_study_grid(cfg: "Config") -> list[tuple[str, str]]:
 
 
 RULES = [_rule_stages, _rule_model_shapes, _rule_adapt_needs_weights, _rule_worker_start_timeout_positive,
+         _rule_ray_failure_bounds,
          _rule_lv_adapter_has_clip_weights, _rule_lv_adapter_activation, _rule_clip_backbone_has_weights,
          _rule_frozen_norm_needs_statistics, _rule_study_grid]
 

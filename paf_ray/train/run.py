@@ -66,10 +66,7 @@ def latest_run_name(storage_root: str, name: str) -> str | None:
 
 
 def write_text(path: str, text: str) -> None:
-    fs, inner = storage.resolve(path)
-    fs.create_dir(os.path.dirname(inner), recursive=True)
-    with fs.open_output_stream(inner) as f:
-        f.write(text.encode("utf-8"))
+    storage.write_bytes(path, text.encode("utf-8"))
 
 
 def read_json(path: str) -> dict | None:
@@ -163,11 +160,16 @@ def run_stage(
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from paf_ray.train.failures import StorageRestartLog, resolve_max_failures, stage_failure
     from paf_ray.train.loop import train_loop
     from paf_ray.train.ray_setup import RAY_LOG_LEVEL, configure_data_context
     from paf_ray.train.step import train_process_env
 
     stage = cfg.train.stages[index]
+    name = stage_run_name(index, stage.kind)
+    max_failures = resolve_max_failures(cfg.ray.max_failures, run_dir)
+    # Ray Train writes through our filesystem (its timeouts and retries); it wants the path without the scheme then.
+    storage_path, storage_filesystem = storage.ray_storage(run_dir)
     configure_data_context(cfg.data.cpus)  # copied into the trainer when it is built
     # Train reads the start timeout from this process's environment when fit() starts its controller.
     os.environ[WORKER_START_TIMEOUT_ENV] = str(cfg.ray.worker_start_timeout_s / WORKER_START_ATTEMPTS)
@@ -189,17 +191,18 @@ def run_stage(
             num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources
         ),
         run_config=ray.train.RunConfig(
-            name=stage_run_name(index, stage.kind),
-            storage_path=run_dir,
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.ray.keep_checkpoints,
                 checkpoint_score_attribute="score",
                 checkpoint_score_order="max",
             ),
             failure_config=ray.train.FailureConfig(
-                max_failures=cfg.ray.max_failures, controller_failure_limit=WORKER_START_ATTEMPTS - 1
+                max_failures=max_failures, controller_failure_limit=WORKER_START_ATTEMPTS - 1
             ),
-            callbacks=list(callbacks),
+            callbacks=[*callbacks, StorageRestartLog(name, run_dir, max_failures)],
             logging_config=ray.train.LoggingConfig(log_level=RAY_LOG_LEVEL),
             worker_runtime_env={"env_vars": train_process_env()},
         ),
@@ -207,15 +210,20 @@ def run_stage(
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     try:
-        return trainer.fit()
+        result = trainer.fit()
     except ray.train.ControllerError as e:
         if type(getattr(e, "controller_failure", None)).__name__ == "WorkerGroupStartupTimeoutError":
             raise WorkersDidNotStartError(
-                f"{stage_run_name(index, stage.kind)}: {cfg.ray.num_workers} training worker(s) with {resources} each "
+                f"{name}: {cfg.ray.num_workers} training worker(s) with {resources} each "
                 f"did not start within ray.worker_start_timeout_s={cfg.ray.worker_start_timeout_s:g} s: the cluster "
                 "lacks those resources (raise the timeout if an autoscaler is still adding nodes)"
             ) from e
-        raise
+        raise stage_failure(name, run_dir, e, max_failures) from e
+    except ray.train.TrainingFailedError as e:
+        raise stage_failure(name, run_dir, e, max_failures) from e
+    if result.error is not None:
+        raise stage_failure(name, run_dir, result.error, max_failures) from result.error
+    return result
 
 
 def run_pipeline(
@@ -240,7 +248,7 @@ def run_pipeline(
             f"{run_dir} already exists: pass --resume to continue that run, or choose another name "
             f"(--set name=...) or --out"
         )
-    init_ray(cfg.ray.address, object_store_mb=cfg.ray.object_store_mb)
+    init_ray(cfg.ray.address, object_store_mb=cfg.ray.object_store_mb, connect_timeout_s=cfg.ray.connect_timeout_s)
     configure_data_context(cfg.data.cpus)
     t0 = time.perf_counter()
     index_stats: dict = {}
@@ -259,7 +267,7 @@ def run_pipeline(
         from paf_ray.train.checkpoint import checkpoint_location
 
         # a path or URI every worker reads itself (a URI from any node)
-        init_checkpoint = ray.train.Checkpoint(checkpoint_location(cfg.train.init_checkpoint))
+        init_checkpoint = checkpoint_at(checkpoint_location(cfg.train.init_checkpoint))
     step_offset = 0
     for index, stage in enumerate(cfg.train.stages):
         name = stage_run_name(index, stage.kind)
@@ -269,7 +277,7 @@ def run_pipeline(
         stage_steps = stage.epochs * epoch_steps
         if done is not None:
             print(f"[paf-ray] {name}: already done, checkpoint {done['checkpoint']}", flush=True)
-            init_checkpoint = ray.train.Checkpoint(done["checkpoint"])
+            init_checkpoint = checkpoint_at(done["checkpoint"])
             summary["stages"].append(done)
             step_offset += stage_steps
             continue
@@ -277,8 +285,6 @@ def run_pipeline(
         print(f"[paf-ray] {name}: {stage.epochs} epoch(s) x {epoch_steps} steps, lr {stage.lr}", flush=True)
         t_stage = time.perf_counter()
         result = run_stage(cfg, index, run_dir, datasets, len(train_records), init_checkpoint, step_offset, callbacks)
-        if result.error is not None:
-            raise result.error
         if result.checkpoint is None:
             raise RuntimeError(f"{name}: the stage finished without a checkpoint")
         # result.checkpoint.path drops the URI scheme on object storage: rebuild it from the run folder.
@@ -306,6 +312,14 @@ def run_pipeline(
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     finish_run_folder(run_dir, summary)
     return summary
+
+
+def checkpoint_at(path: str):
+    """A ray.train.Checkpoint of a local path or URI, read through our filesystem (its retries)."""
+    import ray.train
+
+    inner, fs = storage.ray_storage(path)
+    return ray.train.Checkpoint(inner, filesystem=fs)
 
 
 def _final_eval_metrics(metrics: dict | None) -> dict:
@@ -437,7 +451,7 @@ def eval_command(args) -> int:
     from paf_ray.train.ray_setup import configure_data_context, init_ray
 
     model, cfg, meta = load_model(args.checkpoint, overrides=args.overrides)
-    init_ray(cfg.ray.address, object_store_mb=cfg.ray.object_store_mb)
+    init_ray(cfg.ray.address, object_store_mb=cfg.ray.object_store_mb, connect_timeout_s=cfg.ray.connect_timeout_s)
     configure_data_context(cfg.data.cpus)
     cfg, _, val_records = prepare_data(cfg)
     metrics = evaluate_records(model, cfg, val_records)
