@@ -11,10 +11,12 @@ A test switches faults on and off while clients run:
     proxy.cut(path=r"\\.json$")          # the next matching response is cut short, the connection closed
     proxy.clear()                       # back to passing everything through
 
-A fault with `method`/`path` (a regex searched in the request target) waits, armed, for its first
-matching request, so a test can aim it at one phase of a run (GET of images while decoding, PUT of
-checkpoint files, PUT of metrics.jsonl, PUT of summary.json); `wait_triggered` says when it fired.
-`requests` records (time, method, target, what the proxy did) for every request.
+A fault with `method` (a regex matched against the whole method, e.g. "PUT|POST") and/or `path` (a
+regex searched in the request target) waits, armed, for its first matching request, so a test can
+aim it at one phase of a run (GET of images while decoding, PUT of checkpoint files, PUT of
+metrics.jsonl, PUT of summary.json); `fault.fired` is set when it fires, `fault.wait_over(timeout)`
+waits until a stall or refusal has ended. `requests` records (time, method, target, what the proxy
+did) for every request; `seen(method, path)` counts the matching ones.
 
 This is a real TCP server with a thread per connection, not a mock of any client library.
 """
@@ -50,9 +52,21 @@ class Fault:
     ends_at: float | None = None
     count: int = 0  # requests this fault acted on
     fired: threading.Event = field(default_factory=threading.Event)
+    released: threading.Event = field(default_factory=threading.Event)  # set by clear(): held requests go on
 
     def matches(self, method: str, target: str) -> bool:
-        return (self.method is None or self.method == method) and (self.path is None or re.search(self.path, target) is not None)
+        return ((self.method is None or re.fullmatch(self.method, method) is not None)
+                and (self.path is None or re.search(self.path, target) is not None))
+
+    def wait_over(self, timeout: float) -> bool:
+        """Wait until a fired stall or refusal has ended; False after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        if not self.fired.wait(timeout):
+            return False
+        while time.monotonic() < min(deadline, self.ends_at):
+            if self.released.wait(min(deadline, self.ends_at) - time.monotonic()):
+                return True
+        return time.monotonic() >= self.ends_at
 
 
 class _Closed(Exception):
@@ -241,12 +255,17 @@ class FaultProxy:
         return self._add(Fault("cut", method=method, path=path, times=times))
 
     def clear(self) -> None:
+        """Every fault off: held requests go on at once; a refusal in progress still ends on time."""
         with self._lock:
-            self.faults = []
+            faults, self.faults = self.faults, []
+        for f in faults:
+            f.released.set()
         self._listening.wait(120)
 
-    def wait_triggered(self, fault: Fault, timeout: float) -> bool:
-        return fault.fired.wait(timeout)
+    def seen(self, method: str | None = None, path: str | None = None) -> int:
+        """How many requests so far matched `method` and `path` (regexes, as for faults)."""
+        probe = Fault("probe", method=method, path=path)
+        return sum(1 for _, m, target, _ in list(self.requests) if probe.matches(m, target))
 
     def _fire(self, fault: Fault, now: float) -> None:
         fault.fired_at, fault.ends_at = now, now + fault.seconds
@@ -260,10 +279,10 @@ class FaultProxy:
         if not self._stopped:
             self._listen()
 
-    def _decide(self, method: str, target: str) -> tuple[str, float]:
-        """What to do with a request: ("forward"|"hold"|"refuse"|"slow_down"|"cut", hold until)."""
+    def _decide(self, method: str, target: str) -> tuple[str, list[Fault]]:
+        """What to do with a request: ("forward"|"hold"|"refuse"|"slow_down"|"cut", the stalls holding it)."""
         now = time.monotonic()
-        hold_until = 0.0
+        holding = []
         with self._lock:
             for f in self.faults:
                 matches = f.matches(method, target)
@@ -273,17 +292,17 @@ class FaultProxy:
                             continue
                         self._fire(f, now)
                         if f.kind == "refuse":
-                            return "refuse", 0.0
+                            return "refuse", []
                     if f.kind == "stall" and now < f.ends_at and (matches or not f.only_matching):
                         f.count += 1
-                        hold_until = max(hold_until, f.ends_at)
+                        holding.append(f)
                 elif f.kind == "slow_down" and matches and f.rng.random() < f.rate:
                     f.count += 1
-                    return "slow_down", 0.0
+                    return "slow_down", []
                 elif f.kind == "cut" and matches and f.count < f.times:
                     f.count += 1
-                    return "cut", 0.0
-        return ("hold", hold_until) if hold_until else ("forward", 0.0)
+                    return "cut", []
+        return ("hold", holding) if holding else ("forward", [])
 
     # ------------------------------------------------------------------ one client connection
 
@@ -294,13 +313,13 @@ class FaultProxy:
             while True:
                 start, headers = _read_head(conn, buf)
                 method, target = start.split(" ", 2)[:2]
-                action, hold_until = self._decide(method, target)
+                action, holding = self._decide(method, target)
                 self.requests.append((time.time(), method, target, action))
                 if action == "refuse":
                     _reset(conn)
                     return
-                if action == "hold":
-                    time.sleep(max(0.0, hold_until - time.monotonic()))
+                for f in holding:  # until each stall ends or is cleared
+                    f.released.wait(max(0.0, f.ends_at - time.monotonic()))
                 expects = (_header(headers, "expect") or "").lower() == "100-continue"
                 headers = [(k, v) for k, v in headers if k.lower() not in ("expect", "connection")]
                 if action == "slow_down" and expects:  # answer before the body, as S3 does, and hang up
