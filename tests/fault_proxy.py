@@ -169,7 +169,7 @@ class FaultProxy:
         self.port = port
         self.faults: list[Fault] = []
         self.requests: list[tuple[float, str, str, str]] = []
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # _decide fires a refusal, which resets clients, under it
         self._listener: socket.socket | None = None
         self._clients: set[socket.socket] = set()
         self._stopped = False
@@ -261,6 +261,13 @@ class FaultProxy:
         for f in faults:
             f.released.set()
         self._listening.wait(120)
+
+    def remove(self, fault: Fault) -> None:
+        """One fault off (requests it holds go on)."""
+        with self._lock:
+            if fault in self.faults:
+                self.faults.remove(fault)
+        fault.released.set()
 
     def seen(self, method: str | None = None, path: str | None = None) -> int:
         """How many requests so far matched `method` and `path` (regexes, as for faults)."""
