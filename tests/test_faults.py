@@ -106,6 +106,15 @@ def test_storage_calls_absorb_503_slowdown(via_proxy, s3_endpoint, monkeypatch, 
     assert slow.count >= 5, slow.count  # 503s were answered, and absorbed
 
 
+def test_a_response_cut_short_is_read_again(via_proxy, s3_endpoint):
+    uri = prefix_of(s3_endpoint) + "/cut/blob.bin"
+    data = os.urandom(300_000)
+    storage.write_bytes(uri, data)
+    cut = via_proxy.cut(method="GET", times=2)
+    assert storage.read_bytes(uri) == data
+    assert cut.count == 2
+
+
 def test_a_fault_that_outlasts_the_retries_is_one_line_naming_uri_and_operation(via_proxy, s3_endpoint, monkeypatch):
     monkeypatch.setattr(storage, "STORAGE_RETRY_S", 3.0)
     proxy = via_proxy
@@ -158,6 +167,23 @@ def test_ray_trains_filesystem_keeps_its_retries_when_pickled(via_proxy, s3_endp
     proxy.clear()
     proxy.stall(10)
     assert copy.get_file_info(inner + "/marker").type == pafs.FileType.File
+
+
+def test_max_failures_auto_restarts_only_on_object_storage(tmp_path):
+    from paf_ray.config import Config, ConfigError, from_dict
+    from paf_ray.train.failures import STORAGE_MAX_FAILURES, resolve_max_failures
+
+    assert Config().ray.max_failures == "auto"
+    assert resolve_max_failures("auto", "s3://bucket/runs/x") == STORAGE_MAX_FAILURES == 3
+    assert resolve_max_failures("auto", str(tmp_path)) == 0
+    assert resolve_max_failures("auto", f"file://{tmp_path}") == 0
+    assert resolve_max_failures(1, "s3://bucket/runs/x") == 1
+    model = {"backbone": {"random_init": True}}
+    assert from_dict({"model": model, "ray": {"max_failures": -1}}).ray.max_failures == -1
+    for bad, key in (({"max_failures": -2}, "ray.max_failures"), ({"max_failures": "often"}, "ray.max_failures"),
+                     ({"connect_timeout_s": 0}, "ray.connect_timeout_s")):
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            from_dict({"model": model, "ray": bad})
 
 
 # --------------------------------------------------------------------------- joining a cluster

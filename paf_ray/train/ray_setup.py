@@ -191,6 +191,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, object_sto
             os.environ[GCS_WAIT_ENV] = "1"
         try:
             ray.init(address=address, log_to_driver=True)
+        except ConnectionError as e:
+            what = "accepts connections, but no Ray cluster answered there: " if _host_port(address) else ""
+            raise ConnectionError(f"{key}={address}: {what}{e}") from e
         finally:
             if ours:
                 os.environ.pop(GCS_WAIT_ENV, None)
