@@ -366,11 +366,14 @@ def test_a_stall_past_the_bounds_fails_in_one_line_and_resume_loses_at_most_one_
     assert re.search(r"\[paf-ray\] stage1-finetune: restart 1 of 1 \(ray\.max_failures\) after a storage error: s3://",
                      out), out[-6000:]
 
-    refusal = proxy.refuse(30, path=r"/stage1-finetune/")
+    # The resumed run's first write into the stage's folder is Ray Train's controller creating its
+    # storage marker, when the stage starts: connections are refused for 30 s from there.
+    refusal = proxy.refuse(30, method=WRITE, path=r"/stage1-finetune/")
     again = Run(proxy, data, runs, tmp_path, sets, args=["--resume", run.name()])
     runs_started.append(again)
     assert again.wait() == 0, again.output()[-6000:]
     assert refusal.fired.is_set()
+    print("refused from:", [r[1:3] for r in proxy.requests if r[3] == "refuse"])
     out = again.output()
     assert "stage0-adapt: already done" in out
     assert "[stage1-finetune] resumed at epoch 1 step 0" in out, out[-6000:]
