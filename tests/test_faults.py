@@ -341,21 +341,28 @@ def test_503s_all_along_and_a_60s_stall_in_each_phase_of_a_smoke_run_end_with_th
 def test_a_stall_past_the_bounds_fails_in_one_line_and_resume_loses_at_most_one_epoch(
         proxy, s3_data, tmp_path, runs_started):
     """Short bounds (2 s S3 timeouts, 2 SDK attempts, 5 s of our retries) and ray.max_failures=1;
-    finetune has 2 epochs. S3 freezes at the upload of the finetune's second checkpoint and stays
-    frozen: the restart is logged as caused by storage, the run fails with one line naming the
-    URI and the operation. `--resume` (the shipped bounds) meets connections refused for 30 s at
-    its stage's start, and continues from the first finetune checkpoint."""
+    finetune has 2 epochs. From the finetune's second checkpoint on, S3 holds every write of a
+    checkpoint (the first checkpoint and the run snapshot stay readable): the restart is logged as
+    caused by storage, the run fails with one line naming the URI and the operation. `--resume`
+    (the shipped bounds) meets connections refused for 30 s at its stage's start, and continues from
+    the first finetune checkpoint."""
     prefix, data = s3_data
     runs = prefix + "/runs-resume"
     sets = ["train.stages.1.epochs=2", "ray.max_failures=1"]
     short = {"PAF_RAY_S3_TIMEOUT_S": "2", "PAF_RAY_S3_ATTEMPTS": "2", "PAF_RAY_STORAGE_RETRY_S": "5"}
     run = Run(proxy, data, runs, tmp_path, sets, env=short)
     runs_started.append(run)
-    # The controller writes the stage's snapshot after each checkpoint: after the first, freeze S3
-    # at the next checkpoint upload.
-    wait_for(lambda: proxy.seen(WRITE, r"/stage1-finetune/checkpoint_manager_snapshot\.json"), run, RUN_TIMEOUT_S,
-             "finetune's first checkpoint")
-    stall = proxy.stall(RUN_TIMEOUT_S, method=WRITE, path=r"/stage1-finetune/checkpoint_\d")
+
+    def first_checkpoint() -> list[str]:
+        ours = re.escape(runs.split("://", 1)[1])
+        found = (re.search(ours + r"/[^/]+/stage1-finetune/(checkpoint_\d[^/?]*)", target)
+                 for _, _, target, _ in list(proxy.requests))
+        return sorted({m.group(1) for m in found if m})
+
+    wait_for(first_checkpoint, run, RUN_TIMEOUT_S, "finetune's first checkpoint")
+    (kept,) = first_checkpoint()
+    stall = proxy.stall(RUN_TIMEOUT_S, method=WRITE, path=rf"/stage1-finetune/checkpoint_(?!{re.escape(kept[11:])})\d",
+                        only_matching=True)
     assert run.wait() == 1, run.output()[-6000:]
     assert stall.fired.is_set()
     proxy.clear()
