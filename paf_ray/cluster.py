@@ -492,7 +492,7 @@ def check_workers_can_start(cfg: Config) -> None:
 
     from paf_ray.runtime.ray import init_ray
 
-    init_ray(cfg.ray.address, object_store_mb=cfg.ray.object_store_mb)
+    init_ray(cfg.ray.address, object_store_mb=cfg.ray.object_store_mb, connect_timeout_s=cfg.ray.connect_timeout_s)
     dashboard = ray._private.worker.get_dashboard_url()
     if not dashboard:
         return

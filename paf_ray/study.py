@@ -342,7 +342,7 @@ def run_study(cfg: Config, out: str | None = None, resume: bool = False, source:
     if not storage.is_uri(out_dir):
         os.makedirs(out_dir, exist_ok=True)
     runs_dir = storage.join(out_dir, CELLS_DIR)
-    init_ray(cfg.ray.address, object_store_mb=cfg.ray.object_store_mb)
+    init_ray(cfg.ray.address, object_store_mb=cfg.ray.object_store_mb, connect_timeout_s=cfg.ray.connect_timeout_s)
     warm_data_cache(cfg)
     check_epoch_length(cfg, cells)
     weights = checkpoint_weights(cfg, out_dir)

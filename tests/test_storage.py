@@ -13,7 +13,7 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from paf_ray.data import storage
+from paf_ray.runtime import storage
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
@@ -29,10 +29,11 @@ def upload_dir(local: str, uri: str) -> None:
 
 
 def tiny_backbone_state() -> dict:
-    from paf_ray.models.backbones import build_backbone
+    from paf_ray.models.backbones import BACKBONES
+    from paf_ray.models.backbones.resnet import TinyConfig
 
     torch.manual_seed(1)
-    return build_backbone("tiny", tiny_width=8).state_dict()
+    return BACKBONES["tiny"].build(TinyConfig(width=8)).state_dict()
 
 
 def fetched_entries(cache: str) -> list[str]:
@@ -50,7 +51,7 @@ def test_weights_from_s3_are_fetched_once_per_node_even_when_asked_at_once(s3_en
     storage.upload_file(str(local), uri)
     cache = tmp_path / "node_cache"
     env = {**os.environ, "PAF_RAY_CACHE": str(cache), "PYTHONPATH": REPO}
-    code = "import sys; from paf_ray.data.storage import local_file; print(local_file(sys.argv[1]))"
+    code = "import sys; from paf_ray.runtime.storage import local_file; print(local_file(sys.argv[1]))"
     procs = [subprocess.Popen([sys.executable, "-c", code, uri], env=env, stdout=subprocess.PIPE, text=True)
              for _ in range(4)]
     paths = {p.communicate(timeout=120)[0].strip() for p in procs}
@@ -64,12 +65,12 @@ def test_weights_from_s3_are_fetched_once_per_node_even_when_asked_at_once(s3_en
 
     # the model builder reads the URI through the cache
     from paf_ray.config import from_dict
-    from paf_ray.models import build_model
+    from paf_ray.models.multitask import build_model
 
     os.environ["PAF_RAY_CACHE"] = str(cache)
     try:
-        cfg = from_dict({"model": {"backbone": {"name": "tiny", "tiny_width": 8, "weights": uri, "format": "torchvision"},
-                                   "fpn_channels": 16, "seg_channels": 8}})
+        cfg = from_dict({"model": {"backbone": {"name": "tiny", "tiny": {"width": 8}, "weights": uri, "format": "torchvision"},
+                                   "fpn_channels": 16, "heads": {"sem": {"channels": 8}, "drv": {"channels": 8}}}})
         model = build_model(cfg.model, input_size=(128, 96))
         assert torch.equal(model.backbone.state_dict()["conv1.weight"], state["conv1.weight"])
 
@@ -80,7 +81,7 @@ def test_weights_from_s3_are_fetched_once_per_node_even_when_asked_at_once(s3_en
         path2 = storage.local_file(uri)
         assert path2 != path and torch.equal(torch.load(path2, weights_only=True)["conv1.weight"], state2["conv1.weight"])
         with pytest.raises(Exception, match="no such file"):
-            build_model(from_dict({"model": {"backbone": {"name": "tiny", "tiny_width": 8, "weights": uri + ".gone",
+            build_model(from_dict({"model": {"backbone": {"name": "tiny", "tiny": {"width": 8}, "weights": uri + ".gone",
                                                           "format": "torchvision"}}}).model, input_size=(128, 96))
     finally:
         os.environ.pop("PAF_RAY_CACHE")
@@ -88,12 +89,12 @@ def test_weights_from_s3_are_fetched_once_per_node_even_when_asked_at_once(s3_en
 
 def _tiny_checkpoint(directory: str) -> str:
     from paf_ray.config import from_dict
-    from paf_ray.models import build_model
+    from paf_ray.models.multitask import build_model
     from paf_ray.train.checkpoint import save_checkpoint
 
     cfg = from_dict({"data": {"input_size": [128, 96]},
-                     "model": {"backbone": {"name": "tiny", "tiny_width": 8, "random_init": True},
-                               "fpn_channels": 16, "seg_channels": 8, "adapter": {"kind": "none"}},
+                     "model": {"backbone": {"name": "tiny", "tiny": {"width": 8}, "random_init": True},
+                               "fpn_channels": 16, "heads": {"sem": {"channels": 8}, "drv": {"channels": 8}}, "adapter": {"kind": "none"}},
                      "train": {"stages": [{"kind": "finetune"}]}})
     torch.manual_seed(0)
     model = build_model(cfg.model, input_size=cfg.data.input_size)
@@ -146,7 +147,7 @@ def test_run_with_data_init_checkpoint_and_storage_in_s3_leaves_its_logs_in_the_
     from test_train import tiny_config
 
     from paf_ray.config import from_dict
-    from paf_ray.models import build_model
+    from paf_ray.models.multitask import build_model
     from paf_ray.train.checkpoint import load_model, save_checkpoint
     from paf_ray.train.run import run_pipeline
 
@@ -184,16 +185,24 @@ def test_a_row_decoded_from_s3_equals_the_same_row_from_disk(s3_endpoint, synth_
     from paf_ray.data.decode import load_sample
     from paf_ray.data.index import build_index
 
-    local = next(r for r in build_index(synth_root)["train"] if r["sem"] and r["drv"])
+    from paf_ray.tasks import TASKS
+
+    tasks = list(TASKS)
+    local = next(r for r in build_index(synth_root, tasks)["train"] if {"sem", "drv", "lane"} <= set(r["labels"]))
     root = s3_prefix(s3_endpoint) + "/bdd"
-    remote = dict(local)
-    for key in ("image", "sem", "drv"):
-        rel = os.path.relpath(local[key], synth_root)
-        remote[key] = f"{root}/{rel}"
-        storage.upload_file(local[key], remote[key])
-    a, b = load_sample(local), load_sample(remote)
-    for key in ("image", "sem", "drv", "boxes"):
-        assert np.array_equal(a[key], b[key]), key
+
+    def uploaded(path: str) -> str:
+        uri = f"{root}/{os.path.relpath(path, synth_root)}"
+        storage.upload_file(path, uri)
+        return uri
+
+    remote = {**local, "image": uploaded(local["image"]),
+              "labels": {t: uploaded(v) if isinstance(v, str) else v for t, v in local["labels"].items()}}
+    a, b = load_sample(local, tasks), load_sample(remote, tasks)
+    assert np.array_equal(a["image"], b["image"])
+    for task in ("sem", "drv", "lane"):
+        assert np.array_equal(a["targets"][task], b["targets"][task]), task
+    assert np.array_equal(a["targets"]["det"]["boxes"], b["targets"]["det"]["boxes"])
 
 
 def test_a_sweep_folder_in_s3_keeps_its_optuna_study_there(s3_endpoint, tmp_path):

@@ -167,6 +167,16 @@ def rule_name(name: str) -> Problems:
     return []
 
 
+def rule_ray_failure_bounds(ray_cfg) -> Problems:
+    """How long joining a cluster may take, how often a stage restarts."""
+    problems = []
+    if not ray_cfg.connect_timeout_s > 0:
+        problems.append(("ray.connect_timeout_s", f"must be > 0 seconds, got {ray_cfg.connect_timeout_s:g}"))
+    if ray_cfg.max_failures != "auto" and ray_cfg.max_failures < -1:
+        problems.append(("ray.max_failures", f"must be >= -1 (-1: no limit) or auto, got {ray_cfg.max_failures}"))
+    return problems
+
+
 def rule_resources_per_worker(ray_cfg) -> Problems:
     """Custom resources beside the CPUs and GPUs, which have keys of their own."""
     for name, amount in ray_cfg.resources_per_worker.items():
@@ -242,6 +252,7 @@ def check_rules(cfg, source: str = "<config>") -> None:
         lambda: rule_frozen_norm_needs_statistics(m, cfg.train, cfg.tune, cfg.study),
         lambda: rule_worker_start_timeout(cfg.ray),
         lambda: rule_resources_per_worker(cfg.ray),
+        lambda: rule_ray_failure_bounds(cfg.ray),
         lambda: rule_study(cfg.study, cfg.train),
     ]
     for check in checks:

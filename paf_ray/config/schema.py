@@ -11,7 +11,7 @@ first line may be a shebang comment; YAML ignores it).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from paf_ray.models.adapters import ADAPTERS
 from paf_ray.models.backbones import BACKBONES
@@ -188,8 +188,12 @@ class RayConfig:
     # reach (s3://, gs://). None = ~/paf_ray_runs of the user running the driver, never the working dir
     storage_path: Optional[str] = None
     keep_checkpoints: int = 2
-    max_failures: int = 0
+    # restarts of a stage's workers after a failure (they resume from the last checkpoint); "auto": 3 when
+    # the run folder is on object storage (rides out its outages, docs/reliability.md), else 0
+    max_failures: Union[int, Literal["auto"]] = "auto"
     object_store_mb: int = 512
+    # joining ray.address: how long to wait for the cluster to accept a connection before failing
+    connect_timeout_s: float = 30.0
     # how long a stage (in `run` and in every Tune trial) waits for its training workers' resources,
     # e.g. while an autoscaler boots GPU nodes; after that it fails naming this key
     worker_start_timeout_s: float = 1800.0

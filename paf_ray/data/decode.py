@@ -35,6 +35,8 @@ def read(path: str) -> bytes:
         return storage.read_bytes(path)
     except FileNotFoundError:
         raise DatasetError(f"{path}: missing file") from None
+    except storage.StorageError:  # object storage failing is no bad sample: never skipped as one
+        raise
     except OSError as e:
         raise DatasetError(f"{path}: unreadable: {e}") from None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import socket
 import time
 import warnings
 
@@ -187,22 +188,43 @@ def pin_ray_address() -> None:
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
+DEFAULT_CONNECT_TIMEOUT_S = 30.0
+GCS_WAIT_ENV = "RAY_gcs_server_port_wait_time_s"  # tries of Ray's GCS connection loop, ~1 s apart
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, object_store_mb: int = 512,
-             data_cpus: float | None = None) -> None:
+             data_cpus: float | None = None, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> None:
     """Join `address` (or RAY_ADDRESS), else start a local Ray; idempotent. With `data_cpus`, also the
-    Ray Data settings of this process (``configure_data_context``)."""
+    Ray Data settings of this process (``configure_data_context``).
+
+    Joining fails within about `connect_timeout_s` when no cluster answers there (ray.init alone
+    retries for ~14 minutes: 20 tries of ~41 s in Ray 2.60)."""
     if not ray.is_initialized():
         quiet_ray_logs()  # before the start: Ray logs some of its bookkeeping while it starts
-        _start_or_join(address, num_cpus, object_store_mb)
+        _start_or_join(address, num_cpus, object_store_mb, connect_timeout_s)
         quiet_ray_logs()
     if data_cpus is not None:
         configure_data_context(data_cpus)
 
 
-def _start_or_join(address: str | None, num_cpus: int | None, object_store_mb: int) -> None:
+def _start_or_join(address: str | None, num_cpus: int | None, object_store_mb: int, connect_timeout_s: float) -> None:
+    key = "ray.address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
-        ray.init(address=address, log_to_driver=True)
+        wait_for_cluster(address, key, connect_timeout_s)
+        # The cluster accepted a connection: one round of Ray's own GCS connection loop is enough.
+        # (Ray reads this variable at the call; a value the user set is kept.)
+        ours = GCS_WAIT_ENV not in os.environ
+        if ours:
+            os.environ[GCS_WAIT_ENV] = "1"
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except ConnectionError as e:
+            what = "accepts connections, but no Ray cluster answered there: " if _host_port(address) else ""
+            raise ConnectionError(f"{key}={address}: {what}{e}") from e
+        finally:
+            if ours:
+                os.environ.pop(GCS_WAIT_ENV, None)
         pin_data_actors_here()
         return
     if not VERBOSE:
@@ -241,3 +263,34 @@ def pin_data_actors_here() -> None:
         return
     get_or_create_stats_actor()
     get_or_create_autoscaling_coordinator()
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a `host:port` or `ray://host:port` address; None for `auto` and the like."""
+    rest = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = rest.rstrip("/").rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def wait_for_cluster(address: str, key: str, timeout_s: float) -> None:
+    """Wait until the cluster's address accepts a TCP connection; ConnectionError naming `key` after
+    `timeout_s` (nothing listening, an unreachable host, a name that does not resolve)."""
+    target = _host_port(address)
+    if target is None:  # "auto": Ray looks the address up itself, and fails at once when there is none
+        return
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while True:
+        try:
+            socket.create_connection(target, timeout=max(0.1, min(5.0, deadline - time.monotonic()))).close()
+            return
+        except OSError as e:
+            last = e
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ConnectionError(
+                f"{key}={address}: no Ray cluster answers there: nothing accepted a connection to "
+                f"{target[0]}:{target[1]} within {timeout_s:g} s (ray.connect_timeout_s; last error: {last})")
+        time.sleep(min(1.0, left))

@@ -32,6 +32,7 @@ from paf_ray.runtime.files import read_json, write_bytes, write_json, write_text
 from paf_ray.runtime.ray import RAY_LOG_LEVEL, init_ray
 from paf_ray.runtime.runs import SUMMARY_FILE, RunExistsError, read_metrics_rows, resolve_storage, run_name_for
 from paf_ray.tasks import ordered
+from paf_ray.train.failures import StorageRestartLog, resolve_max_failures, stage_failure
 from paf_ray.train.checkpoint import checkpoint_location, load_model, load_model_state, resolve_checkpoint_dir
 from paf_ray.train.loop import evaluate, gather_metrics, train_loop
 from paf_ray.train.report import plot_curves
@@ -123,6 +124,10 @@ def run_stage(
 ):
     """Fit one stage with a TorchTrainer; returns the ray.train.Result."""
     stage = cfg.train.stages[index]
+    name = stage_run_name(index, stage.kind)
+    max_failures = resolve_max_failures(cfg.ray.max_failures, run_dir)
+    # Ray Train writes through our filesystem (its timeouts and retries); it wants the path without the scheme then.
+    storage_path, storage_filesystem = storage.ray_storage(run_dir)
     # Train reads the start timeout from this process's environment when fit() starts its controller.
     os.environ[WORKER_START_TIMEOUT_ENV] = str(cfg.ray.worker_start_timeout_s / WORKER_START_ATTEMPTS)
     resources = worker_resources(cfg.ray)
@@ -142,17 +147,18 @@ def run_stage(
             accelerator_type=cfg.ray.accelerator_type, placement_strategy=cfg.ray.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
-            name=stage_run_name(index, stage.kind),
-            storage_path=run_dir,
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.ray.keep_checkpoints,
                 checkpoint_score_attribute="score",
                 checkpoint_score_order="max",
             ),
             failure_config=ray.train.FailureConfig(
-                max_failures=cfg.ray.max_failures, controller_failure_limit=WORKER_START_ATTEMPTS - 1
+                max_failures=max_failures, controller_failure_limit=WORKER_START_ATTEMPTS - 1
             ),
-            callbacks=list(callbacks),
+            callbacks=[*callbacks, StorageRestartLog(name, run_dir, max_failures)],
             logging_config=ray.train.LoggingConfig(log_level=RAY_LOG_LEVEL),
             worker_runtime_env={"env_vars": train_process_env()},
         ),
@@ -160,15 +166,20 @@ def run_stage(
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     try:
-        return trainer.fit()
+        result = trainer.fit()
     except ray.train.ControllerError as e:
         if type(getattr(e, "controller_failure", None)).__name__ == "WorkerGroupStartupTimeoutError":
             raise WorkersDidNotStartError(
-                f"{stage_run_name(index, stage.kind)}: {cfg.ray.num_workers} training worker(s) with {resources} each "
+                f"{name}: {cfg.ray.num_workers} training worker(s) with {resources} each "
                 f"did not start within ray.worker_start_timeout_s={cfg.ray.worker_start_timeout_s:g} s: the cluster "
                 "lacks those resources (raise the timeout if an autoscaler is still adding nodes)"
             ) from e
-        raise
+        raise stage_failure(name, run_dir, e, max_failures) from e
+    except ray.train.TrainingFailedError as e:
+        raise stage_failure(name, run_dir, e, max_failures) from e
+    if result.error is not None:
+        raise stage_failure(name, run_dir, result.error, max_failures) from result.error
+    return result
 
 
 def run_pipeline(
@@ -189,7 +200,8 @@ def run_pipeline(
             f"{run_dir} already exists: pass --resume to continue that run, or choose another name "
             f"(--set name=...) or --out"
         )
-    init_ray(cfg.ray.address, object_store_mb=cfg.ray.object_store_mb, data_cpus=cfg.data.cpus)
+    init_ray(cfg.ray.address, object_store_mb=cfg.ray.object_store_mb, data_cpus=cfg.data.cpus,
+             connect_timeout_s=cfg.ray.connect_timeout_s)
     t0 = time.perf_counter()
     index_stats: dict = {}
     cfg, train_records, val_records = prepare_data(cfg, index_stats)
@@ -205,7 +217,7 @@ def run_pipeline(
     init_checkpoint = None
     if cfg.train.init_checkpoint:
         # a path or URI every worker reads itself (a URI from any node)
-        init_checkpoint = ray.train.Checkpoint(checkpoint_location(cfg.train.init_checkpoint))
+        init_checkpoint = checkpoint_at(checkpoint_location(cfg.train.init_checkpoint))
     step_offset = 0
     for index, stage in enumerate(cfg.train.stages):
         name = stage_run_name(index, stage.kind)
@@ -215,7 +227,7 @@ def run_pipeline(
         stage_steps = stage.epochs * epoch_steps
         if done is not None:
             print(f"[paf-ray] {name}: already done, checkpoint {done['checkpoint']}", flush=True)
-            init_checkpoint = ray.train.Checkpoint(done["checkpoint"])
+            init_checkpoint = checkpoint_at(done["checkpoint"])
             summary["stages"].append(done)
             step_offset += stage_steps
             continue
@@ -223,8 +235,6 @@ def run_pipeline(
         print(f"[paf-ray] {name}: {stage.epochs} epoch(s) x {epoch_steps} steps, lr {stage.lr}", flush=True)
         t_stage = time.perf_counter()
         result = run_stage(cfg, index, run_dir, datasets, len(train_records), init_checkpoint, step_offset, callbacks)
-        if result.error is not None:
-            raise result.error
         if result.checkpoint is None:
             raise RuntimeError(f"{name}: the stage finished without a checkpoint")
         # result.checkpoint.path drops the URI scheme on object storage: rebuild it from the run folder.
@@ -252,6 +262,12 @@ def run_pipeline(
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     finish_run_folder(run_dir, summary)
     return summary
+
+
+def checkpoint_at(path: str) -> ray.train.Checkpoint:
+    """A ray.train.Checkpoint of a local path or URI, read through our filesystem (its retries)."""
+    inner, fs = storage.ray_storage(path)
+    return ray.train.Checkpoint(inner, filesystem=fs)
 
 
 def _final_eval_metrics(metrics: dict | None, tasks) -> dict:
@@ -341,7 +357,8 @@ def run_config(cfg: Config, out: str | None, resume: str | None) -> dict:
 def eval_checkpoint(checkpoint: str, overrides=(), as_json: bool = False) -> dict:
     """`paf-ray eval`: a checkpoint's metrics on the val split of its config's data."""
     model, cfg, meta = load_model(checkpoint, overrides=overrides)
-    init_ray(cfg.ray.address, object_store_mb=cfg.ray.object_store_mb, data_cpus=cfg.data.cpus)
+    init_ray(cfg.ray.address, object_store_mb=cfg.ray.object_store_mb, data_cpus=cfg.data.cpus,
+             connect_timeout_s=cfg.ray.connect_timeout_s)
     cfg, _, val_records = prepare_data(cfg)
     metrics = evaluate_records(model, cfg, val_records)
     if as_json:

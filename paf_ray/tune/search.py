@@ -373,7 +373,7 @@ def run_sweep(cfg: Config, out: str | None = None, resume: bool = False, source:
     out_dir = sweep_dir(cfg, out)
     if not storage.is_uri(out_dir):
         os.makedirs(out_dir, exist_ok=True)
-    init_ray(cfg.ray.address, object_store_mb=cfg.ray.object_store_mb)
+    init_ray(cfg.ray.address, object_store_mb=cfg.ray.object_store_mb, connect_timeout_s=cfg.ray.connect_timeout_s)
     warm_data_cache(cfg)
     fetch_study(cfg, out_dir)
     tuner = build_tuner(cfg, out_dir, dims, source, resume)
