@@ -25,6 +25,7 @@ from ray.train.torch import TorchTrainer
 from paf_ray.config import Config, dump_config, to_dict
 from paf_ray.data.pipeline import build_dataset, iter_train_batches, load_records, resolve_root
 from paf_ray.eval.evaluator import headline_metrics
+from paf_ray.eval.keys import COST_KEYS, SCORE
 from paf_ray.models.multitask import build_model
 from paf_ray.runtime import storage
 from paf_ray.runtime.files import read_json, write_bytes, write_json, write_text
@@ -144,7 +145,7 @@ def run_stage(
             storage_path=run_dir,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.ray.keep_checkpoints,
-                checkpoint_score_attribute="score",
+                checkpoint_score_attribute=SCORE,
                 checkpoint_score_order="max",
             ),
             failure_config=ray.train.FailureConfig(
@@ -232,6 +233,7 @@ def run_pipeline(
             "kind": stage.kind,
             "checkpoint": checkpoint_path,
             "metrics": _final_eval_metrics(result.metrics, ordered(cfg.model.tasks)),
+            "cost": {k: v for k, v in (result.metrics or {}).items() if k in COST_KEYS},
             "wall_s": round(time.perf_counter() - t_stage, 1),
         }
         write_json(done_path, record)
@@ -242,6 +244,8 @@ def run_pipeline(
     summary["checkpoint"] = summary["stages"][-1]["checkpoint"]
     summary["metrics"] = summary["stages"][-1]["metrics"]
     summary["metrics_per_stage"] = {s["stage"]: s["metrics"] for s in summary["stages"]}
+    summary["cost"] = summary["stages"][-1].get("cost", {})  # the final stage's (eval/keys.py)
+    summary["cost_per_stage"] = {s["stage"]: s.get("cost", {}) for s in summary["stages"]}
     summary["stage_wall_s"] = {s["stage"]: s["wall_s"] for s in summary["stages"]}
     summary["skipped_samples"] = _skipped_counts(run_dir)
     summary["skipped_samples"]["index"] = {split: st.get("skipped", 0) for split, st in index_stats.items()}
@@ -254,7 +258,7 @@ def run_pipeline(
 
 def _final_eval_metrics(metrics: dict | None, tasks) -> dict:
     """The evaluation metrics of a stage's last report (not its training losses or timings)."""
-    keep = tuple(f"{t.name}/" for t in tasks) + ("score",)
+    keep = tuple(f"{t.name}/" for t in tasks) + (SCORE,)
     return {k: v for k, v in (metrics or {}).items() if k.startswith(keep)}
 
 
