@@ -32,6 +32,7 @@ from paf_ray.runtime.files import read_json, write_bytes, write_json, write_text
 from paf_ray.runtime.ray import RAY_LOG_LEVEL, init_ray
 from paf_ray.runtime.runs import SUMMARY_FILE, RunExistsError, read_metrics_rows, resolve_storage, run_name_for
 from paf_ray.tasks import ordered
+from paf_ray.train import tracking
 from paf_ray.train.checkpoint import checkpoint_location, load_model, load_model_state, resolve_checkpoint_dir
 from paf_ray.train.loop import evaluate, gather_metrics, train_loop
 from paf_ray.train.report import plot_curves
@@ -330,9 +331,21 @@ def metrics_table(columns: dict[str, dict], tasks) -> str:
 def run_config(cfg: Config, out: str | None, resume: str | None) -> dict:
     """`paf-ray run`: the config's stages in a new run folder (or the one `resume` names)."""
     storage_root = resolve_storage(cfg.ray.storage_path, out)
+    mlflow_store = tracking.store_for(cfg.tracking, storage_root, experiment=cfg.name)
     cfg = replace(cfg, name=run_name_for(cfg.name, storage_root, resume))
     print(f"[paf-ray] run {cfg.name} in {storage_root}" + (" (resumed)" if resume is not None else ""), flush=True)
-    summary = run_pipeline(cfg, out=storage_root, resume=resume is not None)
+    if mlflow_store is None:
+        summary = run_pipeline(cfg, out=storage_root, resume=resume is not None)
+    else:
+        run_dir = storage.join(storage_root, cfg.name)
+        mlflow_run = tracking.open_run(mlflow_store, cfg, run_dir)
+        try:
+            summary = run_pipeline(cfg, out=storage_root, resume=resume is not None,
+                                   callbacks=[tracking.ReportLogger(mlflow_store, mlflow_run)])
+        except BaseException:
+            tracking.close_run(mlflow_store, mlflow_run, run_dir, "FAILED")
+            raise
+        tracking.close_run(mlflow_store, mlflow_run, run_dir, "FINISHED")
     print(metrics_table({s["stage"]: s["metrics"] for s in summary["stages"]}, ordered(cfg.model.tasks)))
     print(f"[paf-ray] summary: {storage.join(summary['run_dir'], SUMMARY_FILE)}")
     print(f"[paf-ray] final checkpoint: {summary['checkpoint']}")
