@@ -84,27 +84,29 @@ def _log_scale(values: list[float]) -> bool:
 
 def plot_front(rows: list[dict], front: list[dict], metrics: list[str], modes: list[str], params: list[str],
                title: str) -> bytes:
-    """pareto.png: every trial with values of the first two metrics (first metric up, second across),
-    the front highlighted, joined and labelled `best-<k>` with its sampled values."""
+    """pareto.png: every trial with values of the first two metrics (the first up, the second across),
+    the front highlighted and marked `best-<k>`, and under the plot each front trial's sampled values."""
     y_key, x_key = metrics[0], metrics[1]
-    fig, ax = plt.subplots(figsize=(9, 6))
+    keys, names = label_keys(front, params), short_keys(params)
+    captions = [f"best-{k}: {point_label(r, keys, names)}" for k, r in enumerate(front, start=1)]
+    fig = plt.figure(figsize=(9, 5.5 + 0.2 * len(captions)))
+    plot_share = 5.5 / (5.5 + 0.2 * len(captions))
+    ax = fig.add_axes((0.1, 1 - plot_share * 0.9, 0.85, plot_share * 0.8))
     shown = [r for r in rows if _value(r, x_key) is not None and _value(r, y_key) is not None]
     on_front = {id(r) for r in front}
-    for status, marker, face in (("completed", "o", "0.55"), ("stopped", "o", "none")):
+    for status, face in (("completed", "0.55"), ("stopped", "none")):
         pts = [(_value(r, x_key), _value(r, y_key)) for r in shown if r.get("status") == status and id(r) not in on_front]
         if pts:
-            ax.scatter(*zip(*pts), s=40, marker=marker, facecolors=face, edgecolors="0.4",
+            ax.scatter(*zip(*pts), s=40, facecolors=face, edgecolors="0.4",
                        label=f"{status} trials" + (" (metrics of an earlier epoch)" if status == "stopped" else ""))
     if front:
         line = sorted(front, key=lambda r: _value(r, x_key))
-        ax.plot([_value(r, x_key) for r in line], [_value(r, y_key) for r in line], color="tab:red", lw=1.2, zorder=2)
+        ax.plot([_value(r, x_key) for r in line], [_value(r, y_key) for r in line], color="tab:red", lw=0.8, ls="--")
         ax.scatter([_value(r, x_key) for r in front], [_value(r, y_key) for r in front], s=70, color="tab:red",
                    zorder=3, label="Pareto front")
-        keys = label_keys(front, params)
-        names = short_keys(params)
         for k, r in enumerate(front, start=1):
-            ax.annotate(f"best-{k}: {point_label(r, keys, names)}", (_value(r, x_key), _value(r, y_key)),
-                        textcoords="offset points", xytext=(6, 6 if k % 2 else -12), fontsize=7, color="tab:red")
+            ax.annotate(f"best-{k}", (_value(r, x_key), _value(r, y_key)), textcoords="offset points",
+                        xytext=(6, 4), fontsize=8, color="tab:red")
     if _log_scale([_value(r, x_key) for r in shown]):
         ax.set_xscale("log")
     word = {"max": "higher is better", "min": "lower is better"}
@@ -115,7 +117,7 @@ def plot_front(rows: list[dict], front: list[dict], metrics: list[str], modes: l
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
+    fig.text(0.02, 0.02, "\n".join(captions), fontsize=8, family="monospace", va="bottom", color="tab:red")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
@@ -123,13 +125,12 @@ def plot_front(rows: list[dict], front: list[dict], metrics: list[str], modes: l
 
 
 def front_rows(front: list[dict], metrics: list[str], params: list[str], shown: list[str]) -> list[dict[str, Any]]:
-    """pareto.csv / pareto.md rows: k, its job file, the trial, the objectives, the other shown metrics, the sampled values."""
+    """pareto.csv / pareto.md rows: k, its job file, the trial, the objectives, the sampled values, the other shown metrics."""
     out = []
     for k, r in enumerate(front, start=1):
         row: dict[str, Any] = {"k": k, "config": f"best-{k}.yaml", "trial": r["trial"], "status": r["status"]}
-        for key in dict.fromkeys([*metrics, *shown]):
-            row[key] = r.get(key)
-        for key in params:
-            row[key] = r.get(key)
+        row.update({key: r.get(key) for key in metrics})
+        row.update({key: r.get(key) for key in params})
+        row.update({key: r.get(key) for key in shown if key not in row})
         out.append(row)
     return out

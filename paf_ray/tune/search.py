@@ -296,10 +296,11 @@ def trial_status(error: Any, run_dir: str) -> str:
     return "completed" if storage.exists(storage.join(run_dir, SUMMARY_FILE)) else "stopped"
 
 
-def _number(value: Any) -> float | None:
+def _number(value: Any) -> float | int | None:
+    """A finite number as reported (counts stay integers), else None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
-    return float(value)
+    return value
 
 
 def result_rows(results, dims: list[space.Dimension], runs_dir: str, metric: str, mode: str,
