@@ -15,7 +15,8 @@ from paf_ray.config.loader import (ConfigError, apply_override, build, dump_yaml
 from paf_ray.config.rules import check_rules
 from paf_ray.config.schema import (AdapterConfig, BackboneConfig, Config, DataConfig, JobConfig, LossConfig,
                                    LVAdapterConfig, ModelConfig, PretrainConfig, RayConfig, StageConfig,
-                                   StudyCheckpointConfig, StudyConfig, SynthConfig, TrainConfig, TuneConfig)
+                                   StudyCheckpointConfig, StudyConfig, SynthConfig, TrackingConfig, TrainConfig,
+                                   TuneConfig)
 
 # mappings whose keys are data, not schema: --set replaces them whole instead of merging into them
 _OPAQUE = ("search_space", "runtime_env", "weights", "quick", "head_lr_mult")
@@ -62,5 +63,5 @@ def dump_config(cfg: Config, path: str | os.PathLike | None = None) -> str:
 
 __all__ = ["AdapterConfig", "BackboneConfig", "Config", "ConfigError", "DataConfig", "JobConfig", "LVAdapterConfig",
            "LossConfig", "ModelConfig", "PretrainConfig", "RayConfig", "StageConfig", "StudyCheckpointConfig",
-           "StudyConfig", "SynthConfig", "TrainConfig", "TuneConfig", "apply_override", "dump_config", "from_dict",
+           "StudyConfig", "SynthConfig", "TrackingConfig", "TrainConfig", "TuneConfig", "apply_override", "dump_config", "from_dict",
            "load_config", "parse_override", "to_dict"]

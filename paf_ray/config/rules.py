@@ -8,9 +8,12 @@ kinds, checkpoint layouts), and each plug-in checks its own section (``check``),
 
 from __future__ import annotations
 
+import importlib.util
 import re
 
 from paf_ray.config.loader import ConfigError
+from paf_ray.config.pick import PickSyntaxError, parse_pick
+from paf_ray.eval.keys import describe_report_keys, is_report_key
 from paf_ray.models.adapters import ADAPTERS
 from paf_ray.models.backbones import BACKBONES, STAGES
 from paf_ray.models.clip_text import clip_embed_dim
@@ -235,6 +238,48 @@ def rule_study(study, train) -> Problems:
     return problems
 
 
+def rule_tune_objectives(tune, model) -> Problems:
+    """tune.metric / tune.mode: one mode (max or min) per metric, each metric a key the reports carry,
+    none twice; tune.pick parses and names report keys; nsga2 needs a population of at least 2."""
+    metrics, modes = tune.metrics, tune.modes
+    if not metrics:
+        return [("tune.metric", "name at least one report key, e.g. score")]
+    if len(modes) != len(metrics):
+        return [("tune.mode", f"one mode (max or min) per metric: tune.metric has {len(metrics)} "
+                              f"({', '.join(metrics)}), tune.mode {len(modes)} ({', '.join(modes)})")]
+    if len(set(metrics)) != len(metrics):
+        return [("tune.metric", f"a metric repeats: {metrics}")]
+    key = "tune.metric" if isinstance(tune.metric, str) else None
+    for i, metric in enumerate(metrics):
+        if not is_report_key(metric, model.tasks):
+            return [(key or f"tune.metric[{i}]", f"{metric!r} is not a key of the per-epoch report "
+                                                 f"({describe_report_keys(model.tasks)})")]
+    problems = []
+    if tune.pick is not None:
+        try:
+            pick = parse_pick(tune.pick)
+        except PickSyntaxError as e:
+            return [("tune.pick", str(e))]
+        for name in pick.keys():
+            if not is_report_key(name, model.tasks):
+                problems.append(("tune.pick", f"{name!r} is not a key of the per-epoch report "
+                                              f"({describe_report_keys(model.tasks)})"))
+    if tune.sampler == "nsga2" and tune.startup_trials < 2:
+        problems.append(("tune.startup_trials", f"nsga2 takes it as its population size: at least 2, "
+                                                f"got {tune.startup_trials}"))
+    return problems
+
+
+def mlflow_installed() -> bool:
+    return importlib.util.find_spec("mlflow") is not None
+
+
+def rule_tracking(tracking) -> Problems:
+    if tracking.mlflow and not mlflow_installed():
+        return [("tracking.mlflow", "true, but the mlflow package is not installed: pip install 'paf_ray[mlflow]'")]
+    return []
+
+
 def check_rules(cfg, source: str = "<config>") -> None:
     """Every rule, in order; the first problem is raised as one ConfigError naming the file and the key."""
     m = cfg.model
@@ -254,6 +299,8 @@ def check_rules(cfg, source: str = "<config>") -> None:
         lambda: rule_resources_per_worker(cfg.ray),
         lambda: rule_ray_failure_bounds(cfg.ray),
         lambda: rule_study(cfg.study, cfg.train),
+        lambda: rule_tune_objectives(cfg.tune, m),
+        lambda: rule_tracking(cfg.tracking),
     ]
     for check in checks:
         for key, reason in check():

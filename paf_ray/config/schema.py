@@ -211,21 +211,32 @@ class RayConfig:
 
 @dataclass
 class TuneSchedulerConfig:
-    kind: Literal["asha", "fifo"] = "asha"  # asha: early stopping on `tune.metric`; fifo: every trial runs out
+    # asha: early stopping on `tune.metric` (its first metric when it lists several); fifo: every trial runs out
+    kind: Literal["asha", "fifo"] = "asha"
     grace_period: int = 1  # epochs (Tune iterations) before a trial can be stopped
     reduction_factor: int = 2
     max_t: Optional[int] = None  # last epoch with a rung (ASHA's max_t); default: the epoch budget - 1
+
+
+Mode = Literal["max", "min"]
 
 
 @dataclass
 class TuneConfig:
     num_samples: int = 8
     max_concurrent_trials: int = 1
-    metric: str = "score"
-    mode: Literal["max", "min"] = "max"
+    # a report key (eval/keys.py), or several for a multi-objective sweep (Pareto front), e.g.
+    # [score, cost/trainable_params] with mode [max, min]
+    metric: Union[str, list[str]] = "score"
+    mode: Union[Mode, list[Mode]] = "max"  # one per metric
+    # which trial best.yaml holds: default the best by the first metric; or a rule such as
+    # "highest score with cost/trainable_params <= 5e6" (config/pick.py)
+    pick: Optional[str] = None
     seed: int = 0
-    sampler: Literal["tpe", "random"] = "tpe"  # Optuna sampler, seeded with `seed`
-    startup_trials: int = 10  # tpe: random trials before TPE takes over (Optuna's n_startup_trials)
+    # Optuna sampler, seeded with `seed`; tpe and nsga2 run multi-objective when `metric` lists several
+    sampler: Literal["tpe", "random", "nsga2"] = "tpe"
+    # tpe: random trials before TPE takes over (Optuna's n_startup_trials); nsga2: its population size
+    startup_trials: int = 10
     study_name: Optional[str] = None  # Optuna study name; default: the config's `name`
     max_failures: int = 0  # restarts of a failed trial (it resumes its Train runs)
     total_epochs: Optional[int] = None  # epoch budget split between adapt and finetune by `adapt_fraction`
@@ -234,6 +245,28 @@ class TuneConfig:
     trial_cpus: float = 0.01  # resources of the trial driver (workers come from `ray`)
     search_space: dict[str, Any] = field(default_factory=dict)  # dotted key -> spec; see docs/tune.md
     backbones: list[dict[str, Any]] = field(default_factory=list)  # choices for `backbone`
+
+    @property
+    def metrics(self) -> list[str]:
+        return [self.metric] if isinstance(self.metric, str) else list(self.metric)
+
+    @property
+    def modes(self) -> list[str]:
+        return [self.mode] if isinstance(self.mode, str) else list(self.mode)
+
+
+# --------------------------------------------------------------------------- tracking
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment tracking (train/tracking.py): every `paf-ray run` and every Tune trial as an MLflow run."""
+
+    mlflow: bool = False  # needs the optional extra: pip install 'paf_ray[mlflow]'
+    # an MLflow tracking URI (http://host:5000, sqlite:///...), or a local folder; None = a folder
+    # `mlruns/` in the run storage (a run's --out / ray.storage_path, a sweep's folder)
+    uri: Optional[str] = None
+    experiment: Optional[str] = None  # MLflow experiment; None = the config's name (a sweep: the sweep's)
 
 
 # --------------------------------------------------------------------------- study
@@ -311,5 +344,6 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
     job: JobConfig = field(default_factory=JobConfig)

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-SCORE = "score"
+from paf_ray.eval.keys import SCORE
 
 
 class Evaluator:

@@ -16,13 +16,14 @@ from paf_ray.models.multitask import build_model
 from paf_ray.models.stages import apply_stage, backbone_builds_graph, finish_stage, trainable_summary
 
 
-def forward_gflops(model: torch.nn.Module, input_size: tuple[int, int]) -> tuple[float, dict[str, float]]:
-    """GFLOPs of one eval forward (batch 1) in all and per top-level module."""
+def forward_gflops(model: torch.nn.Module, input_size: tuple[int, int],
+                   device: torch.device | None = None) -> tuple[float, dict[str, float]]:
+    """GFLOPs of one eval forward (batch 1) in all and per top-level module (the input on `device`)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     width, height = input_size
     gen = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (1, 3, height, width), dtype=torch.uint8, generator=gen)
+    images = torch.randint(0, 256, (1, 3, height, width), dtype=torch.uint8, generator=gen).to(device or "cpu")
     was_training = model.training
     model.eval()
     try:

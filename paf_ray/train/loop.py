@@ -12,7 +12,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import shutil
+import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -26,6 +29,9 @@ import torch.distributed as dist
 from paf_ray.config import Config, StageConfig, from_dict
 from paf_ray.data.pipeline import iter_train_batches
 from paf_ray.eval.evaluator import Evaluator, compute_metrics, merge_states
+from paf_ray.eval.keys import (COST_GFLOPS, COST_PEAK_MEM_MB, COST_STEP_MS, COST_TRAINABLE_PARAMS, DATA_SKIPPED,
+                               SCORE, TRAIN_EPOCH_S, TRAIN_IMG_S, TRAIN_LOSS_PREFIX)
+from paf_ray.models.inspect import forward_gflops
 from paf_ray.models.multitask import build_model
 from paf_ray.models.stages import apply_stage, finish_stage, prepare_norm
 from paf_ray.runtime import storage
@@ -187,6 +193,9 @@ class StageRun:
     steps_per_epoch: int
     step_offset: int  # global steps of the stages before this one (TensorBoard x axis)
     log: _RunLog
+    costs: dict = field(default_factory=dict)  # the stage's fixed costs (stage_costs)
+    step_ms: list = field(default_factory=list)  # this epoch's measured training steps
+    last_step_ms: float | None = None
     waits: _WaitClock = field(default_factory=lambda: _WaitClock())
 
 
@@ -219,6 +228,39 @@ def place_model(model: torch.nn.Module, cfg: Config, kind: str, device: torch.de
         return model, model, synced
     wrapped = ray.train.torch.prepare_model(model, move_to_device=False)
     return wrapped, unwrap(wrapped), synced
+
+
+def stage_costs(trainee: Trainee, cfg: Config, rank: int, name: str) -> dict:
+    """The costs that hold for the whole stage: the parameters it trains and (counted on rank 0,
+    whose report is the one kept) the GFLOPs of one eval forward at data.input_size."""
+    costs: dict[str, float] = {COST_TRAINABLE_PARAMS: sum(p.numel() for p in trainee.trainable)}
+    if rank == 0:
+        try:
+            with torch.random.fork_rng(devices=[]):  # counting must not move training's random stream
+                gflops, _ = forward_gflops(trainee.net, cfg.data.input_size, trainee.device)
+            costs[COST_GFLOPS] = round(gflops, 3)
+        except Exception as e:  # counting is best effort (models/inspect.py); training goes on without it
+            print(f"[{name}] {COST_GFLOPS} not counted: {type(e).__name__}: {e}", flush=True)
+    return costs
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: the most memory tensors held on the device (since the stage started); CPU: the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def cost_metrics(run: StageRun) -> dict:
+    """The cost/* keys of a report (eval/keys.py)."""
+    out = dict(run.costs)
+    if run.step_ms:
+        run.last_step_ms = statistics.median(run.step_ms)
+    if run.last_step_ms is not None:
+        out[COST_STEP_MS] = round(run.last_step_ms, 2)
+    out[COST_PEAK_MEM_MB] = round(peak_memory_mb(run.trainee.device), 1)
+    return out
 
 
 def restore_progress(trainee: Trainee, train_state: dict | None) -> Progress:
@@ -266,8 +308,10 @@ def setup_stage(config: dict) -> tuple[StageRun, Progress] | None:
               f"(global step {progress.global_step})")
     log = _RunLog(config.get("log_dir"), enabled=rank == 0)
     log.forget_after(name, progress.global_step)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     run = StageRun(cfg, index, name, spec, rank, world, trainee, steps_per_epoch,
-                   int(config.get("step_offset", 0)), log)
+                   int(config.get("step_offset", 0)), log, costs=stage_costs(trainee, cfg, rank, name))
     return run, progress
 
 
@@ -303,6 +347,7 @@ def train_one_epoch(run: StageRun, progress: Progress, epoch: int, batches) -> d
     n_loss = skipped = images_seen = 0
     clock = {"t_epoch": time.perf_counter(), "t_log": time.perf_counter(), "images": 0,
              "first_step": progress.skip_steps}
+    run.step_ms = []
     for step_in_epoch in range(run.steps_per_epoch):
         batch = next(batches, None)
         if batch is None:  # the stream ran out (a stage resumed from an earlier epoch than its stream holds)
@@ -310,7 +355,12 @@ def train_one_epoch(run: StageRun, progress: Progress, epoch: int, batches) -> d
         skipped += int(batch.get("skipped", 0))
         if step_in_epoch < progress.skip_steps:  # resumed mid-epoch: these steps are in the checkpoint already
             continue
+        t_step = time.perf_counter()
         outcome = train_step(run.trainee, batch, counter)
+        if run.trainee.device.type == "cuda":
+            torch.cuda.synchronize(run.trainee.device)  # the step's kernels, not only their launch
+        if outcome.skipped != "empty":
+            run.step_ms.append((time.perf_counter() - t_step) * 1000.0)
         if outcome.skipped == "nonfinite loss" and run.rank == 0:
             print(f"[{run.name}] non-finite loss at step {progress.global_step}: step skipped on every rank "
                   f"({counter.bad_in_a_row} in a row): {outcome.losses}")
@@ -334,10 +384,10 @@ def train_one_epoch(run: StageRun, progress: Progress, epoch: int, batches) -> d
     totals = all_reduce_sum([sums[k] for k in keys] + [n_loss, skipped, images_seen], device=run.trainee.device)
     n_all = max(1.0, totals[len(keys)])
     wall = time.perf_counter() - clock["t_epoch"]
-    metrics = {f"train/loss_{k}": totals[i] / n_all for i, k in enumerate(keys)}
-    metrics["data/skipped"] = int(totals[len(keys) + 1])
-    metrics["train/img_s"] = totals[len(keys) + 2] / max(1e-9, wall)
-    metrics["train/epoch_s"] = wall
+    metrics = {f"{TRAIN_LOSS_PREFIX}{k}": totals[i] / n_all for i, k in enumerate(keys)}
+    metrics[DATA_SKIPPED] = int(totals[len(keys) + 1])
+    metrics[TRAIN_IMG_S] = totals[len(keys) + 2] / max(1e-9, wall)
+    metrics[TRAIN_EPOCH_S] = wall
     return metrics
 
 
@@ -360,13 +410,15 @@ def evaluate_epoch(run: StageRun, progress: Progress, epoch: int) -> dict:
 
 
 def report(run: StageRun, progress: Progress, epoch: int, step_in_epoch: int, metrics: dict, final: bool) -> None:
-    """Metrics and, from rank 0, a checkpoint. All ranks call this together (ray.train.report is a barrier)."""
-    score = metrics.get("score")
+    """Metrics, the stage's costs and, from rank 0, a checkpoint. All ranks call this together
+    (ray.train.report is a barrier)."""
+    score = metrics.get(SCORE)
     if isinstance(score, (int, float)) and math.isfinite(score):
         progress.best_score = score if progress.best_score is None else max(progress.best_score, score)
     row = {"stage": run.name, "stage_index": run.index, "stage_kind": run.spec.kind, "epoch": epoch,
-           "step": progress.global_step, **metrics}
-    row.setdefault("score", progress.last_metrics.get("score", 0.0))
+           "step": progress.global_step, "global_step": run.step_offset + progress.global_step,
+           **metrics, **cost_metrics(run)}
+    row.setdefault(SCORE, progress.last_metrics.get(SCORE, 0.0))
     if run.rank == 0:
         t = run.trainee
         with tempfile.TemporaryDirectory() as d:
@@ -382,7 +434,7 @@ def report(run: StageRun, progress: Progress, epoch: int, step_in_epoch: int, me
     else:
         ray.train.report(row, checkpoint=None)
     run.log.record(row)
-    run.log.scalars({k: v for k, v in row.items() if "/" in k or k == "score"}, run.step_offset + progress.global_step)
+    run.log.scalars({k: v for k, v in row.items() if "/" in k or k == SCORE}, run.step_offset + progress.global_step)
 
 
 def train_loop(config: dict) -> None:
@@ -396,8 +448,8 @@ def train_loop(config: dict) -> None:
     for epoch in range(progress.epoch, run.spec.epochs):
         metrics = train_one_epoch(run, progress, epoch, batches)
         if run.rank == 0:
-            print(f"[{run.name}] epoch {epoch + 1}/{run.spec.epochs}: {metrics['train/epoch_s']:.1f} s, "
-                  f"{metrics['train/img_s']:.1f} img/s", flush=True)
+            print(f"[{run.name}] epoch {epoch + 1}/{run.spec.epochs}: {metrics[TRAIN_EPOCH_S]:.1f} s, "
+                  f"{metrics[TRAIN_IMG_S]:.1f} img/s", flush=True)
         metrics.update(evaluate_epoch(run, progress, epoch))
         last = epoch == run.spec.epochs - 1
         if last:

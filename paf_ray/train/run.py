@@ -26,6 +26,7 @@ from paf_ray.cluster import check_workers_can_start, pinned_resources, worker_re
 from paf_ray.config import Config, dump_config, to_dict
 from paf_ray.data.pipeline import build_dataset, iter_train_batches, load_records, resolve_root
 from paf_ray.eval.evaluator import headline_metrics
+from paf_ray.eval.keys import COST_KEYS, SCORE
 from paf_ray.models.multitask import build_model
 from paf_ray.runtime import storage
 from paf_ray.runtime.files import read_json, write_bytes, write_json, write_text
@@ -33,6 +34,7 @@ from paf_ray.runtime.ray import RAY_LOG_LEVEL, init_ray
 from paf_ray.runtime.runs import SUMMARY_FILE, RunExistsError, read_metrics_rows, resolve_storage, run_name_for
 from paf_ray.tasks import ordered
 from paf_ray.train.failures import StorageRestartLog, resolve_max_failures, stage_failure
+from paf_ray.train import tracking
 from paf_ray.train.checkpoint import checkpoint_location, load_model, load_model_state, resolve_checkpoint_dir
 from paf_ray.train.loop import evaluate, gather_metrics, train_loop
 from paf_ray.train.report import plot_curves
@@ -152,7 +154,7 @@ def run_stage(
             storage_filesystem=storage_filesystem,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.ray.keep_checkpoints,
-                checkpoint_score_attribute="score",
+                checkpoint_score_attribute=SCORE,
                 checkpoint_score_order="max",
             ),
             failure_config=ray.train.FailureConfig(
@@ -244,6 +246,7 @@ def run_pipeline(
             "kind": stage.kind,
             "checkpoint": checkpoint_path,
             "metrics": _final_eval_metrics(result.metrics, ordered(cfg.model.tasks)),
+            "cost": {k: v for k, v in (result.metrics or {}).items() if k in COST_KEYS},
             "wall_s": round(time.perf_counter() - t_stage, 1),
         }
         write_json(done_path, record)
@@ -254,6 +257,8 @@ def run_pipeline(
     summary["checkpoint"] = summary["stages"][-1]["checkpoint"]
     summary["metrics"] = summary["stages"][-1]["metrics"]
     summary["metrics_per_stage"] = {s["stage"]: s["metrics"] for s in summary["stages"]}
+    summary["cost"] = summary["stages"][-1].get("cost", {})  # the final stage's (eval/keys.py)
+    summary["cost_per_stage"] = {s["stage"]: s.get("cost", {}) for s in summary["stages"]}
     summary["stage_wall_s"] = {s["stage"]: s["wall_s"] for s in summary["stages"]}
     summary["skipped_samples"] = _skipped_counts(run_dir)
     summary["skipped_samples"]["index"] = {split: st.get("skipped", 0) for split, st in index_stats.items()}
@@ -272,7 +277,7 @@ def checkpoint_at(path: str) -> ray.train.Checkpoint:
 
 def _final_eval_metrics(metrics: dict | None, tasks) -> dict:
     """The evaluation metrics of a stage's last report (not its training losses or timings)."""
-    keep = tuple(f"{t.name}/" for t in tasks) + ("score",)
+    keep = tuple(f"{t.name}/" for t in tasks) + (SCORE,)
     return {k: v for k, v in (metrics or {}).items() if k.startswith(keep)}
 
 
@@ -345,9 +350,21 @@ def run_config(cfg: Config, out: str | None, resume: str | None) -> dict:
     """`paf-ray run`: the config's stages in a new run folder (or the one `resume` names)."""
     check_workers_can_start(cfg)  # on a cluster it joins: fail now if no node type can hold a worker
     storage_root = resolve_storage(cfg.ray.storage_path, out)
+    mlflow_store = tracking.store_for(cfg.tracking, storage_root, experiment=cfg.name)
     cfg = replace(cfg, name=run_name_for(cfg.name, storage_root, resume))
     print(f"[paf-ray] run {cfg.name} in {storage_root}" + (" (resumed)" if resume is not None else ""), flush=True)
-    summary = run_pipeline(cfg, out=storage_root, resume=resume is not None)
+    if mlflow_store is None:
+        summary = run_pipeline(cfg, out=storage_root, resume=resume is not None)
+    else:
+        run_dir = storage.join(storage_root, cfg.name)
+        mlflow_run = tracking.open_run(mlflow_store, cfg, run_dir)
+        try:
+            summary = run_pipeline(cfg, out=storage_root, resume=resume is not None,
+                                   callbacks=[tracking.ReportLogger(mlflow_store, mlflow_run)])
+        except BaseException:
+            tracking.close_run(mlflow_store, mlflow_run, run_dir, "FAILED")
+            raise
+        tracking.close_run(mlflow_store, mlflow_run, run_dir, "FINISHED")
     print(metrics_table({s["stage"]: s["metrics"] for s in summary["stages"]}, ordered(cfg.model.tasks)))
     print(f"[paf-ray] summary: {storage.join(summary['run_dir'], SUMMARY_FILE)}")
     print(f"[paf-ray] final checkpoint: {summary['checkpoint']}")

@@ -24,10 +24,16 @@ def tune_command(args) -> int:
             return 2
     summary = run_sweep(cfg, out=args.out, resume=args.resume, source=args.config)
     out_dir = summary["out_dir"]
-    print(rows_markdown(summary["rows"], f"Sweep {cfg.name}: trials by {cfg.tune.metric}"))
+    print(rows_markdown(summary["rows"], f"Sweep {cfg.name}: trials by {cfg.tune.metrics[0]}"))
     print(f"[paf-ray] sweep folder: {out_dir} ({len(summary['rows'])} trials, {summary['wall_s']} s)")
+    if len(cfg.tune.metrics) > 1:
+        print(f"[paf-ray] Pareto front of {', '.join(cfg.tune.metrics)}: {len(summary['front'])} trials, "
+              f"{storage.join(out_dir, 'pareto.md')} (pareto.png, best-1.yaml .. best-{len(summary['front'])}.yaml)")
     if summary["best"] is None:
-        print("[paf-ray] no trial produced a result; see the errors above")
+        if cfg.tune.pick and any(r["status"] != "error" for r in summary["rows"]):
+            print(f"[paf-ray] no trial meets tune.pick {cfg.tune.pick!r}: best.yaml not written")
+        else:
+            print("[paf-ray] no trial produced a result; see the errors above")
         return 1
     print(f"[paf-ray] best config: {storage.join(out_dir, 'best.yaml')}  (paf-ray run it as is)")
     print(f"[paf-ray] TensorBoard: tensorboard --logdir {out_dir}")

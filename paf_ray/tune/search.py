@@ -10,6 +10,12 @@ adapt/finetune boundary. A sweep folder holds:
     <DIR>/trials/<id>/   each trial's run folder (stage checkpoints, metrics.jsonl, tb/)
     <DIR>/optuna.db      the Optuna study (default storage; open it with optuna-dashboard)
     <DIR>/trials.csv, trials.md, best.yaml
+    <DIR>/pareto.csv, pareto.md, pareto.png, best-<k>.yaml   a multi-objective sweep's front (tune/pareto.py)
+    <DIR>/mlruns/        with tracking.mlflow: the MLflow store, one run per trial (train/tracking.py)
+
+A multi-objective sweep (`tune.metric: [score, cost/trainable_params]`, `tune.mode: [max, min]`)
+runs Optuna multi-objective (TPE or NSGA-II); ASHA can rank on one metric only, so its rungs
+stop trials on the first metric (or, with `scheduler.kind: fifo`, every trial runs out).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import hashlib
 import io
 import math
 import os
+import re
 import time
 from typing import Any
 
@@ -30,14 +37,17 @@ from ray.tune.search.optuna import OptunaSearch
 
 from paf_ray.cluster import pinned_resources
 from paf_ray.config import Config, ConfigError, dump_config, from_dict, to_dict
+from paf_ray.config.pick import Pick, parse_pick
 from paf_ray.eval.evaluator import headline_metrics
+from paf_ray.eval.keys import COST_KEYS
 from paf_ray.runtime import storage
-from paf_ray.runtime.files import write_text
+from paf_ray.runtime.files import write_bytes, write_text
 from paf_ray.runtime.ray import init_ray
 from paf_ray.runtime.runs import SUMMARY_FILE, resolve_storage
 from paf_ray.tasks import ordered
+from paf_ray.train import tracking
 from paf_ray.train.run import prepare_data, run_pipeline
-from paf_ray.tune import space
+from paf_ray.tune import pareto, space
 
 TRIALS_DIR = "trials"
 RUN_SHEBANG = "#!/usr/bin/env -S python -m paf_ray run"
@@ -144,15 +154,24 @@ def trial_resources(cfg: Config) -> dict[str, float]:
     return {"cpu": cfg.tune.trial_cpus, **pinned_resources(cfg.ray)}
 
 
+def multi_objective(cfg: Config) -> bool:
+    return len(cfg.tune.metrics) > 1
+
+
 def make_searcher(cfg: Config, dims: list[space.Dimension], storage_url: str):
-    if cfg.tune.sampler == "tpe":
-        sampler = optuna.samplers.TPESampler(seed=cfg.tune.seed, n_startup_trials=cfg.tune.startup_trials)
+    """OptunaSearch with the seeded sampler; a study with one direction per metric when
+    `tune.metric` lists several (TPE and NSGA-II then optimise them jointly)."""
+    t = cfg.tune
+    if t.sampler == "tpe":
+        sampler = optuna.samplers.TPESampler(seed=t.seed, n_startup_trials=t.startup_trials)
+    elif t.sampler == "nsga2":
+        sampler = optuna.samplers.NSGAIISampler(seed=t.seed, population_size=t.startup_trials)
     else:
-        sampler = optuna.samplers.RandomSampler(seed=cfg.tune.seed)
+        sampler = optuna.samplers.RandomSampler(seed=t.seed)
     return OptunaSearch(
         space=space.optuna_distributions(dims),
-        metric=cfg.tune.metric,
-        mode=cfg.tune.mode,
+        metric=t.metrics if multi_objective(cfg) else t.metrics[0],
+        mode=t.modes if multi_objective(cfg) else t.modes[0],
         sampler=sampler,
         study_name=cfg.tune.study_name or cfg.name,
         storage=optuna.storages.RDBStorage(storage_url),
@@ -194,6 +213,15 @@ def first_rung(cfg: Config, dims: list[space.Dimension]) -> int | None:
 
 def make_scheduler(cfg: Config, dims: list[space.Dimension]):
     sch = cfg.tune.scheduler
+    metrics = cfg.tune.metrics
+    if multi_objective(cfg):
+        if sch.kind == "fifo":
+            print(f"[paf-ray] tune: {len(metrics)} objectives ({', '.join(metrics)}): scheduler fifo, every trial "
+                  f"runs out and the whole sweep can reach the Pareto front", flush=True)
+        else:
+            print(f"[paf-ray] tune: {len(metrics)} objectives ({', '.join(metrics)}): ASHA ranks on one metric, so "
+                  f"its rungs stop trials on {metrics[0]} alone; trials it stops are left off the Pareto front (their "
+                  f"metrics are an earlier epoch's). tune.scheduler.kind: fifo runs every trial out", flush=True)
     if sch.kind == "fifo":
         return FIFOScheduler()
     grace = first_rung(cfg, dims)
@@ -236,14 +264,19 @@ def build_tuner(cfg: Config, out_dir: str, dims: list[space.Dimension], source: 
     runs_dir = storage.join(out_dir, TRIALS_DIR)
     trainable = make_trainable(cfg, runs_dir, source)
     experiment = storage.join(out_dir, cfg.name)
-    restored = restore_or_refuse(experiment, trainable, resume)
+    restored = restore_or_refuse(experiment, trainable, resume)  # callbacks come back with the experiment
     if restored is not None:
         return restored
+    mlflow_store = tracking.store_for(cfg.tracking, out_dir, experiment=cfg.name)
+    if mlflow_store is not None:
+        print(f"[paf-ray] MLflow: each trial a run in experiment {mlflow_store.experiment!r} at {mlflow_store.uri}",
+              flush=True)
     return ray.tune.Tuner(
         trainable,
         tune_config=ray.tune.TuneConfig(
-            metric=cfg.tune.metric,
-            mode=cfg.tune.mode,
+            # the scheduler's and the result grid's metric: the first (OptunaSearch has them all)
+            metric=cfg.tune.metrics[0],
+            mode=cfg.tune.modes[0],
             search_alg=make_searcher(cfg, dims, study_storage_url(cfg, out_dir)),
             scheduler=make_scheduler(cfg, dims),
             num_samples=cfg.tune.num_samples,
@@ -254,6 +287,7 @@ def build_tuner(cfg: Config, out_dir: str, dims: list[space.Dimension], source: 
             name=cfg.name,
             storage_path=out_dir,
             failure_config=ray.tune.FailureConfig(max_failures=cfg.tune.max_failures),
+            callbacks=[tracking.TrialLogger(mlflow_store, runs_dir, out_dir)] if mlflow_store else None,
         ),
     )
 
@@ -268,10 +302,11 @@ def trial_status(error: Any, run_dir: str) -> str:
     return "completed" if storage.exists(storage.join(run_dir, SUMMARY_FILE)) else "stopped"
 
 
-def _number(value: Any) -> float | None:
+def _number(value: Any) -> float | int | None:
+    """A finite number as reported (counts stay integers), else None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
-    return float(value)
+    return value
 
 
 def result_rows(results, dims: list[space.Dimension], runs_dir: str, metric: str, mode: str,
@@ -300,11 +335,22 @@ def sort_rows(rows: list[dict], metric: str, mode: str) -> list[dict]:
     return sorted(rows, key=lambda r: (r.get(metric) is None, sign * (r.get(metric) or 0.0)))
 
 
-def best_row(rows: list[dict]) -> dict | None:
-    """The best completed trial; if none completed, the best one with a score (rows are sorted)."""
+def best_row(rows: list[dict], pick: Pick | None = None) -> dict | None:
+    """The best completed trial; if none completed, the best one with a score (rows are sorted by the
+    first metric). With a `tune.pick` rule: the same among the trials that meet its conditions, by its key."""
     scored = [r for r in rows if r["status"] != "error"]
+    if pick is not None:
+        scored = sort_rows([r for r in scored if pick.admits(r) and _number(r.get(pick.metric)) is not None],
+                           pick.metric, pick.mode)
     completed = [r for r in scored if r["status"] == "completed"]
     return (completed or scored or [None])[0]
+
+
+def shown_metrics(cfg: Config) -> tuple[str, ...]:
+    """The metric columns of the tables: the objectives, the pick rule's keys, the tasks' headline
+    metrics and the costs."""
+    pick_keys = parse_pick(cfg.tune.pick).keys() if cfg.tune.pick else []
+    return tuple(dict.fromkeys([*cfg.tune.metrics, *pick_keys, *headline_metrics(ordered(cfg.model.tasks)), *COST_KEYS]))
 
 
 def rows_csv(rows: list[dict]) -> str:
@@ -332,28 +378,71 @@ def rows_markdown(rows: list[dict], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def best_config_text(base: Config, dims: list[space.Dimension], row: dict, out_dir: str, metric: str) -> str:
-    """A complete `paf-ray run` job file for the best trial's settings."""
+def _objectives(row: dict, metrics: str | list[str]) -> str:
+    return ", ".join(f"{m} {space.display_value(row.get(m))}" for m in ([metrics] if isinstance(metrics, str) else metrics))
+
+
+def best_config_text(base: Config, dims: list[space.Dimension], row: dict, out_dir: str, metrics: str | list[str],
+                     title: str | None = None, name: str | None = None) -> str:
+    """A complete `paf-ray run` job file for a trial's settings (by default: the best trial by `metrics`),
+    its header naming the trial and its values of `metrics`."""
     params = {d.key: space.encode_choice(row[d.key]) for d in dims if d.kind != "fixed"}
-    cfg = space.trial_config(base, dims, params, name=f"{base.name}-best", source="best trial")
+    cfg = space.trial_config(base, dims, params, name=name or f"{base.name}-best", source="best trial")
     shown = ", ".join(f"{k}={space.display_value(v)}" for k, v in params.items())
+    title = title or f"Best trial of the sweep in {out_dir}"
     header = [
         RUN_SHEBANG,
-        f"# Best trial of the sweep in {out_dir}: trial {row['trial']} ({row['status']}), "
-        f"{metric} {space.display_value(row.get(metric))}",
+        f"# {title}: trial {row['trial']} ({row['status']}), {_objectives(row, metrics)}",
         f"# Sampled: {shown}",
         "# Run it:  paf-ray run THIS_FILE --out DIR",
     ]
     return "\n".join(header) + "\n" + dump_config(cfg)
 
 
+def write_front(base: Config, dims: list[space.Dimension], rows: list[dict], out_dir: str) -> list[dict]:
+    """pareto.csv, pareto.md, pareto.png and best-<k>.yaml (k = 1.. along the front, best first by the
+    first metric) in the sweep folder; returns the front's rows."""
+    t = base.tune
+    front = pareto.pareto_front(rows, t.metrics, t.modes)
+    params = space.param_columns(dims)
+    others = [k for k in shown_metrics(base) if k not in t.metrics]
+    table = pareto.front_rows(front, t.metrics, params, others)
+    goal = " vs ".join(f"{m} ({'max' if mode == 'max' else 'min'})" for m, mode in zip(t.metrics, t.modes))
+    write_text(storage.join(out_dir, "pareto.csv"), rows_csv(table))
+    md = rows_markdown(table, f"Sweep {base.name}: Pareto front of {goal}")
+    pool = len(pareto.candidates(rows, t.metrics))
+    md += (f"\n{len(front)} of {pool} trials with final values of every objective are on the front "
+           f"({len(rows)} trials in all; trials.md lists them). Each `best-<k>.yaml` runs as is: "
+           f"`paf-ray run {storage.join(out_dir, 'best-1.yaml')} --out DIR`.\n\n![Pareto front](pareto.png)\n")
+    write_text(storage.join(out_dir, "pareto.md"), md)
+    write_bytes(storage.join(out_dir, "pareto.png"),
+                pareto.plot_front(rows, front, t.metrics, t.modes, params, f"Sweep {base.name}: {goal}"))
+    for k, row in enumerate(front, start=1):
+        title = f"Pareto front trial {k} of {len(front)} of the sweep in {out_dir}"
+        text = best_config_text(base, dims, row, out_dir, t.metrics, title=title, name=f"{base.name}-best-{k}")
+        write_text(storage.join(out_dir, f"best-{k}.yaml"), text)
+    for name in storage.list_files(out_dir):  # a front that shrank (--resume): drop the old files past it
+        m = re.fullmatch(r"best-(\d+)\.yaml", name)
+        if m and int(m.group(1)) > len(front):
+            fs, inner = storage.resolve(storage.join(out_dir, name))
+            fs.delete_file(inner)
+    return front
+
+
 def write_results(base: Config, dims: list[space.Dimension], rows: list[dict], out_dir: str) -> dict | None:
-    """trials.csv, trials.md and best.yaml in the sweep folder; returns the best row."""
+    """trials.csv, trials.md and best.yaml in the sweep folder, and for a multi-objective sweep its
+    Pareto front (write_front); returns the best row (None: no trial, or none meets tune.pick)."""
+    t = base.tune
     write_text(storage.join(out_dir, "trials.csv"), rows_csv(rows))
-    write_text(storage.join(out_dir, "trials.md"), rows_markdown(rows, f"Sweep {base.name}: trials by {base.tune.metric}"))
-    best = best_row(rows)
+    write_text(storage.join(out_dir, "trials.md"), rows_markdown(rows, f"Sweep {base.name}: trials by {t.metrics[0]}"))
+    pick = parse_pick(t.pick) if t.pick else None
+    best = best_row(rows, pick)
     if best is not None:
-        write_text(storage.join(out_dir, "best.yaml"), best_config_text(base, dims, best, out_dir, base.tune.metric))
+        title = f"Best trial of the sweep in {out_dir} by tune.pick '{pick.text()}'" if pick else None
+        write_text(storage.join(out_dir, "best.yaml"),
+                   best_config_text(base, dims, best, out_dir, pick.keys() if pick else t.metrics[0], title=title))
+    if multi_objective(base):
+        write_front(base, dims, rows, out_dir)
     return best
 
 
@@ -367,7 +456,7 @@ def warm_data_cache(cfg: Config) -> None:
 
 
 def run_sweep(cfg: Config, out: str | None = None, resume: bool = False, source: str = "<config>") -> dict:
-    """Run (or continue) the sweep; returns {out_dir, rows, best, wall_s}."""
+    """Run (or continue) the sweep; returns {out_dir, rows, best, front, wall_s} (front: [] for one metric)."""
     t0 = time.perf_counter()
     dims = check_sweep_config(cfg, source)
     out_dir = sweep_dir(cfg, out)
@@ -381,7 +470,9 @@ def run_sweep(cfg: Config, out: str | None = None, resume: bool = False, source:
         results = tuner.fit()
     finally:
         keep_study(cfg, out_dir)
-    rows = result_rows(results, dims, storage.join(out_dir, TRIALS_DIR), cfg.tune.metric, cfg.tune.mode,
-                       headline_metrics(ordered(cfg.model.tasks)))
+    rows = result_rows(results, dims, storage.join(out_dir, TRIALS_DIR), cfg.tune.metrics[0], cfg.tune.modes[0],
+                       shown_metrics(cfg))
     best = write_results(cfg, dims, rows, out_dir)
-    return {"out_dir": out_dir, "rows": rows, "best": best, "wall_s": round(time.perf_counter() - t0, 1)}
+    front = pareto.pareto_front(rows, cfg.tune.metrics, cfg.tune.modes) if multi_objective(cfg) else []
+    return {"out_dir": out_dir, "rows": rows, "best": best, "front": front,
+            "wall_s": round(time.perf_counter() - t0, 1)}
