@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 
-IGNORE_INDEX = 255  # "no label" in every mask we read, carry or write
+from paf_ray.data.bdd100k import IGNORE_INDEX  # noqa: F401  "no label" in every mask we read, carry or write
 
 if TYPE_CHECKING:  # no torch at import: the processes that decode rows never need it
     import torch
