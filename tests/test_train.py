@@ -303,12 +303,13 @@ def test_a_stage_whose_workers_never_start_fails_naming_the_timeout_key(ray_loca
 
 
 def test_demo_learns(ray_local, tmp_path):
-    """A CI-sized `paf-ray demo`: pretraining, adapt and finetune leave a model clearly better than before."""
+    """A CI-sized `paf-ray demo` of the 4-task variant: pretraining, adapt and finetune leave a model
+    clearly better than before, lane marking included (the demo config's F-score bar: 2x)."""
     from paf_ray.train.demo import run_demo
 
     out = tmp_path / "demo"
     summary = run_demo(
-        None,
+        os.path.join(REPO, "jobs", "demo_lane.yaml"),
         str(out),
         overrides=[
             "data.synth.images=64",
@@ -325,6 +326,7 @@ def test_demo_learns(ray_local, tmp_path):
     assert after["drv/mIoU3"] > before["drv/mIoU3"] + 15, (before, after)
     assert after["sem/mIoU"] > before["sem/mIoU"] + 3, (before, after)
     assert after["score"] > before["score"] + 5, (before, after)
+    assert after["lane/F1_pix2"] >= 2 * before["lane/F1_pix2"], (before, after)
     # the pretrained file went through the checkpoint zoo in the torchvision layout
     state = torch.load(out / "pretrained_backbone.pth", weights_only=True)
     assert "fc.weight" in state and any(k.startswith("layer4.") for k in state)

@@ -1,7 +1,7 @@
 """How a stage survives and reports failures: ray.max_failures, the restart log line, the one-line error.
 
 Ray Train's own storage calls (the checkpoint upload and its storage marker in the workers, the run
-snapshot in the controller) are retried by the AWS SDK only (paf_ray.data.storage: the filesystem
+snapshot in the controller) are retried by the AWS SDK only (paf_ray.runtime.storage: the filesystem
 Ray Train gets). When they give up, the worker fails; with restarts left (``ray.max_failures``),
 Ray Train restarts the workers from the last checkpoint, and ``StorageRestartLog`` says so in the
 log. A stage that fails for good raises ``StageFailedError``: one line naming what failed (for
