@@ -142,7 +142,7 @@ def test_predict_skips_and_counts_a_bad_image_and_still_writes_every_output(chec
 
     folder = tmp_path / "frames"
     shutil.copytree(images_dir, folder)
-    (folder / "0broken.jpg").write_bytes(b"not a jpeg")  # first in the sorted order
+    (folder / "0broken.jpg").write_bytes(b"not a jpeg")  # second in the sorted order
     out = tmp_path / "o"
     assert main(["predict", checkpoint, str(folder), "--out", str(out), "--device", "cpu"]) == 1
     captured = capsys.readouterr()
@@ -151,12 +151,14 @@ def test_predict_skips_and_counts_a_bad_image_and_still_writes_every_output(chec
     assert sorted(os.listdir(out / "sem")) == [f"{s}.png" for s in STEMS]
     with open(out / "det.json", encoding="utf-8") as f:
         assert [fr["name"] for fr in json.load(f)] == [f"{s}.jpg" for s in STEMS]
-    # asked to stop: it stops at the bad frame, one line naming it, and det.json holds what was done (none)
+    # asked to stop: it stops at the bad frame, one line naming it, and det.json holds what was done (the
+    # frame sorted before it, predicted although it was read in the same batch)
     stop = tmp_path / "stop"
     assert main(["predict", checkpoint, str(folder), "--out", str(stop), "--device", "cpu", "--stop-on-bad-image"]) == 2
     assert "0broken.jpg" in capsys.readouterr().err
     with open(stop / "det.json", encoding="utf-8") as f:
-        assert json.load(f) == []
+        assert [fr["name"] for fr in json.load(f)] == [f"{STEMS[0]}.jpg"]
+    assert os.listdir(stop / "sem") == [f"{STEMS[0]}.png"]
     assert main(["predict", checkpoint, str(tmp_path / "nope*.jpg"), "--out", str(tmp_path / "o")]) == 2
     assert "nope*.jpg" in capsys.readouterr().err
 

@@ -46,5 +46,5 @@ def read_json(path: str) -> Any | None:
     data = storage.read_bytes(path)
     try:
         return json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deep
+        raise ValueError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:100]})") from None

@@ -183,7 +183,7 @@ class LaneMarking(MaskTask):
     def score(self, args: argparse.Namespace) -> dict:
         """The official boundary F-score over every ground-truth mask of the folder; a frame without a
         prediction is scored against an all-zero mask, as the toolkit does (every pixel a crosswalk)."""
-        pairs, counts = mask_pairs(args.gt, args.pred)
+        pairs, counts = mask_pairs(args.gt, args.pred, args.max_image_pixels)
         score = LaneFScore()
         for _, gt, pred in pairs:
             score.update(gt, pred)
