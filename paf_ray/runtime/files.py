@@ -26,6 +26,10 @@ def write_bytes(path: str, data: bytes) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, local)
+    except OSError as e:
+        if e.filename is None:  # a failed write (a full disk) names no file: the error line must
+            raise OSError(e.errno, e.strerror, local) from e
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

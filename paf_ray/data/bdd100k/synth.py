@@ -894,6 +894,8 @@ def write_synthetic(out: str, images: int, seed: int = 0, size=(640, 360), val_f
     tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}")
     try:
         os.makedirs(parent, exist_ok=True)
+        _remove_stale_temps(parent, os.path.basename(out))
+        shutil.rmtree(tmp, ignore_errors=True)  # ours, left by an earlier process of the same pid
         _write_root(tmp, params)
         os.replace(tmp, out)  # also replaces an empty folder `out`
     except BaseException:
@@ -903,6 +905,25 @@ def write_synthetic(out: str, images: int, seed: int = 0, size=(640, 360), val_f
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _remove_stale_temps(parent: str, name: str) -> None:
+    """Temporary folders of synths of `name` whose process is gone (killed before it could clean up)."""
+    prefix = f".{name}.tmp-"
+    for entry in os.listdir(parent):
+        pid = entry[len(prefix):]
+        if entry.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _write_root(out: str, params: dict) -> None:
