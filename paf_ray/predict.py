@@ -131,7 +131,8 @@ class Predictor:
     @torch.no_grad()
     def predict_batch(self, images: Sequence[np.ndarray | str], score_thr: float | None = None) -> list[dict]:
         thr = self.score_thr if score_thr is None else score_thr
-        arrays = [read_image(im, max_pixels=self.max_pixels) if isinstance(im, str) else np.asarray(im) for im in images]
+        arrays = [read_image(im, max_pixels=self.max_pixels) if isinstance(im, str) else np.asarray(im)
+                  for im in images]
         for i, a in enumerate(arrays):
             if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8:
                 raise PredictInputError(f"image {i}: expected RGB uint8 (H, W, 3), got {a.dtype} {a.shape}")

@@ -91,7 +91,8 @@ import resource
 from paf_ray.data.contracts import DatasetError
 from paf_ray.data.decode import decode_image, read_mask
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-for call in (lambda: decode_image({str(tmp_path / "bomb.jpg")!r}), lambda: read_mask({str(tmp_path / "bomb.png")!r}, "mask")):
+jpeg, png = {str(tmp_path / "bomb.jpg")!r}, {str(tmp_path / "bomb.png")!r}
+for call in (lambda: decode_image(jpeg), lambda: read_mask(png, "mask")):
     try:
         call()
         raise SystemExit("decoded")
@@ -216,12 +217,12 @@ def test_a_cut_or_deep_index_cache_is_rebuilt_with_a_line_saying_so(synth_root, 
 
 def test_synth_refuses_impossible_settings_before_creating_anything(tmp_path, capsys):
     out = tmp_path / "a" / "b"
-    for args, message in ((["--size", "100000x100000"], "synth: size 100000x100000 = 10000000000 pixels is over the "
+    for args, message in ((["--size", "100000x100000"], "size 100000x100000 = 10000000000 pixels is over the "
                                                          f"image limit of {MAX_IMAGE_PIXELS} (data.max_image_pixels)"),
-                          (["--images", "1000000000"], "synth: images must be 1..100000, got 1000000000"),
-                          (["--images", "0"], "synth: images must be 1..100000, got 0"),
-                          (["--size", "32x32"], "synth: size must be at least 64x36, got 32x32"),
-                          (["--val-fraction", "1.5"], "synth: val_fraction must be in [0, 1), got 1.5")):
+                          (["--images", "1000000000"], "images must be 1..100000, got 1000000000"),
+                          (["--images", "0"], "images must be 1..100000, got 0"),
+                          (["--size", "32x32"], "size must be at least 64x36, got 32x32"),
+                          (["--val-fraction", "1.5"], "val_fraction must be in [0, 1), got 1.5")):
         t0 = time.perf_counter()
         assert cli.main(["data", "synth", "--out", str(out), *args]) == 2
         assert capsys.readouterr().err.strip() == f"paf-ray data synth: {message}"
@@ -230,7 +231,7 @@ def test_synth_refuses_impossible_settings_before_creating_anything(tmp_path, ca
     # the same bounds hold for a run's synthetic default, when its config is loaded
     from paf_ray.config import ConfigError, from_dict
 
-    with pytest.raises(ConfigError, match=r"data\.synth: synth: size 100000x100000 = 10000000000 pixels is over"):
+    with pytest.raises(ConfigError, match=r"data\.synth: size 100000x100000 = 10000000000 pixels is over"):
         from_dict({"data": {"synth": {"size": [100000, 100000]}}})
     with pytest.raises(ConfigError, match=r"data\.max_image_pixels: must be > 0, got 0"):
         from_dict({"data": {"max_image_pixels": 0}})
@@ -342,7 +343,8 @@ def test_a_yaml_tag_or_deep_nesting_in_a_checkpoint_config_is_one_error_naming_i
     from paf_ray.train.checkpoint import read_config
 
     marker = tmp_path / "ran"
-    tagged = _checkpoint_files(tmp_path / "tag", config=f"name: x\nx: !!python/object/apply:os.system ['touch {marker}']\n")
+    tagged = _checkpoint_files(tmp_path / "tag",
+                               config=f"name: x\nx: !!python/object/apply:os.system ['touch {marker}']\n")
     with pytest.raises(ConfigError) as e:
         read_config(tagged)
     assert str(e.value).startswith(f"{tagged}/config.yaml:2:4: not valid YAML: could not determine a constructor "

@@ -1,10 +1,11 @@
 """``paf-ray data check``: decode every file of a dataset root and report what is wrong.
 
-Errors (each naming the file and the problem): unreadable or corrupt image, an image with more
-pixels than the limit (``data.max_image_pixels``; refused from its header, never decoded), a label file a task cannot read (a mask of the wrong size, format or values, a box
-outside the image, an unknown category, malformed JSON...), a label for a missing image, a root
-without images, a split without images. Warnings: images without labels, an empty split, training
-frames whose stem is also a val frame. What each task checks in its labels is the task's
+Errors (each naming the file and the problem): unreadable or corrupt image, an image or mask with
+more pixels than the limit (``data.max_image_pixels``; refused from its header, never decoded), a
+label file a task cannot read (a mask of the wrong size, format or values, a box outside the
+image, an unknown category, malformed JSON...), a label for a missing image, a root without images
+in any split (saying what layout was expected, and where the images seem to be). Warnings: images
+without labels, an empty split, training frames whose stem is also a val frame. What each task checks in its labels is the task's
 (``Task.check_labels``).
 """
 
@@ -116,10 +117,11 @@ def layout_hint(root: str, splits) -> str:
     expected = (f"expected the official layout ROOT/images/{{{','.join(B.IMAGE_SETS)}}}/{{{','.join(splits)}}}/*.jpg "
                 "(ROOT holds images/ and labels/)")
     names = set(storage.list_dirs(root))
-    if names & set(B.IMAGE_SETS):
-        return f"{expected}; {root} looks like the images/ folder (it holds {'/, '.join(sorted(names & set(B.IMAGE_SETS)))}/): point at its parent"
-    if names & set(splits):
-        return (f"{expected}; {root} looks like one image set's folder (it holds {'/, '.join(sorted(names & set(splits)))}/): "
+    sets, split_dirs = sorted(names & set(B.IMAGE_SETS)), sorted(names & set(splits))
+    if sets:
+        return f"{expected}; {root} looks like the images/ folder (it holds {'/, '.join(sets)}/): point at its parent"
+    if split_dirs:
+        return (f"{expected}; {root} looks like one image set's folder (it holds {'/, '.join(split_dirs)}/): "
                 "point at the folder 2 levels up")
     below = sorted(n for n in names if storage.is_dir(storage.join(root, n, "images")))
     if below:

@@ -311,7 +311,7 @@ class MaskTask(Task):
     def score(self, args: argparse.Namespace) -> dict:
         """One confusion over every ground-truth mask; a missing prediction counts as every pixel wrong
         (as the official toolkit); predictions without ground truth are ignored (and counted)."""
-        pairs, counts = mask_pairs(args.gt, args.pred, args.max_image_pixels)
+        pairs, counts = mask_pairs(args.gt, args.pred, getattr(args, "max_image_pixels", MAX_IMAGE_PIXELS))
         conf = np.zeros((self.num_classes + 1,) * 2, np.int64)
         for _, gt, pred in pairs:
             confusion_update(conf, np.full_like(gt, self.num_classes) if pred is None else pred, gt, self.num_classes)

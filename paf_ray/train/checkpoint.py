@@ -178,8 +178,9 @@ def load_model_state(model: torch.nn.Module, directory: str, device: str | torch
         result = net.load_state_dict(state, strict=False)
     except RuntimeError as e:  # tensors of another shape: torch lists them all, over many lines
         mismatched = [line.strip() for line in str(e).splitlines() if "size mismatch for" in line]
+        first = mismatched[0][:200] if mismatched else str(e)[:200]
         raise CheckpointError(f"{path}: does not match the model built from its config: {len(mismatched)} tensor(s) "
-                              f"of another shape (first: {mismatched[0][:200] if mismatched else str(e)[:200]})") from None
+                              f"of another shape (first: {first})") from None
     problems = [k for k in result.missing_keys] + [k for k in result.unexpected_keys]
     if problems:
         raise CheckpointError(

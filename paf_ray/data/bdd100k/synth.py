@@ -847,14 +847,14 @@ def check_synth_settings(images: int, size, val_fraction: float, max_pixels: int
     """ValueError (one line) unless a synthetic dataset of these settings can be made within bounds."""
     width, height = int(size[0]), int(size[1])
     if not 1 <= images <= MAX_SYNTH_IMAGES:
-        raise ValueError(f"synth: images must be 1..{MAX_SYNTH_IMAGES}, got {images}")
+        raise ValueError(f"images must be 1..{MAX_SYNTH_IMAGES}, got {images}")
     if width < MIN_SYNTH_SIZE[0] or height < MIN_SYNTH_SIZE[1]:
-        raise ValueError(f"synth: size must be at least {MIN_SYNTH_SIZE[0]}x{MIN_SYNTH_SIZE[1]}, got {width}x{height}")
+        raise ValueError(f"size must be at least {MIN_SYNTH_SIZE[0]}x{MIN_SYNTH_SIZE[1]}, got {width}x{height}")
     if width * height > max_pixels:
-        raise ValueError(f"synth: size {width}x{height} = {width * height} pixels is over the image limit of "
+        raise ValueError(f"size {width}x{height} = {width * height} pixels is over the image limit of "
                          f"{max_pixels} (data.max_image_pixels)")
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"synth: val_fraction must be in [0, 1), got {val_fraction}")
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
 
 
 def write_synthetic(out: str, images: int, seed: int = 0, size=(640, 360), val_fraction: float = 0.25,
