@@ -122,6 +122,33 @@ def test_score_refuses_an_oversized_mask_naming_it(tmp_path, capsys):
     assert cli.main(["score", "sem", str(gt), str(gt), "--json"]) == 0
 
 
+def test_the_decode_of_a_run_refuses_an_oversized_frame_as_a_bad_sample(synth_root, tmp_path):
+    """What each Ray Data decode task runs (pipeline.load_row), called here without Ray: the frame is
+    refused from its header under data.max_image_pixels; with on_bad_sample: skip it is a counted skip."""
+    from dataclasses import replace
+
+    from paf_ray.config import DataConfig
+    from paf_ray.data.index import build_index
+    from paf_ray.data.pipeline import RowSettings, load_row
+    from paf_ray.tasks import DEFAULT_TASKS, TASKS
+
+    root = _root_copy(synth_root, tmp_path / "D")
+    tasks = TASKS.get_many(DEFAULT_TASKS)
+    record = build_index(root, tasks)["val"][0]
+    data_cfg = DataConfig(root=root)
+    assert RowSettings.of(data_cfg).max_image_pixels == MAX_IMAGE_PIXELS
+    assert load_row(record, RowSettings.of(data_cfg), tasks, train=False)["error"] == ""
+    with open(record["image"], "wb") as f:
+        f.write(huge_jpeg(60000, 60000))
+    with pytest.raises(DatasetError, match="image of 60000x60000 = 3600000000 pixels is over the limit"):
+        load_row(record, RowSettings.of(data_cfg), tasks, train=True)
+    low = RowSettings.of(replace(data_cfg, max_image_pixels=50_000))  # the limit is the config's
+    with pytest.raises(DatasetError, match="image of 320x180 = 57600 pixels is over the limit of 50000"):
+        load_row(build_index(root, tasks)["val"][1], low, tasks, train=False)
+    row = load_row(record, RowSettings.of(replace(data_cfg, on_bad_sample="skip")), tasks, train=False)
+    assert row["error"].startswith(f"{record['image']}: image of 60000x60000") and row["image"].shape == (1, 1, 3)
+
+
 # --------------------------------------------------------------------------- data check
 
 
