@@ -85,7 +85,7 @@ def decode_image(path: str, data: bytes | None = None, max_pixels: int = MAX_IMA
             if im.mode != "RGB":
                 im = im.convert("RGB")
             return np.asarray(im)
-        except (OSError, SyntaxError, ValueError) as e:
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise DatasetError(f"{path}: unreadable or corrupt image ({e})") from None
 
 
@@ -115,7 +115,7 @@ def read_mask(path: str, what: str, data: bytes | None = None, size: tuple[int, 
         try:
             im.load()
             return np.asarray(im, dtype=np.uint8)
-        except (OSError, SyntaxError, ValueError) as e:
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise DatasetError(f"{path}: unreadable or corrupt {what} ({e})") from None
 
 
