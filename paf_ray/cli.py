@@ -31,6 +31,16 @@ def size_arg(text: str) -> tuple[int, int]:
     return w, h
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be > 0")
+    return value
+
+
 def _add_set(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--set",
@@ -74,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("root")
     p.add_argument("--split", action="append", choices=["train", "val"])
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--max-image-pixels", type=positive_int, default=None, metavar="N",
+                   help="an image or mask with more pixels (width x height) is an error, never decoded "
+                        "(default: data.max_image_pixels' default, docs/reliability.md)")
     p.set_defaults(handler=data_commands.check_command)
 
     # --- model ------------------------------------------------------------------
@@ -184,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="--distributed: most model actors in the pool")
     p.add_argument("--stop-on-bad-image", action="store_true",
                    help="stop at the first unreadable image (default: skip it, count it, exit 1 at the end)")
+    p.add_argument("--max-image-pixels", type=positive_int, default=None, metavar="N",
+                   help="an image with more pixels (width x height) is a bad image, never decoded "
+                        "(default: the checkpoint's data.max_image_pixels)")
     p.set_defaults(handler=commands.predict_command)
 
     p = sub.add_parser("export", help="export the deployable model (adapters merged)")

@@ -20,15 +20,16 @@ def predict_command(args) -> int:
         if args.distributed:
             report = predict_distributed(args.checkpoint, paths, out_dir, batch_size=args.batch_size,
                                          workers=args.workers, device=args.device, score_thr=args.score_thr,
-                                         stop_on_bad_image=args.stop_on_bad_image)
+                                         stop_on_bad_image=args.stop_on_bad_image, max_pixels=args.max_image_pixels)
         else:
-            predictor = load_predictor(args.checkpoint, device=args.device, score_thr=args.score_thr)
+            predictor = load_predictor(args.checkpoint, device=args.device, score_thr=args.score_thr,
+                                       max_pixels=args.max_image_pixels)
             report = predict_files(predictor, paths, out_dir, batch_size=args.batch_size,
                                    stop_on_bad_image=args.stop_on_bad_image)
     except (PredictInputError, FileNotFoundError) as e:
         print(f"paf-ray predict: {e}", file=sys.stderr)
         return 2
-    skipped = f", {len(report.skipped)} skipped (unreadable)" if report.skipped else ""
+    skipped = f", {len(report.skipped)} skipped (unreadable or too large)" if report.skipped else ""
     print(f"predicted {report.frames} images{skipped} -> {out_dir}")
     for name in sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []:
         path = os.path.join(out_dir, name)

@@ -8,8 +8,10 @@ encoding). What each task's prediction and files are is the task's (``paf_ray/ta
 ``paf-ray predict CKPT INPUTS... --out DIR`` writes, per image, ``DIR/overlay/<stem>.png`` and each
 task's per-frame files (``DIR/<task>/<stem>.png`` for the mask tasks), plus the files that hold
 every frame (``DIR/det.json``) -- what ``paf-ray score`` and the official toolkit read. An image
-that cannot be read is skipped and counted (``--stop-on-bad-image`` stops instead); whatever
-happens, the files that hold every frame are written for the frames that were predicted. With
+that cannot be read, or that has more pixels than the limit (``--max-image-pixels``, default the
+checkpoint's ``data.max_image_pixels``; refused from its header, never decoded), is skipped and
+counted (``--stop-on-bad-image`` stops instead); whatever happens, the files that hold every frame
+are written for the frames that were predicted, and every file is written whole or not at all. With
 ``--distributed`` the same outputs come from Ray Data batch inference (an actor pool that holds
 the model).
 """
@@ -28,6 +30,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from paf_ray.data.contracts import DatasetError
+from paf_ray.data.decode import MAX_IMAGE_PIXELS, decode_image
 from paf_ray.data.transforms import val_geometry
 from paf_ray.runtime import files, storage
 from paf_ray.tasks import ordered
@@ -81,14 +85,14 @@ def resolve_inputs(inputs: Sequence[str]) -> list[str]:
     return paths
 
 
-def read_image(source: str | bytes, name: str | None = None) -> np.ndarray:
-    """An image file (path or its bytes) as RGB uint8 (H, W, 3)."""
+def read_image(source: str | bytes, name: str | None = None, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """An image file (path or URI, or its bytes) as RGB uint8 (H, W, 3); PredictInputError naming the
+    file when it cannot be read or has more than `max_pixels` pixels (refused before decoding)."""
     where = name or (source if isinstance(source, str) else "<bytes>")
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
-            return np.asarray(img.convert("RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise PredictInputError(f"{where}: cannot read the image: {e}") from None
+        return decode_image(where, source if isinstance(source, bytes) else None, max_pixels)
+    except DatasetError as e:
+        raise PredictInputError(str(e)) from None
 
 
 def letterbox(image: np.ndarray, input_size: tuple[int, int]) -> tuple[np.ndarray, float]:
@@ -110,6 +114,7 @@ class Predictor:
     meta: dict = field(default_factory=dict)
     device: torch.device = torch.device("cpu")
     score_thr: float = 0.0
+    max_pixels: int = MAX_IMAGE_PIXELS  # images with more pixels are refused before decoding
 
     @property
     def tasks(self) -> list:
@@ -126,7 +131,8 @@ class Predictor:
     @torch.no_grad()
     def predict_batch(self, images: Sequence[np.ndarray | str], score_thr: float | None = None) -> list[dict]:
         thr = self.score_thr if score_thr is None else score_thr
-        arrays = [read_image(im) if isinstance(im, str) else np.asarray(im) for im in images]
+        arrays = [read_image(im, max_pixels=self.max_pixels) if isinstance(im, str) else np.asarray(im)
+                  for im in images]
         for i, a in enumerate(arrays):
             if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8:
                 raise PredictInputError(f"image {i}: expected RGB uint8 (H, W, 3), got {a.dtype} {a.shape}")
@@ -137,12 +143,15 @@ class Predictor:
                 for i, (array, (_, scale)) in enumerate(zip(arrays, boxed))]
 
 
-def load_predictor(checkpoint: str, device: str = "cpu", score_thr: float = 0.0) -> Predictor:
-    """Load a paf_ray checkpoint (dir, run dir or model.pt) as a :class:`Predictor` (adapters merged)."""
+def load_predictor(checkpoint: str, device: str = "cpu", score_thr: float = 0.0,
+                   max_pixels: int | None = None) -> Predictor:
+    """Load a paf_ray checkpoint (dir, run dir or model.pt) as a :class:`Predictor` (adapters merged).
+    `max_pixels`: the pixel limit of input images (default: the checkpoint's data.max_image_pixels)."""
     device = resolve_device(device)
     model, cfg, meta = load_model(checkpoint, device=device)
     model.eval()
-    return Predictor(model=model, cfg=cfg, meta=meta, device=torch.device(device), score_thr=score_thr)
+    return Predictor(model=model, cfg=cfg, meta=meta, device=torch.device(device), score_thr=score_thr,
+                     max_pixels=max_pixels or cfg.data.max_image_pixels)
 
 
 def resolve_device(device: str) -> str:
@@ -212,24 +221,25 @@ def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: str, batc
     report, tasks = PredictReport(), predictor.tasks
     try:
         for start in range(0, len(paths), max(1, batch_size)):
-            chunk, images = [], []
+            chunk, images, stop = [], [], None
             for p in paths[start:start + max(1, batch_size)]:
                 try:
-                    images.append(read_image(storage.read_bytes(p), name=p))
+                    images.append(read_image(storage.read_bytes(p), name=p, max_pixels=predictor.max_pixels))
                     chunk.append(p)
                 except (PredictInputError, OSError) as e:
-                    if stop_on_bad_image:
-                        raise PredictInputError(str(e)) from None
+                    if stop_on_bad_image:  # the frames before it are still predicted
+                        stop = PredictInputError(str(e))
+                        break
                     report.skipped.append(str(e))
                     print(f"paf-ray predict: skipped {e}", file=sys.stderr)
-            if not chunk:
-                continue
-            for path, image, pred in zip(chunk, images, predictor.predict_batch(images)):
+            for path, image, pred in zip(chunk, images, predictor.predict_batch(images) if chunk else []):
                 outputs, records = frame_outputs(os.path.basename(path), image, pred, tasks)
                 write_outputs(out_dir, outputs)
                 for t, r in records.items():
                     report.records.setdefault(t, []).append(r)
                 report.frames += 1
+            if stop is not None:
+                raise stop
     finally:  # the files of every frame stand for the frames that were predicted, whatever stopped us
         report.final_files = write_final(out_dir, report.records, tasks)
     return report
@@ -241,16 +251,16 @@ def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: str, batc
 class RayPredictWorker:
     """Ray Data actor: holds the model; maps a batch of image files to their rendered outputs."""
 
-    def __init__(self, checkpoint: str, device: str, score_thr: float):
+    def __init__(self, checkpoint: str, device: str, score_thr: float, max_pixels: int | None = None):
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        self.predictor = load_predictor(checkpoint, device=device, score_thr=score_thr)
+        self.predictor = load_predictor(checkpoint, device=device, score_thr=score_thr, max_pixels=max_pixels)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, list] = {"name": [], "outputs": [], "records": [], "error": []}
         good, images = [], []
         for data, path in zip(batch["bytes"], batch["path"]):
             try:
-                images.append(read_image(bytes(data), name=str(path)))
+                images.append(read_image(bytes(data), name=str(path), max_pixels=self.predictor.max_pixels))
                 good.append(str(path))
             except PredictInputError as e:
                 out["name"].append(os.path.basename(str(path)))
@@ -271,7 +281,7 @@ class RayPredictWorker:
 
 def predict_distributed(checkpoint: str, paths: Sequence[str], out_dir: str, batch_size: int = 4, workers: int = 1,
                         device: str = "auto", score_thr: float = 0.0, address: str | None = None,
-                        stop_on_bad_image: bool = False) -> PredictReport:
+                        stop_on_bad_image: bool = False, max_pixels: int | None = None) -> PredictReport:
     """Batch inference with Ray Data: read the files, an actor pool of `workers` models, write outputs here."""
     import ray
 
@@ -286,7 +296,8 @@ def predict_distributed(checkpoint: str, paths: Sequence[str], out_dir: str, bat
     ds = ray.data.read_binary_files(list(paths), include_paths=True)
     ds = ds.map_batches(
         RayPredictWorker,
-        fn_constructor_kwargs={"checkpoint": checkpoint, "device": "cuda" if use_gpu else "cpu", "score_thr": score_thr},
+        fn_constructor_kwargs={"checkpoint": checkpoint, "device": "cuda" if use_gpu else "cpu", "score_thr": score_thr,
+                               "max_pixels": max_pixels},
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, workers)),
         num_gpus=1 if use_gpu else 0,

@@ -142,7 +142,7 @@ def test_predict_skips_and_counts_a_bad_image_and_still_writes_every_output(chec
 
     folder = tmp_path / "frames"
     shutil.copytree(images_dir, folder)
-    (folder / "0broken.jpg").write_bytes(b"not a jpeg")  # first in the sorted order
+    (folder / "0broken.jpg").write_bytes(b"not a jpeg")  # second in the sorted order
     out = tmp_path / "o"
     assert main(["predict", checkpoint, str(folder), "--out", str(out), "--device", "cpu"]) == 1
     captured = capsys.readouterr()
@@ -151,14 +151,101 @@ def test_predict_skips_and_counts_a_bad_image_and_still_writes_every_output(chec
     assert sorted(os.listdir(out / "sem")) == [f"{s}.png" for s in STEMS]
     with open(out / "det.json", encoding="utf-8") as f:
         assert [fr["name"] for fr in json.load(f)] == [f"{s}.jpg" for s in STEMS]
-    # asked to stop: it stops at the bad frame, one line naming it, and det.json holds what was done (none)
+    # asked to stop: it stops at the bad frame, one line naming it, and det.json holds what was done (the
+    # frame sorted before it, predicted although it was read in the same batch)
     stop = tmp_path / "stop"
     assert main(["predict", checkpoint, str(folder), "--out", str(stop), "--device", "cpu", "--stop-on-bad-image"]) == 2
     assert "0broken.jpg" in capsys.readouterr().err
     with open(stop / "det.json", encoding="utf-8") as f:
-        assert json.load(f) == []
+        assert [fr["name"] for fr in json.load(f)] == [f"{STEMS[0]}.jpg"]
+    assert os.listdir(stop / "sem") == [f"{STEMS[0]}.png"]
     assert main(["predict", checkpoint, str(tmp_path / "nope*.jpg"), "--out", str(tmp_path / "o")]) == 2
     assert "nope*.jpg" in capsys.readouterr().err
+
+
+def test_predict_skips_images_over_the_pixel_limit_without_decoding_them(checkpoint, images_dir, tmp_path, capsys):
+    from test_bad_input import huge_jpeg, huge_png
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    frame = f"{STEMS[0]}.jpg"
+    (folder / frame).write_bytes(open(os.path.join(images_dir, frame), "rb").read())
+    (folder / "bomb.jpg").write_bytes(huge_jpeg(60000, 60000))
+    (folder / "bomb_png.png").write_bytes(huge_png(50000, 50000))
+    out = tmp_path / "o"
+    assert main(["predict", checkpoint, str(folder), "--out", str(out), "--device", "cpu"]) == 1
+    captured = capsys.readouterr()
+    assert "predicted 1 images, 2 skipped (unreadable or too large)" in captured.out
+    for name, claim in (("bomb.jpg", "60000x60000 = 3600000000"), ("bomb_png.png", "50000x50000 = 2500000000")):
+        assert (f"paf-ray predict: skipped {folder / name}: image of {claim} pixels is over the limit of 16777216 "
+                "(data.max_image_pixels, --max-image-pixels); refused before decoding") in captured.err.splitlines()
+    with open(out / "det.json", encoding="utf-8") as f:
+        assert [fr["name"] for fr in json.load(f)] == [frame]
+    # --max-image-pixels: a 1280x720 frame (921600 pixels) is over 900000
+    low = tmp_path / "low"
+    assert main(["predict", checkpoint, str(folder), "--out", str(low), "--device", "cpu",
+                 "--max-image-pixels", "900000"]) == 1
+    assert "predicted 0 images, 3 skipped" in capsys.readouterr().out
+    with open(low / "det.json", encoding="utf-8") as f:
+        assert json.load(f) == []
+
+
+def test_a_predict_that_fails_while_writing_leaves_whole_files_and_no_temporary_one(checkpoint, images_dir, tmp_path):
+    """A file-size limit of 200 kB (RLIMIT_FSIZE: writes past it fail, as on a full disk) stops `paf-ray
+    predict` in the middle of writing the first overlay (~1.5 MB): no part of it is left, under its
+    name or a temporary one; det.json (small) is written; one line names the file."""
+    import resource
+    import signal
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    out = tmp_path / "o"
+    proc = subprocess.run([PAF_RAY, "predict", checkpoint, os.path.join(images_dir, f"{STEMS[0]}.jpg"), "--out",
+                           str(out), "--device", "cpu"], capture_output=True, text=True, timeout=300,
+                          preexec_fn=limit_file_size)
+    assert proc.returncode == 1
+    err = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith(f"paf-ray predict: [Errno 27] File too large: "
+                                               f"'{out}/overlay/{STEMS[0]}.png'"), proc.stderr
+    written = sorted(os.path.relpath(os.path.join(d, n), out) for d, _, names in os.walk(out) for n in names)
+    assert written == ["det.json"]
+    with open(out / "det.json", encoding="utf-8") as f:
+        assert json.load(f) == []
+
+
+def test_a_corrupt_or_mismatched_checkpoint_is_one_line_naming_its_file_and_keys(checkpoint, images_dir, tmp_path,
+                                                                                capsys):
+    import shutil
+
+    def broken(name: str, change) -> str:
+        d = tmp_path / name
+        shutil.copytree(checkpoint, d)
+        change(d)
+        return str(d)
+
+    def edit_config(old: str, new: str):
+        def change(d):
+            text = (d / "config.yaml").read_text()
+            assert old in text
+            (d / "config.yaml").write_text(text.replace(old, new))
+        return change
+
+    cut = broken("cut", lambda d: (d / "model.pt").write_bytes((d / "model.pt").read_bytes()[:1000]))
+    wider = broken("wider", edit_config("fpn_channels: 16", "fpn_channels: 24"))
+    more = broken("more", edit_config("  - drv\n", "  - drv\n  - lane\n"))
+    image = os.path.join(images_dir, f"{STEMS[0]}.jpg")
+    for ckpt, expected in ((cut, f"{cut}/model.pt: corrupt or cut short, not a torch file (RuntimeError: "),
+                           (wider, f"{wider}/model.pt: does not match the model built from its config: "),
+                           (more, f"{more}/model.pt: does not match the model built from its config: ")):
+        assert main(["predict", ckpt, image, "--out", str(tmp_path / "o"), "--device", "cpu"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"paf-ray predict: {expected}") and "\n" not in err, err
+    assert main(["predict", wider, image, "--out", str(tmp_path / "o")]) == 1
+    assert "tensor(s) of another shape (first: size mismatch for " in capsys.readouterr().err
+    assert main(["predict", more, image, "--out", str(tmp_path / "o")]) == 1
+    assert "missing (first ['heads.lane." in capsys.readouterr().err
 
 
 class _RunsCode:

@@ -4,7 +4,8 @@ Generic: it knows dataclasses and type annotations, not paf_ray's keys (those ar
 Every problem is a :class:`ConfigError` whose one line names the file and the key (and, for what
 the YAML parser sees, the line and column):
 
-* YAML syntax errors keep their line and column; a file that is not UTF-8 is named as such;
+* YAML syntax errors keep their line and column; a file that is not UTF-8 is named as such; a
+  tag (``!!python/object``...) is refused (safe loading); nesting too deep for the parser is an error;
 * a key written twice in one mapping is an error (YAML would let the last one win silently);
 * alias expansion is bounded (`MAX_ALIASES` alias uses, `MAX_NODES` nodes after expansion), so a
   small file cannot cost minutes and gigabytes;
@@ -30,6 +31,8 @@ import typing
 from typing import Any, Literal, Union
 
 import yaml
+
+from paf_ray.runtime import files
 
 
 class ConfigError(ValueError):
@@ -119,6 +122,8 @@ def parse_yaml(text: str, name: str) -> Any:
         raise ConfigError(f"{name}{where}: not valid YAML: {e.problem or e.context}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{name}: not valid YAML: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    except RecursionError:  # PyYAML composes and constructs recursively
+        raise ConfigError(f"{name}: not a config: its values are nested too deeply for the YAML parser") from None
     finally:
         loader.dispose()
 
@@ -359,8 +364,8 @@ def import_plugins(modules: Any, source: str) -> None:
 
 
 def dump_yaml(data: dict, path: str | os.PathLike | None = None) -> str:
+    """YAML text of `data`; also written whole to `path` (a local path or URI) if given."""
     text = yaml.safe_dump(data, sort_keys=False)
     if path is not None:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
+        files.write_text(os.fspath(path), text)
     return text

@@ -13,6 +13,7 @@ import re
 
 from paf_ray.config.loader import ConfigError
 from paf_ray.config.pick import PickSyntaxError, parse_pick
+from paf_ray.data.bdd100k.synth import check_synth_settings
 from paf_ray.eval.keys import describe_report_keys, is_report_key
 from paf_ray.models.adapters import ADAPTERS
 from paf_ray.models.backbones import BACKBONES, STAGES
@@ -97,6 +98,19 @@ def rule_input_size(data) -> Problems:
     width, height = data.input_size
     if width % 32 or height % 32 or width < 32 or height < 32:
         return [("data.input_size", f"width and height must be positive multiples of 32, got {[width, height]}")]
+    return []
+
+
+def rule_image_limits(data) -> Problems:
+    """data.max_image_pixels > 0; the synthetic dataset's settings within synth's bounds."""
+    if data.max_image_pixels < 1:
+        return [("data.max_image_pixels", f"must be > 0, got {data.max_image_pixels}")]
+    if data.root is None:
+        s = data.synth
+        try:
+            check_synth_settings(s.images, tuple(s.size), s.val_fraction, data.max_image_pixels)
+        except ValueError as e:
+            return [("data.synth", str(e))]
     return []
 
 
@@ -292,6 +306,7 @@ def check_rules(cfg, source: str = "<config>") -> None:
         lambda: rule_backbone(m.backbone),
         lambda: rule_adapter(m),
         lambda: rule_input_size(cfg.data),
+        lambda: rule_image_limits(cfg.data),
         lambda: rule_lv_adapter(m.lv_adapter),
         lambda: rule_adapt_needs_weights(m.backbone, cfg.train, cfg.tune, cfg.study),
         lambda: rule_frozen_norm_needs_statistics(m, cfg.train, cfg.tune, cfg.study),

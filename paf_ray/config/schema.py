@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
+from paf_ray.data.decode import MAX_IMAGE_PIXELS
 from paf_ray.models.adapters import ADAPTERS
 from paf_ray.models.backbones import BACKBONES
 from paf_ray.tasks import DEFAULT_TASKS, TASKS
@@ -68,6 +69,8 @@ class DataConfig:
     max_train_samples: Optional[int] = None
     max_val_samples: Optional[int] = None
     on_bad_sample: Literal["error", "skip"] = "error"
+    # images and masks with more pixels (width x height) are refused before decoding (docs/reliability.md)
+    max_image_pixels: int = MAX_IMAGE_PIXELS
 
 
 # --------------------------------------------------------------------------- model

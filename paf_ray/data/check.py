@@ -1,10 +1,11 @@
 """``paf-ray data check``: decode every file of a dataset root and report what is wrong.
 
-Errors (each naming the file and the problem): unreadable or corrupt image, an image too large
-to decode, a label file a task cannot read (a mask of the wrong size, format or values, a box
-outside the image, an unknown category, malformed JSON...), a label for a missing image, a root
-without images, a split without images. Warnings: images without labels, an empty split, training
-frames whose stem is also a val frame. What each task checks in its labels is the task's
+Errors (each naming the file and the problem): unreadable or corrupt image, an image or mask with
+more pixels than the limit (``data.max_image_pixels``; refused from its header, never decoded), a
+label file a task cannot read (a mask of the wrong size, format or values, a box outside the
+image, an unknown category, malformed JSON...), a label for a missing image, a root without images
+in any split (saying what layout was expected, and where the images seem to be). Warnings: images
+without labels, an empty split, training frames whose stem is also a val frame. What each task checks in its labels is the task's
 (``Task.check_labels``).
 """
 
@@ -15,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 from paf_ray.data import bdd100k as B
 from paf_ray.data.contracts import DatasetError
-from paf_ray.data.decode import decode_image
+from paf_ray.data.decode import MAX_IMAGE_PIXELS, decode_image
 from paf_ray.runtime import storage
 
 
@@ -81,8 +82,8 @@ def _stem(name: str) -> str:
     return os.path.splitext(name)[0]
 
 
-def check_dataset(root: str, tasks, splits=B.SPLITS) -> CheckReport:
-    """Check every image of the root and every label of `tasks`."""
+def check_dataset(root: str, tasks, splits=B.SPLITS, max_pixels: int = MAX_IMAGE_PIXELS) -> CheckReport:
+    """Check every image of the root and every label of `tasks`; `max_pixels`: data.max_image_pixels."""
     root = storage.normalize_root(root)
     report = CheckReport(root, [t.name for t in tasks])
     if not storage.is_dir(root):
@@ -92,14 +93,13 @@ def check_dataset(root: str, tasks, splits=B.SPLITS) -> CheckReport:
     for split in splits:
         sr = report.splits[split] = SplitReport()
         before = len(report.problems)
-        stems_by_split[split] = _check_split(root, split, tasks, sr, report)
+        stems_by_split[split] = _check_split(root, split, tasks, sr, report, max_pixels)
         new = report.problems[before:]
         sr.errors = sum(p.severity == "error" for p in new)
         sr.warnings = len(new) - sr.errors
     if not any(sum(sr.images.values()) for sr in report.splits.values()):
-        report.problems.append(Problem("error", root, f"no images in any split ({', '.join(splits)}): expected the "
-                                                      f"official layout {B.IMAGES_DIR} (is the root one folder too "
-                                                      "high or too low?)"))
+        report.problems.append(Problem("error", root, f"no images in any split ({', '.join(splits)}): "
+                                                      f"{layout_hint(root, splits)}"))
     if "train" in stems_by_split:
         val = set().union(*(v for k, v in stems_by_split.items() if k != "train")) if len(stems_by_split) > 1 else set()
         overlap = sorted(stems_by_split["train"] & val)
@@ -112,7 +112,25 @@ def check_dataset(root: str, tasks, splits=B.SPLITS) -> CheckReport:
     return report
 
 
-def _check_split(root: str, split: str, tasks, sr: SplitReport, report: CheckReport) -> set[str]:
+def layout_hint(root: str, splits) -> str:
+    """What layout a root without images should have, and where the images seem to be instead."""
+    expected = (f"expected the official layout ROOT/images/{{{','.join(B.IMAGE_SETS)}}}/{{{','.join(splits)}}}/*.jpg "
+                "(ROOT holds images/ and labels/)")
+    names = set(storage.list_dirs(root))
+    sets, split_dirs = sorted(names & set(B.IMAGE_SETS)), sorted(names & set(splits))
+    if sets:
+        return f"{expected}; {root} looks like the images/ folder (it holds {'/, '.join(sets)}/): point at its parent"
+    if split_dirs:
+        return (f"{expected}; {root} looks like one image set's folder (it holds {'/, '.join(split_dirs)}/): "
+                "point at the folder 2 levels up")
+    below = sorted(n for n in names if storage.is_dir(storage.join(root, n, "images")))
+    if below:
+        return f"{expected}; the dataset seems to be in {storage.join(root, below[0])}"
+    return expected
+
+
+def _check_split(root: str, split: str, tasks, sr: SplitReport, report: CheckReport,
+                 max_pixels: int = MAX_IMAGE_PIXELS) -> set[str]:
     sizes: dict[str, dict[str, tuple[int, int] | None]] = {}
     for image_set in B.IMAGE_SETS:
         folder = storage.join(root, B.IMAGES_DIR.format(image_set=image_set, split=split))
@@ -122,7 +140,7 @@ def _check_split(root: str, split: str, tasks, sr: SplitReport, report: CheckRep
         for name in names:
             path = storage.join(folder, name)
             try:
-                img = decode_image(path)
+                img = decode_image(path, max_pixels=max_pixels)
                 sizes[image_set][_stem(name)] = (img.shape[1], img.shape[0])
             except DatasetError as e:
                 report.problems.append(Problem("error", path, str(e).removeprefix(path + ": ")))

@@ -65,9 +65,11 @@ def index_command(args) -> int:
 
 def check_command(args) -> int:
     from paf_ray.data.check import check_dataset, format_report
+    from paf_ray.data.decode import MAX_IMAGE_PIXELS
     from paf_ray.tasks import TASKS
 
-    report = check_dataset(args.root, list(TASKS), splits=tuple(args.split or ("train", "val")))
+    report = check_dataset(args.root, list(TASKS), splits=tuple(args.split or ("train", "val")),
+                           max_pixels=args.max_image_pixels or MAX_IMAGE_PIXELS)
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))
     else:

@@ -63,7 +63,8 @@ def resolve_root(data_cfg, cache_dir: str) -> str:
         raise DatasetError(f"{final}: exists but has no completion marker ({synth.COMPLETE_MARKER}); remove it")
     tmp = tempfile.mkdtemp(dir=cache_dir, prefix=os.path.basename(final) + ".tmp-")
     try:
-        synth.write_synthetic(tmp, images=s.images, seed=s.seed, size=tuple(s.size), val_fraction=s.val_fraction)
+        synth.write_synthetic(tmp, images=s.images, seed=s.seed, size=tuple(s.size), val_fraction=s.val_fraction,
+                              max_pixels=data_cfg.max_image_pixels)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -199,11 +200,12 @@ class RowSettings:
     color_jitter: float
     on_bad_sample: str
     decode_priority: str
+    max_image_pixels: int
 
     @classmethod
     def of(cls, data_cfg) -> "RowSettings":
         return cls(tuple(data_cfg.input_size), tuple(data_cfg.scale_range), data_cfg.hflip, data_cfg.color_jitter,
-                   data_cfg.on_bad_sample, data_cfg.decode_priority)
+                   data_cfg.on_bad_sample, data_cfg.decode_priority, data_cfg.max_image_pixels)
 
 
 def placeholder_row(name: str, error: str, tasks) -> dict:
@@ -220,7 +222,7 @@ def placeholder_row(name: str, error: str, tasks) -> dict:
 def load_row(record: Record, settings: RowSettings, tasks, train: bool) -> dict:
     """One index record -> one transformed row (or, with on_bad_sample: skip, a placeholder)."""
     try:
-        sample = load_sample(record, tasks)
+        sample = load_sample(record, tasks, settings.max_image_pixels)
     except DatasetError as e:
         if settings.on_bad_sample != "skip":
             raise

@@ -26,6 +26,10 @@ def write_bytes(path: str, data: bytes) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, local)
+    except OSError as e:
+        if e.filename is None:  # a failed write (a full disk) names no file: the error line must
+            raise OSError(e.errno, e.strerror, local) from e
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -46,5 +50,5 @@ def read_json(path: str) -> Any | None:
     data = storage.read_bytes(path)
     try:
         return json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deep
+        raise ValueError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:100]})") from None

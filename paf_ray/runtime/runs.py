@@ -65,4 +65,13 @@ def read_metrics_rows(run_dir: str) -> list[dict]:
     path = storage.join(run_dir, METRICS_FILE)
     if not storage.exists(path):
         return []
-    return [json.loads(line) for line in storage.read_bytes(path).decode("utf-8").splitlines() if line.strip()]
+    lines = [line for line in storage.read_bytes(path).decode("utf-8", errors="replace").splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except (ValueError, RecursionError) as e:
+            if number == len(lines):  # a row cut short by a crash while it was appended: it was never written
+                break
+            raise ValueError(f"{path}: line {number}: not a JSON row ({type(e).__name__}: {str(e)[:80]})") from None
+    return rows

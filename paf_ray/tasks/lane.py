@@ -24,6 +24,7 @@ from paf_ray.data import bdd100k as B
 from paf_ray.data.contracts import IGNORE_INDEX
 from paf_ray.tasks.base import TaskEvaluator
 from paf_ray.tasks.lane_metrics import LANE_HEADLINE, LaneFScore, decode_lane, encode_lane
+from paf_ray.data.decode import MAX_IMAGE_PIXELS
 from paf_ray.tasks.masks import MaskTask, finite, fmt, mask_pairs
 from paf_ray.viz import blend_mask
 from paf_ray.tasks.registry import TASKS
@@ -183,7 +184,7 @@ class LaneMarking(MaskTask):
     def score(self, args: argparse.Namespace) -> dict:
         """The official boundary F-score over every ground-truth mask of the folder; a frame without a
         prediction is scored against an all-zero mask, as the toolkit does (every pixel a crosswalk)."""
-        pairs, counts = mask_pairs(args.gt, args.pred)
+        pairs, counts = mask_pairs(args.gt, args.pred, getattr(args, "max_image_pixels", MAX_IMAGE_PIXELS))
         score = LaneFScore()
         for _, gt, pred in pairs:
             score.update(gt, pred)

@@ -22,7 +22,8 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 
 from paf_ray.data.contracts import IGNORE_INDEX
-from paf_ray.data.decode import decode_mask, encode_png
+from paf_ray.data.contracts import DatasetError
+from paf_ray.data.decode import MAX_IMAGE_PIXELS, decode_mask, encode_png, read_mask
 from paf_ray.runtime import storage
 from paf_ray.tasks.base import (CheckSink, FrameMap, Labels, ListingEntry, MetricsInputError, Task,
                                 TaskEvaluator)
@@ -105,30 +106,26 @@ def png_stems(folder: str) -> dict[str, str]:
     return {os.path.splitext(n)[0]: os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.lower().endswith(".png")}
 
 
-def read_mask_file(path: str) -> np.ndarray:
-    """An 8-bit single-channel PNG (mode L or P: the values are the ids) as a uint8 array."""
-    from PIL import Image
-
+def read_mask_file(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """An 8-bit single-channel PNG (mode L or P: the values are the ids) as a uint8 array; one with
+    more than `max_pixels` pixels is refused from its header, before decoding."""
     try:
-        with Image.open(path) as img:
-            if img.mode not in ("L", "P"):
-                raise MetricsInputError(f"{path}: expected an 8-bit single-channel mask of ids, got mode {img.mode}")
-            return np.asarray(img, dtype=np.uint8)
-    except OSError as e:
-        raise MetricsInputError(f"{path}: cannot read the mask: {e}") from None
+        return read_mask(path, "mask", max_pixels=max_pixels)
+    except DatasetError as e:
+        raise MetricsInputError(str(e)) from None
 
 
-def mask_pairs(gt_dir: str, pred_dir: str):
+def mask_pairs(gt_dir: str, pred_dir: str, max_pixels: int = MAX_IMAGE_PIXELS):
     """(stem, gt mask, prediction mask or None) for every ground-truth mask of `gt_dir`, and the counts
-    {images, missing_predictions, extra_predictions}."""
+    {images, missing_predictions, extra_predictions}; `max_pixels`: the pixel limit of a mask."""
     gts, preds = png_stems(gt_dir), png_stems(pred_dir)
     counts = {"images": len(gts), "missing_predictions": sum(s not in preds for s in gts),
               "extra_predictions": len(set(preds) - set(gts))}
 
     def pairs():
         for stem, gt_path in gts.items():
-            gt = read_mask_file(gt_path)
-            pred = read_mask_file(preds[stem]) if stem in preds else None
+            gt = read_mask_file(gt_path, max_pixels)
+            pred = read_mask_file(preds[stem], max_pixels) if stem in preds else None
             if pred is not None and pred.shape != gt.shape:
                 raise MetricsInputError(f"{preds[stem]}: size {pred.shape[::-1]} differs from {gt_path} {gt.shape[::-1]}")
             yield stem, gt, pred
@@ -308,11 +305,13 @@ class MaskTask(Task):
     def add_score_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("gt", help=f"folder of ground-truth {self.name} PNG masks")
         parser.add_argument("pred", help="folder of predicted PNG masks (matched by file stem)")
+        parser.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, metavar="N",
+                            help=f"a mask with more pixels is an error, never decoded (default {MAX_IMAGE_PIXELS})")
 
     def score(self, args: argparse.Namespace) -> dict:
         """One confusion over every ground-truth mask; a missing prediction counts as every pixel wrong
         (as the official toolkit); predictions without ground truth are ignored (and counted)."""
-        pairs, counts = mask_pairs(args.gt, args.pred)
+        pairs, counts = mask_pairs(args.gt, args.pred, getattr(args, "max_image_pixels", MAX_IMAGE_PIXELS))
         conf = np.zeros((self.num_classes + 1,) * 2, np.int64)
         for _, gt, pred in pairs:
             confusion_update(conf, np.full_like(gt, self.num_classes) if pred is None else pred, gt, self.num_classes)

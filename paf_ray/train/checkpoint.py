@@ -16,6 +16,7 @@ this node's cache (``paf_ray.runtime.storage.local_dir``).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -28,6 +29,7 @@ from paf_ray.config.loader import read_yaml_file
 from paf_ray.models.multitask import build_model
 from paf_ray.models.stages import finish_stage
 from paf_ray.runtime import storage
+from paf_ray.runtime.files import read_json, write_bytes, write_text
 
 MODEL_FILE = "model.pt"
 TRAIN_STATE_FILE = "train_state.pt"
@@ -46,11 +48,22 @@ def load_tensors(path: str, device: str | torch.device = "cpu") -> Any:
     """
     try:
         return torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise
     except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path}: refused: it holds Python objects besides tensors, which weights-only loading does not "
-            "run (it may carry code); save a plain state dict instead"
-        ) from e
+        if not any(sign in str(e) for sign in ("Unsupported operand", "invalid load key")):  # else: random bytes
+            raise CheckpointError(
+                f"{path}: refused: it holds Python objects besides tensors, which weights-only loading does not "
+                "run (it may carry code); save a plain state dict instead"
+            ) from e
+        raise CheckpointError(f"{path}: corrupt, not a torch file (its bytes are no pickle torch reads)") from e
+    except Exception as e:  # a cut or corrupt file: torch's own message names no file
+        raise CheckpointError(f"{path}: corrupt or cut short, not a torch file ({_first_line(e)})") from e
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:100]}" if text else type(error).__name__
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -74,13 +87,19 @@ def save_checkpoint(
     lv = getattr(net, "lv_adapter", None)
     if lv is not None:  # the text tower's activation is no parameter: it travels here, like normalization
         meta.setdefault("clip_activation", lv.text_encoder.activation)
-    torch.save(net.state_dict(), os.path.join(directory, MODEL_FILE))
+    # each file whole or not at all (runtime/files.py); meta.json last: a folder with it is complete
+    write_bytes(os.path.join(directory, MODEL_FILE), _torch_bytes(net.state_dict()))
     if train_state is not None:
-        torch.save(train_state, os.path.join(directory, TRAIN_STATE_FILE))
-    dump_config(cfg, os.path.join(directory, CONFIG_FILE))
-    with open(os.path.join(directory, META_FILE), "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2, default=float)
+        write_bytes(os.path.join(directory, TRAIN_STATE_FILE), _torch_bytes(train_state))
+    write_text(os.path.join(directory, CONFIG_FILE), dump_config(cfg))
+    write_text(os.path.join(directory, META_FILE), json.dumps(meta, indent=2, default=float))
     return directory
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
 def checkpoint_location(path: str) -> str:
@@ -93,10 +112,10 @@ def checkpoint_location(path: str) -> str:
         path = os.path.dirname(path)
     if storage.exists(storage.join(path, MODEL_FILE)):
         return path
-    summary = storage.join(path, "summary.json")
-    if storage.exists(summary):
-        ckpt = json.loads(storage.read_bytes(summary)).get("checkpoint")
-        if ckpt:
+    summary = read_json(storage.join(path, "summary.json"))  # a run folder
+    if summary is not None:
+        ckpt = summary.get("checkpoint") if isinstance(summary, dict) else None
+        if isinstance(ckpt, str) and ckpt:
             return checkpoint_location(ckpt)
     raise FileNotFoundError(
         f"{path}: not a paf_ray checkpoint (expected {MODEL_FILE}, {CONFIG_FILE}, {META_FILE} "
@@ -151,8 +170,17 @@ def load_model_state(model: torch.nn.Module, directory: str, device: str | torch
         net.lv_adapter.text_encoder.set_activation(meta["clip_activation"])
     if meta.get("adapters_merged"):
         finish_stage(net, "adapt", merge_adapters=True)
-    state = load_tensors(os.path.join(directory, MODEL_FILE), device)
-    result = net.load_state_dict(state, strict=False)
+    path = os.path.join(directory, MODEL_FILE)
+    state = load_tensors(path, device)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a state dict (a {type(state).__name__})")
+    try:
+        result = net.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # tensors of another shape: torch lists them all, over many lines
+        mismatched = [line.strip() for line in str(e).splitlines() if "size mismatch for" in line]
+        first = mismatched[0][:200] if mismatched else str(e)[:200]
+        raise CheckpointError(f"{path}: does not match the model built from its config: {len(mismatched)} tensor(s) "
+                              f"of another shape (first: {first})") from None
     problems = [k for k in result.missing_keys] + [k for k in result.unexpected_keys]
     if problems:
         raise CheckpointError(

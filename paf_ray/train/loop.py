@@ -34,7 +34,7 @@ from paf_ray.eval.keys import (COST_GFLOPS, COST_PEAK_MEM_MB, COST_STEP_MS, COST
 from paf_ray.models.inspect import forward_gflops
 from paf_ray.models.multitask import build_model
 from paf_ray.models.stages import apply_stage, finish_stage, prepare_norm
-from paf_ray.runtime import storage
+from paf_ray.runtime import files, storage
 from paf_ray.runtime.ray import quiet_ray_logs
 from paf_ray.tasks import ordered
 from paf_ray.train.checkpoint import load_model_state, read_train_state, save_checkpoint, unwrap
@@ -112,8 +112,7 @@ class _RunLog:
             os.makedirs(self.log_dir, exist_ok=True)
             remote_rows = storage.join(run_dir, "metrics.jsonl")
             if self.remote and storage.exists(remote_rows):
-                with open(os.path.join(self.log_dir, "metrics.jsonl"), "wb") as f:
-                    f.write(storage.read_bytes(remote_rows))
+                files.write_bytes(os.path.join(self.log_dir, "metrics.jsonl"), storage.read_bytes(remote_rows))
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -154,10 +153,18 @@ class _RunLog:
             return
         with open(path, encoding="utf-8") as f:
             rows = [line for line in f if line.strip()]
-        keep = [r for r in rows if not (json.loads(r).get("stage") == stage_name and json.loads(r).get("step", 0) > step)]
-        if len(keep) != len(rows):
-            with open(path, "w", encoding="utf-8") as f:
-                f.writelines(keep)
+        keep = []
+        for number, line in enumerate(rows, 1):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                if number == len(rows):  # cut short by the crash this run resumes from: never written whole
+                    continue
+                raise ValueError(f"{path}: line {number}: not a JSON row") from None
+            if not (row.get("stage") == stage_name and row.get("step", 0) > step):
+                keep.append(line if line.endswith("\n") else line + "\n")
+        if keep != rows:
+            files.write_text(path, "".join(keep))
             self.upload()
 
     def close(self) -> None:

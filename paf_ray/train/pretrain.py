@@ -36,10 +36,10 @@ from PIL import Image
 
 from paf_ray.config import BackboneConfig, PretrainConfig
 from paf_ray.data import bdd100k
-from paf_ray.data.decode import load_sample
+from paf_ray.data.decode import decode_image, load_sample
 from paf_ray.models.backbones import BACKBONES
 from paf_ray.models.normalize import normalize_images
-from paf_ray.runtime import files, storage
+from paf_ray.runtime import files
 from paf_ray.tasks import TASKS
 
 ATTRIBUTES = (("weather", bdd100k.WEATHERS), ("scene", bdd100k.SCENES), ("timeofday", bdd100k.TIMES_OF_DAY))
@@ -167,7 +167,7 @@ def load_frames(records: list[dict], size: tuple[int, int]) -> torch.Tensor:
         raise ValueError("no frames to pretrain on")
     frames = []
     for rec in records:
-        img = Image.open(io.BytesIO(storage.read_bytes(rec["image"]))).convert("RGB").resize(size, Image.BILINEAR)
+        img = Image.fromarray(decode_image(rec["image"])).resize(size, Image.BILINEAR)
         frames.append(torch.from_numpy(np.array(img)).permute(2, 0, 1))
     return torch.stack(frames)
 

@@ -23,7 +23,7 @@ import torch
 from ray.train.torch import TorchTrainer
 
 from paf_ray.cluster import check_workers_can_start, pinned_resources, worker_resources
-from paf_ray.config import Config, dump_config, to_dict
+from paf_ray.config import Config, ConfigError, dump_config, to_dict
 from paf_ray.data.pipeline import build_dataset, iter_train_batches, load_records, resolve_root
 from paf_ray.eval.evaluator import headline_metrics
 from paf_ray.eval.keys import COST_KEYS, SCORE
@@ -58,6 +58,20 @@ def stage_run_name(index: int, kind: str) -> str:
 
 
 # --------------------------------------------------------------------------- data
+
+
+def check_inputs(cfg: Config) -> None:
+    """Before Ray starts (`run`, `eval`, `tune`): data.root is a folder and train.init_checkpoint a
+    checkpoint, local or on object storage; else a ConfigError naming the key."""
+    root = cfg.data.root
+    if root and not storage.is_dir(storage.normalize_root(root)):
+        raise ConfigError(f"data.root: {root}: no such folder (the dataset root, holding images/ and labels/)")
+    if cfg.train.init_checkpoint:
+        try:
+            checkpoint_location(cfg.train.init_checkpoint)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"train.init_checkpoint: {e}") from None
+
 
 
 def prepare_data(cfg: Config, stats: dict | None = None) -> tuple[Config, list[dict], list[dict]]:
@@ -348,6 +362,7 @@ def metrics_table(columns: dict[str, dict], tasks) -> str:
 
 def run_config(cfg: Config, out: str | None, resume: str | None) -> dict:
     """`paf-ray run`: the config's stages in a new run folder (or the one `resume` names)."""
+    check_inputs(cfg)
     check_workers_can_start(cfg)  # on a cluster it joins: fail now if no node type can hold a worker
     storage_root = resolve_storage(cfg.ray.storage_path, out)
     mlflow_store = tracking.store_for(cfg.tracking, storage_root, experiment=cfg.name)
@@ -374,6 +389,7 @@ def run_config(cfg: Config, out: str | None, resume: str | None) -> dict:
 def eval_checkpoint(checkpoint: str, overrides=(), as_json: bool = False) -> dict:
     """`paf-ray eval`: a checkpoint's metrics on the val split of its config's data."""
     model, cfg, meta = load_model(checkpoint, overrides=overrides)
+    check_inputs(cfg)
     init_ray(cfg.ray.address, object_store_mb=cfg.ray.object_store_mb, data_cpus=cfg.data.cpus,
              connect_timeout_s=cfg.ray.connect_timeout_s)
     cfg, _, val_records = prepare_data(cfg)

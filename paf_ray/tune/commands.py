@@ -11,9 +11,11 @@ def tune_command(args) -> int:
     from paf_ray.config import load_config
     from paf_ray.runtime import storage
     from paf_ray.runtime.runs import RunExistsError, resolve_storage, run_name_for
+    from paf_ray.train.run import check_inputs
     from paf_ray.tune.search import rows_markdown, run_sweep
 
     cfg = load_config(args.config, args.overrides)
+    check_inputs(cfg)  # before Ray starts
     check_workers_can_start(cfg)  # on a cluster it joins: fail now if no node type can hold a trial's worker
     if args.out is None:  # a new sweep folder <name>-<time>-<id> under the storage, or the newest to resume
         try:

@@ -89,8 +89,7 @@ def fetch_study(cfg: Config, out_dir: str) -> None:
     os.makedirs(os.path.dirname(local), exist_ok=True)
     kept = storage.join(out_dir, STUDY_FILE)
     if storage.exists(kept):
-        with open(local, "wb") as f:
-            f.write(storage.read_bytes(kept))
+        write_bytes(local, storage.read_bytes(kept))
     elif os.path.exists(local):
         os.remove(local)
 

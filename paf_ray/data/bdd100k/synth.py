@@ -29,14 +29,22 @@ import io
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from paf_ray.data import bdd100k as B
+from paf_ray.data.decode import MAX_IMAGE_PIXELS
 
 COMPLETE_MARKER = ".paf_ray_synth_complete.json"
+# Bounds checked before anything is allocated or created. The frames in all: the labels of every
+# frame are held until the end (a few KB each), and BDD100K itself has 100k. Rendering takes about
+# 65 bytes a pixel (1.1 GB at the 16.8 MP of MAX_IMAGE_PIXELS), so a frame may be no larger than
+# what decoding accepts.
+MAX_SYNTH_IMAGES = 100_000
+MIN_SYNTH_SIZE = (64, 36)
 # Bumped when the written dataset changes for the same settings (2: lane masks); a complete root
 # made by another version is refused, not reused.
 GENERATOR_VERSION = 2
@@ -835,33 +843,93 @@ def _write(path: str, data: bytes) -> None:
         f.write(data)
 
 
-def write_synthetic(out: str, images: int, seed: int = 0, size=(640, 360), val_fraction: float = 0.25) -> str:
+def check_synth_settings(images: int, size, val_fraction: float, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    """ValueError (one line) unless a synthetic dataset of these settings can be made within bounds."""
+    width, height = int(size[0]), int(size[1])
+    if not 1 <= images <= MAX_SYNTH_IMAGES:
+        raise ValueError(f"images must be 1..{MAX_SYNTH_IMAGES}, got {images}")
+    if width < MIN_SYNTH_SIZE[0] or height < MIN_SYNTH_SIZE[1]:
+        raise ValueError(f"size must be at least {MIN_SYNTH_SIZE[0]}x{MIN_SYNTH_SIZE[1]}, got {width}x{height}")
+    if width * height > max_pixels:
+        raise ValueError(f"size {width}x{height} = {width * height} pixels is over the image limit of "
+                         f"{max_pixels} (data.max_image_pixels)")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+
+
+def write_synthetic(out: str, images: int, seed: int = 0, size=(640, 360), val_fraction: float = 0.25,
+                    max_pixels: int = MAX_IMAGE_PIXELS) -> str:
     """Write a synthetic BDD100K root at `out` (official layout and formats); return its path.
 
     Refuses a non-empty folder unless it is a complete synthetic root made with the same
-    settings (then it is reused as is).
+    settings (then it is reused as is). The settings are checked before anything is written; the
+    root is written into a temporary sibling folder and renamed into place at the end, so a
+    synth that fails leaves nothing behind.
     """
+    check_synth_settings(images, size, val_fraction, max_pixels)
     width, height = int(size[0]), int(size[1])
-    if images < 1:
-        raise ValueError(f"synth: images must be >= 1, got {images}")
-    if width < 64 or height < 36:
-        raise ValueError(f"synth: size must be at least 64x36, got {width}x{height}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"synth: val_fraction must be in [0, 1), got {val_fraction}")
     params = {"images": int(images), "seed": int(seed), "size": [width, height], "val_fraction": float(val_fraction),
               "generator": GENERATOR_VERSION}
     out = os.path.abspath(out)
     marker = os.path.join(out, COMPLETE_MARKER)
     if os.path.exists(marker):
-        with open(marker, encoding="utf-8") as f:
-            done = json.load(f)
-        if done.get("params") == params:
+        try:
+            with open(marker, encoding="utf-8") as f:
+                done = json.load(f)
+        except (ValueError, RecursionError) as e:
+            raise ValueError(f"{marker}: corrupt ({type(e).__name__}: {str(e)[:80]}); remove the folder") from None
+        made = done.get("params") if isinstance(done, dict) else None
+        if made == params:
             return out
-        raise ValueError(f"{out}: already holds a synthetic dataset made with {done.get('params')}, not {params}")
+        raise ValueError(f"{out}: already holds a synthetic dataset made with {made}, not {params}")
     if os.path.isdir(out) and os.listdir(out):
         raise ValueError(f"{out}: folder is not empty and has no completion marker ({COMPLETE_MARKER}); "
                          "choose an empty or new folder")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"{out}: exists and is not a folder")
+    parent = os.path.dirname(out)
+    created = None if os.path.isdir(parent) else parent  # the outermost folder this call creates, if any
+    while created and not os.path.isdir(os.path.dirname(created)):
+        created = os.path.dirname(created)
+    tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}")
+    try:
+        os.makedirs(parent, exist_ok=True)
+        _remove_stale_temps(parent, os.path.basename(out))
+        shutil.rmtree(tmp, ignore_errors=True)  # ours, left by an earlier process of the same pid
+        _write_root(tmp, params)
+        os.replace(tmp, out)  # also replaces an empty folder `out`
+    except BaseException:
+        if created:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
+
+def _remove_stale_temps(parent: str, name: str) -> None:
+    """Temporary folders of synths of `name` whose process is gone (killed before it could clean up)."""
+    prefix = f".{name}.tmp-"
+    for entry in os.listdir(parent):
+        pid = entry[len(prefix):]
+        if entry.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _write_root(out: str, params: dict) -> None:
+    images, seed, val_fraction = params["images"], params["seed"], params["val_fraction"]
+    width, height = params["size"]
+    marker = os.path.join(out, COMPLETE_MARKER)
     for split in B.SPLITS:
         for image_set in ("100k", "10k"):
             os.makedirs(os.path.join(out, B.IMAGES_DIR.format(image_set=image_set, split=split)), exist_ok=True)
@@ -913,10 +981,8 @@ def write_synthetic(out: str, images: int, seed: int = 0, size=(640, 360), val_f
     for split in B.SPLITS:
         with open(os.path.join(out, B.DET_LABELS.format(split=split)), "w", encoding="utf-8") as f:
             json.dump(det[split], f)
-    with open(marker + ".tmp", "w", encoding="utf-8") as f:
+    with open(marker, "w", encoding="utf-8") as f:
         json.dump({"params": params, "counts": counts, "overlap_stems": overlap_stems}, f, indent=1)
-    os.replace(marker + ".tmp", marker)
-    return out
 
 
 def is_complete(root: str) -> bool:
