@@ -44,6 +44,20 @@ import pytest  # noqa: E402
 TESTDATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 
+@pytest.fixture(autouse=True)
+def registries_as_shipped():
+    """A test that registers a plug-in must undo it: a Ray worker never imports the test module,
+    so a config written by a later test must not name an entry only this process knows."""
+    from paf_ray.models.adapters import ADAPTERS
+    from paf_ray.models.backbones import BACKBONES
+    from paf_ray.tasks import TASKS
+
+    before = {r.what: r.names() for r in (TASKS, BACKBONES, ADAPTERS)}
+    yield
+    after = {r.what: r.names() for r in (TASKS, BACKBONES, ADAPTERS)}
+    assert after == before, f"a test left plug-ins registered: {after} (before: {before})"
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A local Ray with 2 CPUs and the dashboard (Tune's early-stop cleanup needs it)."""

@@ -217,6 +217,11 @@ def test_a_users_plugin_module_registers_before_the_config_is_read(tmp_path, mon
         "        return {k: f * adapters[str(k)] if str(k) in adapters else f for k, f in backbone(x).items()}\n"
         "    def owned(self, model):\n        return list(model.adapters.parameters())\n\n"
         "ADAPTERS.register(Scale())\n")
+    from paf_ray.models.adapters import ADAPTERS
+
+    # the kind registers in this process only for this test: later tests (and Ray workers, which
+    # never import this module) see the registry as the product ships it
+    monkeypatch.setattr(ADAPTERS, "_entries", dict(ADAPTERS._entries))
     monkeypatch.syspath_prepend(str(tmp_path))
     path = _write(tmp_path, "plugins: [my_adapters]\n" + RANDOM_INIT + "  adapter: {kind: scale, scale: {init: 0.5}}\n")
     cfg = load_config(path)
