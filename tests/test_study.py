@@ -135,8 +135,11 @@ def test_the_cluster_grid_file_is_valid_and_submits_as_a_study(monkeypatch):
 
     cfg = study.load_study(os.path.join(ROOT, "jobs", "study.yaml"))
     cells = study.check_study(cfg, "jobs/study.yaml")
-    assert len(cells) == 201  # the count its header states
-    assert sum(c.lv for c in cells) == 21 and {c.checkpoint for c in cells if c.lv} == {"clip_rn50"}
+    assert len(cells) == 294  # the count its header states
+    assert sum(c.lv for c in cells) == 60 and {c.checkpoint for c in cells if c.lv} == {"clip_rn50"}
+    assert cfg.model.norm == "frozen" and cfg.study.exposure == "equal_labels"
+    assert {c.paradigm for c in cells} >= {"finetune_adapters"} and {c.lv_context for c in cells if c.lv} == {
+        "per_task", "shared"}
     monkeypatch.chdir(ROOT)
     assert build_job_spec("jobs/study.yaml").entrypoint == "python -m paf_ray study jobs/study.yaml"
 
