@@ -144,6 +144,20 @@ def test_the_cluster_grid_file_is_valid_and_submits_as_a_study(monkeypatch):
     assert build_job_spec("jobs/study.yaml").entrypoint == "python -m paf_ray study jobs/study.yaml"
 
 
+def test_the_cpu_experiment_file_plans_four_arms_on_five_seeds_without_the_downstream_frames():
+    cfg = study.load_study(os.path.join(ROOT, "jobs", "study_cpu.yaml"))
+    cells = study.check_study(cfg, "jobs/study_cpu.yaml")
+    assert len(cells) == 25 and cfg.model.tasks == ["sem", "drv"] and cfg.study.exposure == "equal_labels"
+    assert {c.paradigm for c in cells} == {"single_task", "pretrain_finetune", "adapt_finetune", "finetune_adapters"}
+    assert sorted({c.seed for c in cells}) == [0, 1, 2, 3, 4]
+    for path in ("study_cpu.yaml", "study_demo.yaml"):  # every checkpoint made here trains on another synthetic set
+        cfg = study.load_study(os.path.join(ROOT, "jobs", path))
+        seeds = {ck.pretrain.data_seed for ck in cfg.study.checkpoints.values()}
+        assert None not in seeds and cfg.data.synth.seed not in seeds, path
+    with pytest.raises(ConfigError, match=r"study.checkpoints.simclr.pretrain.data_seed: a differently seeded set"):
+        study.load_study(os.path.join(ROOT, "jobs", "study_cpu.yaml"), ["data.root=/data/bdd100k"])
+
+
 # --------------------------------------------------------------------------- the numbers
 
 
@@ -267,14 +281,19 @@ def test_quick_study_writes_table_csv_json_and_plot_with_every_value(ray_local, 
     assert doc["budget"]["stages"]["adapt_finetune"] == [["adapt", 2], ["finetune", 2]]
     assert [e["paradigm"] for e in doc["table"]] == ["single_task", "pretrain_finetune", "adapt_finetune"]
     assert all(e[k] is not None for e in doc["table"] for k in ("sem/mIoU", "drv/mIoU", "delta_mtl"))
-    [sentence] = doc["sentences"]
-    assert sentence.startswith("simclr (bypass adapters): adapt→finetune beat pretrain→finetune on sem mIoU in ")
+    assert doc["checkpoints_made"]["simclr"]["data_seed"] == 1  # not the downstream frames (data seed 0)
+    assert doc["budget"]["exposure"] == "equal_labels" and set(doc["budget"]["label_shares"]) == {"sem", "drv"}
+    paired, *welch = doc["sentences"]  # one seed: every verdict says so
+    assert paired.startswith("simclr (bypass adapters): adapt→finetune against pretrain→finetune, paired by seed: "
+                             "sem mIoU: not resolved at n=1 seed (")
+    assert [s.split(" (")[0] for s in welch] == ["simclr: pretrain→finetune", "simclr: adapt→finetune"]
 
     table = open(os.path.join(out, "study.md")).read()
-    assert "| checkpoint | paradigm | seeds | sem mIoU | drv mIoU | Δ_MTL (%) |" in table
-    body = [line for line in table.splitlines() if line.startswith("| simclr")]
+    assert ("| checkpoint | paradigm | capacity | seeds | steps | labelled samples | sem mIoU | drv mIoU | Δ_MTL (%) |"
+            in table) and "Exposure control: equal_labels" in table
+    body = [line for line in table.splitlines() if line.startswith("| simclr |")]
     assert len(body) == 3 and not any(" - |" in line or "||" in line for line in body), body
-    assert sentence in table
+    assert all(s in table for s in doc["sentences"])
     with open(os.path.join(out, "study.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
