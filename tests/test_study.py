@@ -291,8 +291,11 @@ def test_quick_study_writes_table_csv_json_and_plot_with_every_value(ray_local, 
     table = open(os.path.join(out, "study.md")).read()
     assert ("| checkpoint | paradigm | capacity | seeds | steps | labelled samples | sem mIoU | drv mIoU | Δ_MTL (%) |"
             in table) and "Exposure control: equal_labels" in table
-    body = [line for line in table.splitlines() if line.startswith("| simclr |")]
+    lines = table.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("| checkpoint | paradigm |"))) + 2
+    body = lines[start:lines.index("", start)]  # the main table, up to the paired differences
     assert len(body) == 3 and not any(" - |" in line or "||" in line for line in body), body
+    assert "| simclr | adapt→finetune − pretrain→finetune | bypass adapters | Δ_MTL | 1 |" in table
     assert all(s in table for s in doc["sentences"])
     with open(os.path.join(out, "study.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
