@@ -175,8 +175,9 @@ def test_shared_and_initialised_context():
     assert 0.01 < random_init.prompts.ctx["sem"].std() < 0.03
 
 
-def test_score_maps_per_task_and_untrained_adapter_leaves_features_unchanged():
-    adapter = LVAdapter(tiny_cfg(levels=[3, 4]), P("sem", "drv"), CHANNELS)
+@pytest.mark.parametrize("context", ["per_task", "shared"])
+def test_score_maps_per_task_and_untrained_adapter_leaves_features_unchanged(context):
+    adapter = LVAdapter(tiny_cfg(levels=[3, 4], context=context), P("sem", "drv"), CHANNELS)
     assert adapter.score_channels == {"sem": len(TASKS["sem"].classes), "drv": len(TASKS["drv"].classes)}
     feats = features(batch=3)
     out, scores = adapter(feats)
@@ -184,15 +185,41 @@ def test_score_maps_per_task_and_untrained_adapter_leaves_features_unchanged():
     assert {t: tuple(s.shape) for t, s in scores.items()} == {"sem": (3, 19, 4, 6), "drv": (3, 3, 4, 6)}
     # cosine / tau: bounded by 1 / tau.
     assert all(s.abs().max() <= 1 / 0.07 + 1e-3 for s in scores.values())
-    assert set(out) == {1, 2, 3, 4}
-    for lv in out:
-        assert torch.equal(out[lv], feats[lv]), lv
+    assert set(out) == {"sem", "drv"} and all(set(f) == {1, 2, 3, 4} for f in out.values())
+    for task in out:
+        for lv in out[task]:
+            assert torch.equal(out[task][lv], feats[lv]), (task, lv)
     with torch.no_grad():
         for p in adapter.scale.values():
             p.fill_(1.0)
     out, _ = adapter(feats)
-    assert not torch.equal(out[3], feats[3]) and not torch.equal(out[4], feats[4])
-    assert torch.equal(out[1], feats[1]) and torch.equal(out[2], feats[2])
+    for task in out:
+        assert not torch.equal(out[task][3], feats[3]) and not torch.equal(out[task][4], feats[4])
+        assert torch.equal(out[task][1], feats[1]) and torch.equal(out[task][2], feats[2])
+    if context == "shared":  # one set of features for every head: the tasks' contexts averaged
+        assert out["sem"] is out["drv"] and set(adapter.scale) == {"3", "4"}
+    else:  # each task's branch reads its own context
+        assert set(adapter.scale) == {"3_sem", "3_drv", "4_sem", "4_drv"}
+        assert not torch.allclose(out["sem"][4], out["drv"][4])
+
+
+def test_per_task_context_is_the_tasks_own_language_context():
+    """Per task, a task's features change with its own class embeddings only; shared, with every task's."""
+    def changes(context):
+        torch.manual_seed(0)
+        adapter = LVAdapter(tiny_cfg(context=context), P("sem", "drv"), CHANNELS).eval()
+        with torch.no_grad():
+            for p in adapter.scale.values():
+                p.fill_(1.0)
+        feats = features()
+        before, _ = adapter(feats)
+        with torch.no_grad():
+            adapter.prompts.ctx["drv"].add_(torch.randn_like(adapter.prompts.ctx["drv"]))  # drv's prompts only
+        after, _ = adapter(feats)
+        return {t: not torch.allclose(before[t][4], after[t][4]) for t in ("sem", "drv")}
+
+    assert changes("per_task") == {"sem": False, "drv": True}
+    assert changes("shared") == {"sem": True, "drv": True}
 
 
 def test_cached_and_uncached_embeddings_are_equal_and_cache_follows_updates():
@@ -368,7 +395,7 @@ def test_stage_policy_and_a_training_step_in_the_multitask_model(train_prompts_i
         model.total_loss(losses).backward()
         ctx_grad = lv.prompts.ctx["sem"].grad
         assert (ctx_grad is not None and ctx_grad.abs().sum() > 0) == prompts_train, stage
-        assert lv.scale["4"].grad is not None and lv.proj["4"].weight.grad.abs().sum() > 0
+        assert lv.scale["4_sem"].grad is not None and lv.proj["4"].weight.grad.abs().sum() > 0
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     for n, p in lv.text_encoder.named_parameters():

@@ -354,13 +354,13 @@ def test_adapters_are_identity_at_init():
 
     model = build_model(tiny_model_cfg(tasks=["sem"], adapter={"kind": "bypass"}), (W, H)).eval()
     model.backbone.load_state_dict(plain.state_dict())
-    _, feats, _ = model.features(x)
+    feats = model.features(x)[1]["sem"]
     assert all(torch.equal(feats[k], ref[k]) for k in ref)
 
     lora = build_model(tiny_model_cfg(tasks=["sem"], adapter={"kind": "lora", "lora": {"rank": 2}}), (W, H)).eval()
     lora.backbone.load_state_dict(plain.state_dict(), strict=False)
     assert has_lora(lora.backbone)
-    _, feats, _ = lora.features(x)
+    feats = lora.features(x)[1]["sem"]
     assert all(torch.allclose(feats[k], ref[k], atol=1e-6) for k in ref)
 
 
@@ -374,14 +374,14 @@ def test_inline_adapters_are_identity_at_init_and_feed_the_next_stage():
         model = build_model(tiny_model_cfg(tasks=["sem"], adapter={"kind": kind}), (W, H)).eval()
         model.backbone.load_state_dict(plain.state_dict())
         models[kind] = model
-    _, feats, _ = models["inline"].features(x)
+    feats = models["inline"].features(x)[1]["sem"]
     assert all(torch.equal(feats[k], ref[k]) for k in ref)  # identity at init: the plain backbone's outputs
 
     for model in models.values():  # only the stride-4 adapter (after layer1) becomes non-zero
         torch.nn.init.normal_(model.adapters["1"].up.weight, std=0.5)
     with torch.no_grad():
-        inline = models["inline"].features(x)[1]
-        bypass = models["bypass"].features(x)[1]
+        inline = models["inline"].features(x)[1]["sem"]
+        bypass = models["bypass"].features(x)[1]["sem"]
     assert not torch.allclose(inline[1], ref[1]) and not torch.allclose(bypass[1], ref[1])
     # in-line: the adapted C2 is what layer2 reads, so C3..C5 change; bypass leaves them as they were
     assert all(not torch.allclose(inline[k], ref[k]) for k in (2, 3, 4))

@@ -214,8 +214,9 @@ def rule_job_command(command: str, study) -> Problems:
     return []
 
 
-def rule_study(study, train) -> Problems:
-    """The study's grid: checkpoint names, budget split, adapter kinds (checked when the config has a grid)."""
+def rule_study(study, train, data) -> Problems:
+    """The study's grid: checkpoint names, budget split, adapter kinds, where checkpoints made here train
+    (checked when the config has a grid)."""
     if not study.checkpoints:
         return []
     problems = _names("adapter kind", "study.adapter_kinds", study.adapter_kinds, ADAPTERS)
@@ -230,10 +231,18 @@ def rule_study(study, train) -> Problems:
             problems.append((key, "give exactly one of `weights` (a file or URI) and `pretrain` (make it here)"))
         if ck.pretrain is not None and ck.pretrain.steps < 1:
             problems.append((f"{key}.pretrain.steps", "must be >= 1"))
+        if ck.pretrain is not None and ck.pretrain.data_seed is not None:
+            if data.root is not None:
+                problems.append((f"{key}.pretrain.data_seed", "a differently seeded set exists only for synthetic "
+                                 "data (data.root is set): leave it null, or pretrain elsewhere and name `weights`"))
+            elif ck.pretrain.data_seed == data.synth.seed:
+                problems.append((f"{key}.pretrain.data_seed", f"{ck.pretrain.data_seed} is data.synth.seed: the "
+                                 "checkpoint would train on the downstream frames; pick another seed"))
         if ck.backbone is not None:
             problems += _names("backbone", f"{key}.backbone", [ck.backbone], BACKBONES)
     for key, values in (("study.paradigms", study.paradigms), ("study.adapter_kinds", study.adapter_kinds),
-                        ("study.lv_adapter", study.lv_adapter), ("study.seeds", study.seeds)):
+                        ("study.lv_adapter", study.lv_adapter), ("study.lv_context", study.lv_context),
+                        ("study.seeds", study.seeds)):
         if not values:
             problems.append((key, "needs at least one value"))
         elif len(set(values)) != len(values):
@@ -313,7 +322,7 @@ def check_rules(cfg, source: str = "<config>") -> None:
         lambda: rule_worker_start_timeout(cfg.ray),
         lambda: rule_resources_per_worker(cfg.ray),
         lambda: rule_ray_failure_bounds(cfg.ray),
-        lambda: rule_study(cfg.study, cfg.train),
+        lambda: rule_study(cfg.study, cfg.train, cfg.data),
         lambda: rule_tune_objectives(cfg.tune, m),
         lambda: rule_tracking(cfg.tracking),
     ]

@@ -116,7 +116,10 @@ class LVAdapterConfig:
     activation: Literal["auto", "quick_gelu", "gelu"] = "auto"
     n_ctx: int = 8
     ctx_init: str = "a photo of a"  # "" = random init
-    task_specific: bool = True  # one context per task, or one shared by all tasks
+    task_specific: bool = True  # one set of learnable prompt context vectors per task, or one shared by all tasks
+    # what the language context feeds: per_task = each task's branch (FPN and head) gets the cross-attention
+    # context of its own task's class embeddings; shared = the tasks' contexts averaged into the shared features
+    context: Literal["per_task", "shared"] = "per_task"
     levels: list[int] = field(default_factory=lambda: [4])  # backbone stages (4 = stride 32)
     tau: float = 0.07
     learn_tau: bool = False
@@ -275,7 +278,7 @@ class TrackingConfig:
 # --------------------------------------------------------------------------- study
 
 
-STUDY_PARADIGMS = ("single_task", "pretrain_finetune", "adapt_finetune", "adapt_only")
+STUDY_PARADIGMS = ("single_task", "pretrain_finetune", "adapt_finetune", "finetune_adapters", "adapt_only")
 
 
 @dataclass
@@ -292,6 +295,10 @@ class PretrainConfig:
     momentum: float = 0.99  # moco: key-encoder EMA
     proj_dim: int = 64  # simclr / moco: projection head output (dropped afterwards)
     seed: int = 0
+    # the frames it trains on: None = the config's own training frames; an int = the training frames of a
+    # synthetic set generated with this seed (data.synth's size and count), so the checkpoint never sees the
+    # downstream frames or their labels (synthetic data only)
+    data_seed: Optional[int] = None
 
 
 @dataclass
@@ -311,10 +318,17 @@ class StudyConfig:
     """`paf-ray study`: the comparison grid (docs/study.md). Every cell trains `total_steps` optimizer steps."""
 
     checkpoints: dict[str, StudyCheckpointConfig] = field(default_factory=dict)
-    paradigms: list[Literal["single_task", "pretrain_finetune", "adapt_finetune", "adapt_only"]] = field(
+    paradigms: list[Literal["single_task", "pretrain_finetune", "adapt_finetune", "finetune_adapters",
+                            "adapt_only"]] = field(
         default_factory=lambda: ["single_task", "pretrain_finetune", "adapt_finetune"])
     adapter_kinds: list[str] = field(default_factory=lambda: ["bypass"])
     lv_adapter: list[bool] = field(default_factory=lambda: [False])
+    # LV-on cells: model.lv_adapter.context of each (per_task: each task's own language context; shared: averaged)
+    lv_context: list[Literal["per_task", "shared"]] = field(default_factory=lambda: ["per_task"])
+    # what a single-task cell is given: equal_steps = total_steps, like every cell; equal_labels = as many
+    # labelled samples of its task as a multi-task cell sees (total_steps x that task's share of the
+    # multi-task training frames, per epoch rounded to whole steps)
+    exposure: Literal["equal_labels", "equal_steps"] = "equal_labels"
     seeds: list[int] = field(default_factory=lambda: [0])
     total_steps: int = 200  # the budget of every cell, adapt steps counted
     steps_per_epoch: int = 50  # stages are cut into epochs of this many steps (one Tune iteration each)

@@ -4,9 +4,12 @@ Text side (``clip_text.py``): a frozen open_clip text tower encodes, per task, l
 context vectors followed by each class name (the task's ``prompt_names``) into one embedding per class.
 Vision side: at each configured backbone level, a 1x1 projection maps the features into the
 text space (on CLIP's image tower, level 4 starts from CLIP's own: ``init_from_attnpool``);
-pixels attend to each task's class embeddings (cross-attention), and the result, projected back,
-is added to the features through a zero-initialised scale (an untrained LV-Adapter changes
-nothing). At the finest configured level, pixel-text cosine scores / tau
+pixels attend to each task's class embeddings (cross-attention), giving one language context per
+task. ``context: per_task`` (the default): each task's context, projected back by its own 1x1 conv
+and zero-initialised scale, is added to that task's copy of the features, which feed that task's
+branch only (its FPN pass and head); ``shared``: the tasks' contexts are averaged, projected back
+and added to the one set of features every head reads. Either way an untrained LV-Adapter changes
+nothing (the scales start at zero). At the finest configured level, pixel-text cosine scores / tau
 give per-task score maps, which the heads take as extra input channels and which each task's
 ``alignment_loss`` supervises with its targets (tasks/base.py).
 """
@@ -59,13 +62,27 @@ class LVAdapter(nn.Module):
         self.cross_attn = nn.ModuleDict(
             {str(lv): nn.MultiheadAttention(dim, cfg.heads, batch_first=True) for lv in levels}
         )
-        self.out_proj = nn.ModuleDict({str(lv): nn.Conv2d(dim, in_channels[lv], 1) for lv in levels})
-        self.scale = nn.ParameterDict({str(lv): nn.Parameter(torch.zeros(1)) for lv in levels})
+        self.per_task = cfg.context == "per_task"
+        # back from the text space into the features: one conv and scale per level (shared) or per level and task
+        self.out_proj = nn.ModuleDict({self.context_key(lv, t): nn.Conv2d(dim, in_channels[lv], 1)
+                                       for lv in levels for t in self.context_tasks})
+        self.scale = nn.ParameterDict({self.context_key(lv, t): nn.Parameter(torch.zeros(1))
+                                       for lv in levels for t in self.context_tasks})
         if cfg.learn_tau:
             self.log_tau = nn.Parameter(torch.tensor(math.log(cfg.tau)))
         else:
             self.register_buffer("log_tau", torch.tensor(math.log(cfg.tau)), persistent=False)
         self._cache: Optional[tuple[tuple, dict[str, torch.Tensor]]] = None
+
+    @property
+    def context_tasks(self) -> list[Optional[str]]:
+        """The tasks that get a context of their own ([None]: one shared by all)."""
+        return list(self.tasks) if self.per_task else [None]
+
+    @staticmethod
+    def context_key(level: int, task: Optional[str]) -> str:
+        """Key of a level's (and, per task, a task's) out_proj and scale: "4", or "4_sem"."""
+        return str(level) if task is None else f"{level}_{task}"
 
     def init_from_attnpool(self, pool: nn.Module, clip_model: str = "") -> None:
         """Start the level-4 pixel->text projection from CLIP's attention pool (DenseCLIP's reading).
@@ -136,23 +153,31 @@ class LVAdapter(nn.Module):
 
     # ------------------------------------------------------------------ vision side
 
-    def forward(self, feats: dict[int, torch.Tensor]) -> tuple[dict[int, torch.Tensor], dict[str, torch.Tensor]]:
+    def forward(self, feats: dict[int, torch.Tensor]) -> tuple[dict[str, dict[int, torch.Tensor]], dict[str, torch.Tensor]]:
+        """Backbone features {level: [B, C, h, w]} -> ({task: the features that task's branch reads}, {task:
+        score map}). With ``context: shared`` every task maps to the same dict (one FPN pass serves all)."""
         text = self.class_embeddings()
         keys = {t: self.text_norm(e) for t, e in text.items()}
-        out = dict(feats)
+        shared = dict(feats)
+        out = {t: shared for t in self.tasks} if not self.per_task else {t: dict(feats) for t in self.tasks}
         scores: dict[str, torch.Tensor] = {}
         for lv in self.levels:
             x = feats[lv]
             b, _, h, w = x.shape
             pixels = self.pixel_embeddings(lv, x)  # [B, D, h, w], in the text space
             queries = self.query_norm[str(lv)](pixels.flatten(2).transpose(1, 2))  # [B, hw, D]
-            context = 0
+            contexts = {}
             for t in self.tasks:
                 kv = keys[t].to(queries.dtype).unsqueeze(0).expand(b, -1, -1)
                 attended, _ = self.cross_attn[str(lv)](queries, kv, kv, need_weights=False)
-                context = context + attended
-            context = (context / len(self.tasks)).transpose(1, 2).reshape(b, -1, h, w)
-            out[lv] = x + self.scale[str(lv)].to(x.dtype) * self.out_proj[str(lv)](context)
+                contexts[t] = attended.transpose(1, 2).reshape(b, -1, h, w)  # this task's language context
+            if self.per_task:
+                for t in self.tasks:
+                    key = self.context_key(lv, t)
+                    out[t][lv] = x + self.scale[key].to(x.dtype) * self.out_proj[key](contexts[t])
+            else:
+                mean = sum(contexts.values()) / len(self.tasks)
+                shared[lv] = x + self.scale[str(lv)].to(x.dtype) * self.out_proj[str(lv)](mean)
             if lv == self.score_level:
                 pix = F.normalize(pixels, dim=1)
                 for t in self.tasks:

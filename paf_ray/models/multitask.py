@@ -120,7 +120,9 @@ class MultiTaskModel(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def features(self, images: torch.Tensor):
-        """Normalised input, adapted backbone features {1..4}, LV score maps ({} when off)."""
+        """Normalised input, adapted backbone features {1..4} per task ({task: features}: with the LV-Adapter's
+        per-task context each task has its own; otherwise every task maps to the same dict), LV score maps
+        ({} when off)."""
         x = normalize_images(images, self.normalization)
         # Adapt with bypass adapters: the frozen backbone's forward builds no autograd graph at all.
         graph = torch.is_grad_enabled() and backbone_builds_graph(self)
@@ -132,21 +134,34 @@ class MultiTaskModel(nn.Module):
         feats = self.adapter.features(backbone, self.adapters, x)
         score_maps: dict[str, torch.Tensor] = {}
         if hasattr(self, "lv_adapter"):
-            feats, score_maps = self.lv_adapter(feats)
-        return x, feats, score_maps
+            task_feats, score_maps = self.lv_adapter(feats)
+        else:
+            task_feats = {t.name: feats for t in self.tasks}
+        return x, task_feats, score_maps
 
     def head_input(self, images: torch.Tensor) -> tuple[dict[str, HeadInput], dict[str, torch.Tensor]]:
-        """Each task's HeadInput (the shared pyramid with its own score map), and the score maps."""
-        x, feats, score_maps = self.features(images)
+        """Each task's HeadInput (its pyramid, with every task's score map on C5), and the score maps. Tasks that
+        read the same features share one FPN pass."""
+        x, task_feats, score_maps = self.features(images)
+        pyramids: dict[int, OrderedDict] = {}
+        inputs = {}
+        for t in self.tasks:
+            feats = task_feats[t.name]
+            if id(feats) not in pyramids:
+                pyramids[id(feats)] = self._pyramid(feats, score_maps)
+            pyramid = pyramids[id(feats)]
+            main = [pyramid[str(i)] for i in range(len(STAGES))]
+            inputs[t.name] = HeadInput(pyramid, main, x, score_maps.get(t.name))
+        return inputs, score_maps
+
+    def _pyramid(self, feats: dict[int, torch.Tensor], score_maps: dict[str, torch.Tensor]) -> OrderedDict:
         c5 = feats[STAGES[-1]]
         if score_maps:
             maps = [F.interpolate(score_maps[t].to(c5.dtype), size=c5.shape[-2:], mode="bilinear", align_corners=False)
                     for t in self.lv_adapter.score_channels]
             c5 = torch.cat([c5, *maps], dim=1)
         levels = [feats[k] for k in STAGES[:-1]] + [c5]
-        pyramid = self.neck(OrderedDict((str(i), f) for i, f in enumerate(levels)))
-        main = [pyramid[str(i)] for i in range(len(STAGES))]
-        return {t.name: HeadInput(pyramid, main, x, score_maps.get(t.name)) for t in self.tasks}, score_maps
+        return self.neck(OrderedDict((str(i), f) for i, f in enumerate(levels)))
 
     def forward(self, images: torch.Tensor, batch: dict | None = None):
         h, w = images.shape[-2:]

@@ -1,9 +1,11 @@
 """Make an "off-the-shelf" checkpoint when none can be downloaded (the demo, the study, tests).
 
-`paf-ray pretrain --method supervised|simclr|moco` (and `study.checkpoints.<name>.pretrain`):
+`paf-ray pretrain --method supervised|simclr|moco` (and `study.checkpoints.<name>.pretrain`, which
+can train on a differently seeded synthetic set, `data_seed`, so that the checkpoint never sees the
+downstream frames or their labels):
 
 * supervised (below): image-level labels, torchvision layout.
-* simclr / moco (`pretrain_contrastive`): self-supervised on the same frames, two augmented
+* simclr / moco (`train_contrastive`): self-supervised on the frames it is given, two augmented
   views per frame and an InfoNCE loss on a projection head that is dropped afterwards. SimCLR
   contrasts each view against the other views of the batch; MoCo (v2) against a queue of
   earlier keys from a momentum encoder. Each file is written in the layout the published
